@@ -1,0 +1,3 @@
+"""metapt: meta-learn the hyperparameters of pre-training by gradient."""
+
+__version__ = "0.1.0"

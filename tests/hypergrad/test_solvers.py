@@ -1,0 +1,110 @@
+"""Inverse-HVP solvers against a dense solve on seeded SPD matrices."""
+
+import pytest
+import torch
+
+from metapt.hypergrad import ConjugateGradient, Identity, Neumann
+
+
+def _spd(n, cond=20.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)
+    return q @ torch.diag(eig) @ q.T, eig
+
+
+def _split(vec):
+    # A two-leaf dict, so the solvers' tree handling is exercised.
+    return {"a": vec[:3].reshape(3, 1), "b": vec[3:]}
+
+
+def _join(tree):
+    return torch.cat([tree["a"].reshape(-1), tree["b"]])
+
+
+def _hvp(h):
+    return lambda v: _split(h @ _join(v))
+
+
+def test_cg_matches_dense_solve():
+    h, _ = _spd(12)
+    b = torch.randn(12, dtype=torch.float64)
+    x, info = ConjugateGradient(max_iter=50, tol=1e-12)(_hvp(h), _split(b))
+    torch.testing.assert_close(_join(x), torch.linalg.solve(h, b), rtol=1e-9, atol=0)
+    assert not info.diverged and info.iterations <= 12 + 2
+    assert info.residual_norm <= 1e-12 * info.rhs_norm
+
+
+def test_cg_damping_solves_shifted_system():
+    h, _ = _spd(6)
+    b = torch.randn(6, dtype=torch.float64)
+    x, _ = ConjugateGradient(max_iter=30, tol=1e-13, damping=0.7)(_hvp(h), _split(b))
+    torch.testing.assert_close(_join(x), torch.linalg.solve(h + 0.7 * torch.eye(6, dtype=h.dtype), b), rtol=1e-9, atol=0)
+
+
+def test_cg_reports_indefinite_hessian():
+    h = torch.diag(torch.tensor([2.0, 1.0, -1.0, 1.0, 3.0, 1.0], dtype=torch.float64))
+    b = torch.ones(6, dtype=torch.float64)
+    _, info = ConjugateGradient(max_iter=20)(_hvp(h), _split(b))
+    assert info.diverged
+
+
+def test_neumann_error_falls_with_steps_and_converges():
+    h, eig = _spd(10, cond=5.0)
+    alpha = 1.0 / eig.max().item()  # < 2/λmax
+    b = torch.randn(10, dtype=torch.float64)
+    exact = torch.linalg.solve(h, b)
+    errors = []
+    for m in (0, 1, 3, 10, 30, 100):
+        x, info = Neumann(steps=m, alpha=alpha)(_hvp(h), _split(b))
+        errors.append(float((_join(x) - exact).norm() / exact.norm()))
+        assert info.iterations == m and not info.diverged
+    assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-6
+
+
+def test_neumann_matches_its_closed_form():
+    # α Σ_{j≤M} (I − αH)^j b, written densely.
+    h, _ = _spd(5)
+    b = torch.randn(5, dtype=torch.float64)
+    a = 0.05
+    step = torch.eye(5, dtype=torch.float64) - a * h
+    want = a * sum(torch.linalg.matrix_power(step, j) @ b for j in range(4))
+    x, info = Neumann(steps=3, alpha=a)(_hvp(h), _split(b))
+    torch.testing.assert_close(_join(x), want, rtol=1e-12, atol=0)
+    # its residual is that of the series one term shorter
+    prev = a * sum(torch.linalg.matrix_power(step, j) @ b for j in range(3))
+    assert info.residual_norm == pytest.approx(float((b - h @ prev).norm()), rel=1e-10)
+
+
+def test_neumann_reports_divergence():
+    h, eig = _spd(6)
+    b = torch.randn(6, dtype=torch.float64)
+    _, info = Neumann(steps=20, alpha=3.0 / eig.max().item())(_hvp(h), _split(b))
+    assert info.diverged
+
+
+def test_identity_is_alpha_b_and_uses_no_hvp():
+    b = torch.randn(6, dtype=torch.float64)
+
+    def no_hvp(v):
+        raise AssertionError("Identity must not call hvp")
+
+    x, info = Identity(alpha=0.3)(no_hvp, _split(b))
+    torch.testing.assert_close(_join(x), 0.3 * b, rtol=0, atol=0)
+    assert info.iterations == 0
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: Neumann(steps=-1), "steps"),
+        (lambda: Neumann(alpha=0.0), "alpha"),
+        (lambda: ConjugateGradient(max_iter=0), "max_iter"),
+        (lambda: ConjugateGradient(damping=-1.0), "damping"),
+        (lambda: Identity(alpha=-2.0), "alpha"),
+    ],
+)
+def test_bad_options_name_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
