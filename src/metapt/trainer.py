@@ -1,0 +1,287 @@
+"""Algorithm 1 of Raghu et al. (NeurIPS 2021): online meta-learning of pre-training hyperparameters.
+
+Read top to bottom: :meth:`MetaPretrainer.run` pre-trains θ with the current φ
+and, every ``meta_interval`` steps, takes one meta-step on φ:
+
+1. unroll K fine-tuning steps of the head ψ (or of ψ and θ) on FT-train batches,
+   starting from the current θ and the persisted, warm-started ψ;
+2. evaluate the meta-loss L_V on a MetaFT-validation batch;
+3. dL_V/dφ by implicit differentiation through pre-training (``hypergrad``),
+   averaged over ``meta_batches`` PT/validation batch pairs if asked;
+4. update φ with its own optimiser, unless the hypergradient is unusable
+   (non-finite, or the inverse-HVP solve diverged), which is skipped and counted;
+5. keep ψ_K, detached, as the head for the next meta-step.
+
+This module knows the order of things and nothing about any domain: the domain
+enters through :class:`metapt.problem.MetaProblem`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from .hypergrad import InnerOptimizer, Neumann, Solver, pretraining_hypergradient, sgd, unrolled_finetune
+from .problem import MetaProblem, Params
+
+
+class MetricsLogger(Protocol):
+    """Receives the numbers of every step; files, progress bars and TensorBoard attach here."""
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The pre-training loss stopped being finite; the run cannot continue."""
+
+
+@dataclass(frozen=True)
+class MetaSchedule:
+    """When and how meta-steps happen (the paper's defaults).
+
+    Attributes:
+        meta_interval: PT steps between meta-steps (paper: 10).
+        unroll_steps: K, unrolled FT steps per meta-step (paper: 1).
+        unroll_encoder: unroll θ together with the head instead of the head only.
+        meta_batches: PT/validation batch pairs whose hypergradients are averaged
+            per meta-step (paper: 1; single-batch estimates are noisy).
+        warmup_steps: PT steps, with the head trained alongside, before the
+            first meta-step.
+    """
+
+    meta_interval: int = 10
+    unroll_steps: int = 1
+    unroll_encoder: bool = False
+    meta_batches: int = 1
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        for name in ("meta_interval", "meta_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MetaSchedule: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("unroll_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MetaSchedule: {name} must be >= 0, got {getattr(self, name)}")
+
+
+def _leaves(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+
+class MetaPretrainer:
+    """Online meta-learning of φ interleaved with pre-training of θ.
+
+    Args:
+        problem: the domain (losses and batches).
+        params: initial θ (encoder and PT heads).
+        head: initial FT head ψ.
+        metaparams: initial φ.
+        pt_optimizer: builds the PT optimiser from θ's tensors, e.g.
+            ``lambda ps: torch.optim.Adam(ps, lr=1e-3)``.
+        meta_optimizer: builds φ's optimiser (paper: Adam).
+        inner_optimizer: the differentiable FT optimiser that is unrolled.
+        solver: the inverse-HVP solver (paper: ``Neumann(1, alpha=PT lr)``).
+        schedule: :class:`MetaSchedule`.
+        loggers: receive per-step metrics.
+        reduce_hypergrad: averages a hypergradient across processes in
+            data-parallel runs; identity by default.
+    """
+
+    def __init__(
+        self,
+        problem: MetaProblem,
+        params: Mapping[str, Tensor],
+        head: Mapping[str, Tensor],
+        metaparams: Mapping[str, Tensor],
+        *,
+        pt_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+        meta_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+        inner_optimizer: InnerOptimizer | None = None,
+        solver: Solver | None = None,
+        schedule: MetaSchedule = MetaSchedule(),
+        loggers: Sequence[MetricsLogger] = (),
+        reduce_hypergrad: Callable[[Params], Params] = lambda h: h,
+    ):
+        self.problem = problem
+        self.params = _leaves(params)
+        self.head = {k: v.detach().clone() for k, v in head.items()}
+        self.metaparams = _leaves(metaparams)
+        self.pt_opt = pt_optimizer(list(self.params.values()))
+        self.meta_opt = meta_optimizer(list(self.metaparams.values()))
+        self.inner = inner_optimizer if inner_optimizer is not None else sgd(0.1)
+        self.solver = solver if solver is not None else Neumann(steps=1, alpha=_first_lr(self.pt_opt))
+        self.schedule = schedule
+        self.loggers = list(loggers)
+        self.reduce_hypergrad = reduce_hypergrad
+        self.step = 0  # PT steps taken
+        self.meta_step_count = 0  # meta-steps attempted
+        self.skipped = 0  # meta-steps whose hypergradient was unusable
+
+    # ---- Algorithm 1 --------------------------------------------------------------------------
+
+    def run(self, steps: int, progress: Callable[[int], None] | None = None) -> None:
+        """Take PT steps until ``self.step == steps``, with meta-steps on schedule."""
+        while self.step < steps:
+            metrics = self.pretrain_step()
+            if self.step <= self.schedule.warmup_steps:
+                metrics.update(self.warmup_head_step())
+            elif self.step % self.schedule.meta_interval == 0:
+                metrics.update(self.meta_step())
+            self._log(metrics)
+            if progress is not None:
+                progress(self.step)
+
+    def pretrain_step(self) -> dict[str, float]:
+        """θ ← PT optimiser step on L_PT(θ, φ) with φ held fixed."""
+        batch = self.problem.pretrain_batch(self.step)
+        phi = {k: v.detach() for k, v in self.metaparams.items()}
+        self.pt_opt.zero_grad(set_to_none=True)
+        loss = self.problem.pretrain_loss(self.params, phi, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"pre-training loss became {loss.item()} at step {self.step}; lower the PT learning rate "
+                "or the meta learning rate, then resume from the last checkpoint"
+            )
+        loss.backward()
+        self.pt_opt.step()
+        self.step += 1
+        return {"pt_loss": float(loss.detach())}
+
+    def warmup_head_step(self) -> dict[str, float]:
+        """One plain FT step of the head on the current θ (warm-up; nothing unrolled)."""
+        theta = {k: v.detach() for k, v in self.params.items()}
+        batch = self.problem.finetune_batch(self.step)
+        head, loss = self._finetune({**self.head}, theta, lambda _: batch, steps=1)
+        self.head = {k: v.detach() for k, v in head.items()}
+        return {"warmup_ft_loss": loss}
+
+    def meta_step(self) -> dict[str, float]:
+        """One hypergradient step on φ (steps 1–5 of the module docstring)."""
+        sched = self.schedule
+        total: Params | None = None
+        infos, new_head = [], None
+        for j in range(sched.meta_batches):
+            index = self.meta_step_count * sched.meta_batches + j
+            pt_batch = self.problem.pretrain_batch(self.step - 1 if j == 0 else _extra_index(self.step, j))
+            val_batch = self.problem.metaval_batch(index)
+            ft_batches = lambda k, index=index: self.problem.finetune_batch(index * max(sched.unroll_steps, 1) + k)
+            outcome: dict[str, Params] = {}
+
+            def meta_loss(theta: Params) -> Tensor:
+                head, theta_ft = self._unroll(theta, ft_batches)
+                outcome["head"] = head
+                return self.problem.finetune_loss(theta_ft, head, val_batch)
+
+            hyper, info = pretraining_hypergradient(
+                lambda th, ph: self.problem.pretrain_loss(th, ph, pt_batch),
+                meta_loss,
+                self.params,
+                self.metaparams,
+                self.solver,
+            )
+            infos.append(info)
+            if new_head is None:
+                new_head = {k: v.detach() for k, v in outcome["head"].items()}
+            total = hyper if total is None else {k: total[k] + hyper[k] for k in total}
+
+        hyper = self.reduce_hypergrad({k: v / sched.meta_batches for k, v in total.items()})
+        usable = all(i.usable for i in infos) and all(bool(torch.isfinite(v).all()) for v in hyper.values())
+        self.meta_step_count += 1
+        if usable:
+            self.meta_opt.zero_grad(set_to_none=True)
+            for k, v in self.metaparams.items():
+                v.grad = hyper[k].to(v.dtype)
+            self.meta_opt.step()
+        else:
+            self.skipped += 1
+        self.head = new_head
+
+        residuals = [i.solver.residual_norm for i in infos if i.solver.residual_norm is not None]
+        metrics = {
+            "meta_loss": sum(i.meta_loss for i in infos) / len(infos),
+            "hypergrad_norm": math.sqrt(sum(float(v.pow(2).sum()) for v in hyper.values())),
+            "solver_iterations": float(sum(i.solver.iterations for i in infos) / len(infos)),
+            "solver_residual": sum(residuals) / len(residuals) if residuals else float("nan"),
+            "solver_diverged": float(any(i.solver.diverged for i in infos)),
+            "meta_skipped": float(self.skipped),
+        }
+        metrics.update({f"phi/{k}": v for k, v in self.problem.describe_metaparams(self.metaparams).items()})
+        return metrics
+
+    # ---- pieces -------------------------------------------------------------------------------
+
+    def _unroll(self, theta: Params, ft_batches: Callable[[int], Any]) -> tuple[Params, Params]:
+        """K differentiable FT steps from (θ, ψ); returns (ψ_K, θ used by the FT model)."""
+        steps = self.schedule.unroll_steps
+        if not self.schedule.unroll_encoder:
+            head = unrolled_finetune(
+                lambda h, k: self.problem.finetune_loss(theta, h, ft_batches(k)), self.head, self.inner, steps
+            )
+            return head, theta
+        joint = {**{f"theta/{k}": v for k, v in theta.items()}, **{f"head/{k}": v for k, v in self.head.items()}}
+        out = unrolled_finetune(
+            lambda p, k: self.problem.finetune_loss(_part(p, "theta/"), _part(p, "head/"), ft_batches(k)),
+            joint,
+            self.inner,
+            steps,
+        )
+        return _part(out, "head/"), _part(out, "theta/")
+
+    def _finetune(self, head: Params, theta: Params, batches, steps: int) -> tuple[Params, float]:
+        losses = []
+
+        def loss_fn(h, k):
+            loss = self.problem.finetune_loss(theta, h, batches(k))
+            losses.append(float(loss.detach()))
+            return loss
+
+        return unrolled_finetune(loss_fn, head, self.inner, steps), losses[-1]
+
+    def _log(self, metrics: Mapping[str, float]) -> None:
+        for logger in self.loggers:
+            logger.log(self.step, metrics)
+
+    # ---- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the run needs to continue exactly: tensors, optimiser states, counters."""
+        return {
+            "params": {k: v.detach().clone() for k, v in self.params.items()},
+            "head": {k: v.detach().clone() for k, v in self.head.items()},
+            "metaparams": {k: v.detach().clone() for k, v in self.metaparams.items()},
+            "pt_opt": copy.deepcopy(self.pt_opt.state_dict()),
+            "meta_opt": copy.deepcopy(self.meta_opt.state_dict()),
+            "counters": {"step": self.step, "meta_step_count": self.meta_step_count, "skipped": self.skipped},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for group in ("params", "metaparams"):
+                for k, v in getattr(self, group).items():
+                    v.copy_(state[group][k])
+        self.head = {k: v.clone() for k, v in state["head"].items()}
+        self.pt_opt.load_state_dict(state["pt_opt"])
+        self.meta_opt.load_state_dict(state["meta_opt"])
+        counters = state["counters"]
+        self.step, self.meta_step_count, self.skipped = (
+            int(counters["step"]), int(counters["meta_step_count"]), int(counters["skipped"])
+        )
+
+
+def _part(params: Mapping[str, Tensor], prefix: str) -> Params:
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def _extra_index(step: int, j: int) -> int:
+    """PT batch index for the j-th extra hypergradient sample: past batches, newest first."""
+    return max(step - 1 - j, 0)
+
+
+def _first_lr(opt: torch.optim.Optimizer) -> float:
+    return float(opt.param_groups[0]["lr"])
