@@ -1,0 +1,63 @@
+"""Where per-step metrics go: JSON lines on disk, a progress bar on the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class JsonlLogger:
+    """Appends one JSON object per step: ``{"step": n, "phase": ..., **metrics}``.
+
+    Non-finite numbers are written as null, so every line is valid JSON.
+    """
+
+    def __init__(self, path: str | Path, phase: str = "meta"):
+        self.path = Path(path)
+        self.phase = phase
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = self.path.open("a", encoding="utf-8")
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        row = {"step": step, "phase": self.phase}
+        row.update({k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()})
+        self._file.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self._file.flush()
+        self._file.close()
+
+    def __enter__(self) -> "JsonlLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(console: Console | None = None) -> Progress:
+    """A rich progress bar with ETA; silent when stderr is not a terminal."""
+    console = console or Console(stderr=True)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not sys.stderr.isatty(),
+        transient=False,
+    )
