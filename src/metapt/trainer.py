@@ -188,9 +188,15 @@ class MetaPretrainer:
             infos.append(info)
             if new_head is None:
                 new_head = {k: v.detach() for k, v in outcome["head"].items()}
-            total = hyper if total is None else {k: total[k] + hyper[k] for k in total}
-
-        hyper = self.reduce_hypergrad({k: v / sched.meta_batches for k, v in total.items()})
+            if total is None:
+                total = hyper
+            else:
+                for k in total:
+                    total[k].add_(hyper[k])
+        if sched.meta_batches > 1:
+            for v in total.values():
+                v.div_(sched.meta_batches)
+        hyper = self.reduce_hypergrad(total)
         usable = all(i.usable for i in infos) and all(bool(torch.isfinite(v).all()) for v in hyper.values())
         self.meta_step_count += 1
         if usable:

@@ -131,7 +131,7 @@ def pretraining_hypergradient(
                 "build the fine-tuned model from that argument, not from tensors captured elsewhere"
             )
         g = {k: torch.zeros_like(theta_v[k]) if gr is None else gr for k, gr in zip(t_keys, grads)}
-        direct = {k: torch.zeros_like(phi[k]) if gr is None else gr for k, gr in zip(p_keys, grads[len(t_keys):])}
+        direct = dict(zip(p_keys, grads[len(t_keys):]))  # None where L_V does not close over φ
 
         # ∇θ L_PT(θ, φ) with its graph, for the HVPs and the mixed product.
         lpt = pretrain_loss(theta_v, phi)
@@ -177,7 +177,8 @@ def pretraining_hypergradient(
                         "loss; pass pretrain_loss the phi dict it is given and use that entry, or drop it from phi"
                     )
                 m = torch.zeros_like(phi[k])  # φ shifts L_PT but not ∇θ L_PT: no implicit term
-            hyper[k] = (direct[k] - m).detach()
+            # dL_V/dφ = ∂L_V/∂φ − mixed; in place on the fresh gradient buffer, no |φ|-sized copy
+            hyper[k] = m.neg_() if direct[k] is None else m.neg_().add_(direct[k])
 
     norm = tree_norm(hyper)
     info = HypergradInfo(
@@ -185,7 +186,7 @@ def pretraining_hypergradient(
         meta_loss=float(lv.detach()),
         pretrain_loss=float(lpt.detach()),
         norm=norm,
-        direct_norm=tree_norm(direct),
+        direct_norm=tree_norm({k: v for k, v in direct.items() if v is not None}),
         finite=math.isfinite(norm),
     )
     return hyper, info
