@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from metapt.cli import app
 
-runner = CliRunner()
+runner = CliRunner()  # stderr is part of .output (click >= 8.2)
 
 
 def test_synthetic_job_writes_run_folder(tmp_path):

@@ -12,13 +12,20 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Meta-learn pre-training hyperparameters by gradient.")
 console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    """A user error: one clear line on stderr, exit status 2, no traceback."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
 
 
 def _run_dir(out: Path | None, name: str, overwrite: bool) -> Path:
     out = out or Path("runs") / f"{name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise typer.BadParameter(f"run folder {out} already exists; pass --overwrite or choose another --out")
+            _fail(f"run folder {out} already exists; pass --overwrite or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -34,7 +41,7 @@ def run(
 ) -> None:
     """Run a job end to end and print its comparison table."""
     if job != "synthetic":
-        raise typer.BadParameter(f"unknown job {job!r}; available: synthetic")
+        _fail(f"unknown job {job!r}; available: synthetic")
     from .domains.synthetic.job import run_synthetic
 
     folder = _run_dir(out, job, overwrite)
