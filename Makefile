@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 run: venv
-	$(VENV)/bin/metapt run synthetic
+	$(VENV)/bin/metapt run molecules
 
 test: venv
 	$(PY) -m pytest -q

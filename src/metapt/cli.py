@@ -31,20 +31,38 @@ def _run_dir(out: Path | None, name: str, overwrite: bool) -> Path:
     return out
 
 
+JOBS = ("molecules", "ecg", "synthetic")
+
+
 @app.command()
 def run(
-    job: str = typer.Argument(..., help="What to run: 'synthetic' (a small demo with a known answer)."),
+    job: str = typer.Argument(..., help="What to run: 'molecules' (the main job: ChEMBL → B3DB), 'ecg', or "
+                              "'synthetic' (a small demo with a known answer)."),
+    preset: str = typer.Option("default", help="Preset of the job: 'default' (fits 2 CPU cores), 'paper', 'test'."),
+    data: Path = typer.Option(None, help="Data folder (ecg: WFDB records in the MIT-BIH beat layout or PTB-XL)."),
     out: Path = typer.Option(None, help="Run folder (default runs/JOB-TIMESTAMP)."),
-    steps: int = typer.Option(1000, min=1, help="Pre-training steps per method."),
-    seed: int = typer.Option(0, help="Seed for data and initialisation."),
+    steps: int = typer.Option(None, min=1, help="Pre-training steps per method (default: the preset's)."),
+    seed: int = typer.Option(0, help="Seed for data order and initialisation."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
 ) -> None:
-    """Run a job end to end and print its comparison table."""
-    if job != "synthetic":
-        _fail(f"unknown job {job!r}; available: synthetic")
+    """Run a job end to end: pre-train, meta-learn, fine-tune, evaluate, and print the comparison table."""
+    if job not in JOBS:
+        _fail(f"unknown job {job!r}; available: {', '.join(JOBS)}")
+    if job == "ecg" and data is None:
+        _fail("the ecg job needs --data DIR (a folder of WFDB records, e.g. ../shared/data/mitbih)")
+    folder = _run_dir(out, job, overwrite)
+    if job == "synthetic":
+        _run_synthetic(folder, steps or 1000, seed)
+    elif job == "molecules":
+        _run_molecules(folder, preset, steps, seed)
+    else:
+        _run_ecg(folder, data, preset, steps, seed)
+    console.print(f"run folder: {folder}")
+
+
+def _run_synthetic(folder: Path, steps: int, seed: int) -> None:
     from .domains.synthetic.job import run_synthetic
 
-    folder = _run_dir(out, job, overwrite)
     results = run_synthetic(folder, steps=steps, seed=seed)
     table = Table(title="Synthetic task weighting: transfer after pre-training")
     for col in ("method", "test MSE (lower is better)", "mean weight, helpful tasks", "mean weight, noise tasks"):
@@ -52,7 +70,32 @@ def run(
     for method, r in results.items():
         table.add_row(method, f"{r['test_mse']:.4f}", f"{r['helpful_weight']:.3f}", f"{r['noise_weight']:.3f}")
     console.print(table)
-    console.print(f"run folder: {folder}")
+
+
+def _run_molecules(folder: Path, preset: str, steps: int | None, seed: int) -> None:
+    from .domains.molecules.job import PRESETS, job_from_preset, run_molecules
+
+    if preset not in PRESETS:
+        _fail(f"unknown molecules preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    overrides = {"seed": seed} | ({"pt_steps": steps} if steps else {})
+    summary = run_molecules(folder, job_from_preset(preset, **overrides), console=err_console)
+    for setting, res in summary["settings"].items():
+        table = Table(title=f"Molecules, {setting}: downstream test AUROC (mean ± 95 % CI over seeds)")
+        modes = list(next(iter(res["scores"].values())))
+        for col in ("method", *modes):
+            table.add_column(col)
+        for method, by_mode in res["scores"].items():
+            table.add_row(method, *(f"{v['test_auroc_mean']:.4f} ± {v['test_auroc_ci95']:.4f}" for v in by_mode.values()))
+        console.print(table)
+    console.print(f"wall time: {summary['wall_seconds']} s")
+
+
+def _run_ecg(folder: Path, data: Path, preset: str, steps: int | None, seed: int) -> None:
+    try:
+        from .domains.ecg.job import run_ecg
+    except ImportError:
+        _fail("the ecg job is not available in this version")
+    run_ecg(folder, data)
 
 
 @app.command()

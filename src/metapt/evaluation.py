@@ -106,6 +106,27 @@ def _scores(model: nn.Module, batches: Iterable[tuple[Any, Tensor]]) -> tuple[np
     return np.concatenate(ys), np.concatenate(ss)
 
 
+def _embedded(encoder: nn.Module, iterate: BatchIter) -> BatchIter:
+    """The same splits as frozen [N, emb_dim] features (eval mode: no dropout, fixed statistics)."""
+    encoder.eval()
+    cache: dict[str, tuple[Tensor, Tensor]] = {}
+
+    @torch.no_grad()
+    def features(split: str) -> tuple[Tensor, Tensor]:
+        if split not in cache:
+            xs, ys = zip(*((encoder(x), y) for x, y in iterate(split, 256, False, 0)))
+            cache[split] = torch.cat(xs), torch.cat(ys)
+        return cache[split]
+
+    def iterate_features(split, batch_size, shuffle, seed):
+        z, y = features(split)
+        order = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(len(z))
+        for i in range(0, len(z), batch_size):
+            yield z[order[i : i + batch_size]], y[order[i : i + batch_size]]
+
+    return iterate_features
+
+
 def finetune_and_score(
     encoder: nn.Module,
     emb_dim: int,
@@ -123,15 +144,14 @@ def finetune_and_score(
     torch.manual_seed(seed)
     model = _Classifier(copy.deepcopy(encoder), emb_dim, num_tasks)
     if config.linear_probe:
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
+        # frozen features are computed once per split; then only the head trains
+        iterate = _embedded(model.encoder, iterate)
+        model.encoder = nn.Identity()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
     best = {"valid_auroc": -math.inf, "test_auroc": float("nan"), "best_epoch": -1}
     for epoch in range(config.epochs):
         model.train()
-        if config.linear_probe:
-            model.encoder.eval()  # frozen features: no dropout, batch-norm statistics fixed
         for x, y in iterate("train", config.batch_size, True, seed * 10_007 + epoch):
             opt.zero_grad(set_to_none=True)
             masked_bce_loss(model(x), y.reshape(len(y), -1)).backward()

@@ -1,0 +1,266 @@
+"""Multitask GIN pre-training on ChEMBL with meta-learned task and example weights.
+
+θ = the GIN encoder and the multitask PT head; φ = per-task weight logits
+(the paper's task weighting, w = 2·sigmoid) and/or per-molecule weight logits
+(data reweighting, one per pre-training molecule); ψ = the downstream head.
+The encoder is one ``nn.Module`` driven through ``torch.func.functional_call``
+with whatever θ the trainer hands over; it is put in train mode for pre-training
+and in eval mode for fine-tuning, as in the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+from torch_geometric.data import Batch
+
+from ...metaparams import weight_logits, weights_from_logits
+from ...problem import EpochShuffler, Params
+from .data import held_out_split, load_b3db, load_chembl_pretraining, scaffold_split
+from .featurize import MoleculeGraphs, featurize_smiles
+from .models import GINEncoder, masked_bce
+
+
+@dataclass(frozen=True)
+class MoleculeData:
+    """Graphs and labels for pre-training and for one downstream setting.
+
+    Rows of the label matrices are positions in the graph collections.
+    ``split`` maps "ft_train", "metaval", "valid", "test" to positions in
+    ``downstream``: the downstream train split divided by scaffold into FT-train
+    and MetaFT-validation (80/20, as in the paper); "valid" and "test" are never
+    seen by meta-learning.
+    """
+
+    pretrain: MoleculeGraphs
+    pretrain_positions: Tensor  # [N_pt] positions in ``pretrain`` used for pre-training
+    pretrain_labels: Tensor  # [N_pt, T_pt], NaN = missing
+    downstream: MoleculeGraphs
+    downstream_labels: Tensor  # [len(downstream), T_ft], NaN = missing
+    split: dict[str, Tensor]
+    pretrain_task_names: list[str]
+    downstream_task_names: list[str]
+
+    def pretrain_batch(self, rows: Tensor) -> Batch:
+        """Rows of the pre-training set (0..N_pt-1) as a batch with ``y`` [B, T_pt]."""
+        batch = self.pretrain.batch(self.pretrain_positions[rows])
+        batch.y = self.pretrain_labels[rows]
+        return batch
+
+    def downstream_batch(self, positions: Tensor) -> Batch:
+        batch = self.downstream.batch(positions)
+        batch.y = self.downstream_labels[positions]
+        return batch
+
+
+class _RowGraphs:
+    """Featurise only the needed rows of a SMILES table; map table rows to graph positions."""
+
+    def __init__(self, smiles: list[str], labels: Tensor, rows: Tensor, cache_dir, progress: bool):
+        self.rows = rows.unique()  # sorted
+        self.graphs = featurize_smiles([smiles[i] for i in self.rows.tolist()], labels[self.rows],
+                                       cache_dir=cache_dir, progress=progress)
+        lookup = torch.full((len(smiles),), -1, dtype=torch.long)
+        lookup[self.rows[self.graphs.index]] = torch.arange(len(self.graphs))
+        self._lookup = lookup
+
+    def positions(self, rows: Tensor) -> Tensor:
+        """Graph positions of table rows; rows whose SMILES failed to parse are dropped."""
+        pos = self._lookup[rows]
+        return pos[pos >= 0]
+
+    def table_rows(self) -> Tensor:
+        """The table row of every graph position."""
+        return self.rows[self.graphs.index]
+
+
+def _subsample(rows: Tensor, limit: int | None, seed: int) -> Tensor:
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit]
+    return rows[keep.sort().values]
+
+
+def _subsample_split(split: Mapping[str, Tensor], limit: int | None, seed: int) -> dict[str, Tensor]:
+    """``limit`` train rows and a fifth as many valid/test rows (all of them when None)."""
+    small = None if limit is None else max(limit // 5, 8)
+    return {name: _subsample(rows, limit if name == "train" else small, seed) for name, rows in split.items()}
+
+
+def load_molecule_data(
+    setting: str = "b3db",
+    *,
+    seed: int = 0,
+    max_pretrain: int | None = None,
+    max_downstream: int | None = None,
+    cache_dir: str | None = None,
+    progress: bool = False,
+) -> MoleculeData:
+    """Featurise (cached) the shipped data for a downstream setting.
+
+    Args:
+        setting: ``"b3db"`` — pre-train on all 30 ChEMBL targets, fine-tune on B3DB
+            blood-brain-barrier permeability (its scaffold split); ``"heldout"`` —
+            pre-train on 20 ChEMBL targets, fine-tune on the 10 held out (``seed``
+            picks them; held-out valid/test molecules are excluded from pre-training).
+        seed: picks subsets and the held-out targets.
+        max_pretrain, max_downstream: seeded subsets for tests and quick runs (the
+            downstream valid/test splits get a fifth of ``max_downstream`` each).
+    """
+    chembl = load_chembl_pretraining()
+    if setting == "b3db":
+        pt_rows = _subsample(torch.arange(len(chembl)), max_pretrain, seed)
+        pt_tasks = torch.arange(chembl.num_tasks)
+        b3db = load_b3db()
+        ds_split = _subsample_split(b3db.split, max_downstream, seed)
+        ds_table = _RowGraphs(b3db.smiles, b3db.labels.view(-1, 1), torch.cat(list(ds_split.values())), cache_dir, progress)
+        pt_table = _RowGraphs(chembl.smiles, chembl.labels, pt_rows, cache_dir, progress)
+        ds_labels = ds_table.graphs.y
+        ds_scaffolds = [b3db.scaffolds[i] for i in ds_table.table_rows().tolist()]
+        ds_names = ["BBB+"]
+    elif setting == "heldout":
+        hs = held_out_split(chembl, 20, seed)
+        pt_rows = _subsample(hs.pretrain_rows, max_pretrain, seed)
+        pt_tasks = hs.pretrain_tasks
+        ds_split = _subsample_split(hs.finetune_split, max_downstream, seed)
+        # one featurisation serves both: the downstream molecules are ChEMBL molecules too
+        pt_table = ds_table = _RowGraphs(
+            chembl.smiles, chembl.labels, torch.cat([pt_rows, *ds_split.values()]), cache_dir, progress
+        )
+        ds_labels = ds_table.graphs.y[:, hs.finetune_tasks]
+        ds_scaffolds = [chembl.scaffolds[i] for i in ds_table.table_rows().tolist()]
+        ds_names = hs.finetune_targets
+    else:
+        raise ValueError(f"unknown molecules setting {setting!r}; choose 'b3db' or 'heldout'")
+
+    pt_positions = pt_table.positions(pt_rows)
+    local = {name: ds_table.positions(rows) for name, rows in ds_split.items()}
+    local_train = local["train"]
+    meta = scaffold_split([ds_scaffolds[i] for i in local_train.tolist()], (0.8, 0.2, 0.0))
+    return MoleculeData(
+        pretrain=pt_table.graphs,
+        pretrain_positions=pt_positions,
+        pretrain_labels=pt_table.graphs.y[pt_positions][:, pt_tasks],
+        downstream=ds_table.graphs,
+        downstream_labels=ds_labels,
+        split={"ft_train": local_train[meta["train"]], "metaval": local_train[meta["valid"]],
+               "valid": local["valid"], "test": local["test"]},
+        pretrain_task_names=[chembl.target_names[int(t)] for t in pt_tasks],
+        downstream_task_names=ds_names,
+    )
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """Which meta-parameters φ to learn.
+
+    Attributes:
+        task_weights: one weight per pre-training task (the paper's setting).
+        example_weights: one weight per pre-training molecule (data reweighting).
+    """
+
+    task_weights: bool = True
+    example_weights: bool = False
+
+
+class MoleculesProblem:
+    """Implements :class:`metapt.problem.MetaProblem` for ChEMBL → downstream molecules."""
+
+    def __init__(
+        self,
+        data: MoleculeData,
+        encoder: GINEncoder,
+        weighting: WeightingConfig = WeightingConfig(),
+        *,
+        pt_batch_size: int = 64,
+        ft_batch_size: int = 64,
+        seed: int = 0,
+    ):
+        self.data, self.encoder, self.weighting = data, encoder, weighting
+        self.num_pt_tasks = data.pretrain_labels.shape[1]
+        self.num_ft_tasks = data.downstream_labels.shape[1]
+        self._pt_order = EpochShuffler(len(data.pretrain_positions), pt_batch_size, seed)
+        split = data.split
+        self._ft_order = EpochShuffler(len(split["ft_train"]), ft_batch_size, seed + 1)
+        self._val_order = EpochShuffler(len(split["metaval"]), ft_batch_size, seed + 2)
+
+    # ---- initial values -------------------------------------------------------------------
+
+    def initial_params(self) -> Params:
+        """θ: the encoder's parameters (``enc.*``) and a fresh multitask PT head (``pt.*``)."""
+        params = {f"enc.{k}": v.detach().clone() for k, v in self.encoder.named_parameters()}
+        head = torch.nn.Linear(self.encoder.emb_dim, self.num_pt_tasks)
+        params.update({f"pt.{k}": v.detach().clone() for k, v in head.named_parameters()})
+        return params
+
+    def initial_head(self) -> Params:
+        """ψ: the downstream linear head, zero so the first FT steps see every feature alike."""
+        return {
+            "weight": torch.zeros(self.num_ft_tasks, self.encoder.emb_dim),
+            "bias": torch.zeros(self.num_ft_tasks),
+        }
+
+    def initial_metaparams(self) -> Params:
+        phi: Params = {}
+        if self.weighting.task_weights:
+            phi["task_logits"] = weight_logits(self.num_pt_tasks)
+        if self.weighting.example_weights:
+            phi["example_logits"] = weight_logits(len(self.data.pretrain_positions))
+        if not phi:
+            raise ValueError("WeightingConfig: enable task_weights or example_weights (or both)")
+        return phi
+
+    # ---- MetaProblem ----------------------------------------------------------------------
+
+    def embed(self, params: Params, graphs: Batch, *, train: bool) -> Tensor:
+        """[B, emb_dim] graph embeddings from the ``enc.*`` entries of θ."""
+        self.encoder.train(train)
+        enc = {k[4:]: v for k, v in params.items() if k.startswith("enc.")}
+        return functional_call(self.encoder, enc, (graphs,))
+
+    def pretrain_loss(self, params: Params, metaparams: Params, batch: tuple[Batch, Tensor]) -> Tensor:
+        graphs, rows = batch
+        logits = self.embed(params, graphs, train=True) @ params["pt.weight"].T + params["pt.bias"]
+        task_w = weights_from_logits(metaparams["task_logits"]) if "task_logits" in metaparams else None
+        example_w = weights_from_logits(metaparams["example_logits"][rows]) if "example_logits" in metaparams else None
+        return masked_bce(logits, graphs.y, task_w, example_w)
+
+    def finetune_loss(self, params: Params, head: Params, batch: Batch) -> Tensor:
+        logits = self.embed(params, batch, train=False) @ head["weight"].T + head["bias"]
+        return masked_bce(logits, batch.y)
+
+    def pretrain_batch(self, index: int) -> tuple[Batch, Tensor]:
+        rows = self._pt_order.indices(index)
+        return self.data.pretrain_batch(rows), rows
+
+    def finetune_batch(self, index: int) -> Batch:
+        return self.data.downstream_batch(self.data.split["ft_train"][self._ft_order.indices(index)])
+
+    def metaval_batch(self, index: int) -> Batch:
+        return self.data.downstream_batch(self.data.split["metaval"][self._val_order.indices(index)])
+
+    def describe_metaparams(self, metaparams: Params) -> Mapping[str, float]:
+        out = {}
+        for key, name in (("task_logits", "task_weight"), ("example_logits", "example_weight")):
+            if key in metaparams:
+                w = weights_from_logits(metaparams[key].detach())
+                out.update({f"{name}_min": float(w.min()), f"{name}_max": float(w.max()), f"{name}_std": float(w.std())})
+        return out
+
+    # ---- after pre-training ---------------------------------------------------------------
+
+    def encoder_with(self, params: Mapping[str, Tensor]) -> GINEncoder:
+        """A copy of the encoder module holding θ's ``enc.*`` weights, for downstream evaluation."""
+        enc = copy.deepcopy(self.encoder)
+        missing, unexpected = enc.load_state_dict(
+            {k[4:]: v.detach() for k, v in params.items() if k.startswith("enc.")}, strict=False
+        )
+        buffers = {name for name, _ in enc.named_buffers()}
+        if unexpected or set(missing) - buffers:  # buffers (batch-norm statistics) stay the module's own
+            raise ValueError(f"params do not match the encoder: missing {sorted(set(missing) - buffers)}, unexpected {unexpected}")
+        return enc
