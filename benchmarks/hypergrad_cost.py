@@ -45,9 +45,9 @@ class Problem:
             self.dim = 512
             self.inputs = [torch.randn(BATCH, 256, generator=g) for _ in range(3)]
         else:
-            from metapt.domains.molecules.models import GIN
+            from metapt.domains.molecules.models import GINEncoder
 
-            self.encoder = GIN.hu_et_al()
+            self.encoder = GINEncoder.hu2020()
             self.dim = self.encoder.emb_dim
             self.inputs = [_random_molecules(BATCH, g) for _ in range(3)]
         self.encoder.train()

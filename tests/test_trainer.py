@@ -104,3 +104,21 @@ def test_state_dict_round_trip_continues_identically():
     for k in a.params:
         assert torch.equal(a.params[k], b.params[k])
     assert torch.equal(a.metaparams["task_logits"], b.metaparams["task_logits"])
+
+
+def test_head_catch_up_steps_then_unroll_give_the_persisted_head():
+    # head_steps plain SGD steps on FT-train batches 0..H-1, then the K unrolled steps:
+    # the head kept for the next meta-step is exactly that sequence of SGD steps.
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
+    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1, unroll_steps=1, head_steps=2))
+    head0 = {k: v.clone() for k, v in t.head.items()}
+    t.run(1)
+    theta = {k: v.detach() for k, v in t.params.items()}
+    head = head0
+    for index in (0, 1, 0):  # catch-up batches 0, 1; the unroll's batch 0
+        batch = problem.finetune_batch(index)
+        h = {k: v.clone().requires_grad_(True) for k, v in head.items()}
+        grads = torch.autograd.grad(problem.finetune_loss(theta, h, batch), list(h.values()))
+        head = {k: (v - 0.1 * g).detach() for (k, v), g in zip(h.items(), grads)}
+    for k in head:
+        torch.testing.assert_close(t.head[k], head[k], rtol=1e-6, atol=1e-7)

@@ -53,6 +53,10 @@ class MetaSchedule:
             per meta-step (paper: 1; single-batch estimates are noisy).
         warmup_steps: PT steps, with the head trained alongside, before the
             first meta-step.
+        head_steps: plain (not differentiated) FT steps of the head before each
+            meta-step's unroll, so the persisted head keeps up with the moving
+            encoder (paper: 0; a stale head makes L_V, and its gradient, about
+            the head rather than the representation).
     """
 
     meta_interval: int = 10
@@ -60,12 +64,13 @@ class MetaSchedule:
     unroll_encoder: bool = False
     meta_batches: int = 1
     warmup_steps: int = 0
+    head_steps: int = 0
 
     def __post_init__(self):
         for name in ("meta_interval", "meta_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MetaSchedule: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("unroll_steps", "warmup_steps"):
+        for name in ("unroll_steps", "warmup_steps", "head_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MetaSchedule: {name} must be >= 0, got {getattr(self, name)}")
 
@@ -164,6 +169,13 @@ class MetaPretrainer:
     def meta_step(self) -> dict[str, float]:
         """One hypergradient step on φ (steps 1–5 of the module docstring)."""
         sched = self.schedule
+        catch_up = {}
+        if sched.head_steps:
+            theta = {k: v.detach() for k, v in self.params.items()}
+            first = self.meta_step_count * sched.head_steps
+            head, loss = self._finetune(self.head, theta, lambda k: self.problem.finetune_batch(first + k), sched.head_steps)
+            self.head = {k: v.detach() for k, v in head.items()}
+            catch_up = {"head_ft_loss": loss}
         total: Params | None = None
         infos, new_head = [], None
         for j in range(sched.meta_batches):
@@ -216,6 +228,7 @@ class MetaPretrainer:
             "solver_residual": sum(residuals) / len(residuals) if residuals else float("nan"),
             "solver_diverged": float(any(i.solver.diverged for i in infos)),
             "meta_skipped": float(self.skipped),
+            **catch_up,
         }
         metrics.update({f"phi/{k}": v for k, v in self.problem.describe_metaparams(self.metaparams).items()})
         return metrics

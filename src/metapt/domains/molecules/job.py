@@ -54,7 +54,7 @@ class MoleculesJob:
     meta_batches: int = 1
     warmup_steps: int = 100
     eval_seeds: int = 5
-    eval_epochs: int = 6
+    eval_epochs: int = 4
     eval_lr: float = 1e-3
     probe_epochs: int = 30
     probe_lr: float = 1e-2
