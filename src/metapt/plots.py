@@ -22,6 +22,7 @@ def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], path: str | Path, 
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
     phases = list(dict.fromkeys(r.get("phase", "") for r in rows))
+    colour = {phase: f"C{i}" for i, phase in enumerate(phases)}  # one colour per phase in every panel
     for ax, key in zip(axes[:, 0], keys):
         for phase in phases:
             pts = [(r["step"], r[key]) for r in rows if r.get("phase", "") == phase and r.get(key) is not None]
@@ -30,10 +31,11 @@ def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], path: str | Path, 
             steps, vals = zip(*pts)
             window = max(1, len(vals) // 50)
             smooth = [sum(vals[max(0, i - window + 1) : i + 1]) / len(vals[max(0, i - window + 1) : i + 1]) for i in range(len(vals))]
-            ax.plot(steps, smooth, label=phase, lw=1.2)
+            ax.plot(steps, smooth, label=phase, lw=1.2, color=colour[phase])
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    handles = {l: h for ax in axes[:, 0] for h, l in zip(*ax.get_legend_handles_labels())}
+    axes[0, 0].legend(handles.values(), handles.keys(), fontsize=8)
     axes[-1, 0].set_xlabel("pre-training step")
     if title:
         fig.suptitle(title)
@@ -61,7 +63,7 @@ def plot_bars(
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(categories))]
         means = [m for m, _ in values]
         errs = [0.0 if (e is None or math.isnan(e)) else e for _, e in values]
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=name)
+        ax.bar(xs, means, width, yerr=errs if any(errs) else None, capsize=3, label=name)
     ax.set_xticks(range(len(categories)))
     ax.set_xticklabels(categories, rotation=70 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
     ax.set_ylabel(ylabel)
