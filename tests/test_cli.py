@@ -31,3 +31,23 @@ def test_existing_run_folder_is_refused_without_overwrite(tmp_path):
 def test_unknown_job_is_a_clear_error():
     res = runner.invoke(app, ["run", "nope"])
     assert res.exit_code != 0 and "unknown job" in res.output
+
+
+def test_ecg_job_needs_an_existing_data_folder(tmp_path):
+    res = runner.invoke(app, ["run", "ecg", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "--data" in res.output
+    res = runner.invoke(app, ["run", "ecg", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_ecg_data_errors_are_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "100.hea").write_text("this is not a WFDB header\n")
+    res = runner.invoke(app, ["run", "ecg", "--data", str(tmp_path / "data"), "--preset", "quick",
+                              "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
+
+
+def test_unknown_molecules_preset_is_a_clear_error(tmp_path):
+    res = runner.invoke(app, ["run", "molecules", "--preset", "huge", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "unknown molecules preset" in res.output

@@ -38,25 +38,37 @@ JOBS = ("molecules", "ecg", "synthetic")
 def run(
     job: str = typer.Argument(..., help="What to run: 'molecules' (the main job: ChEMBL → B3DB), 'ecg', or "
                               "'synthetic' (a small demo with a known answer)."),
-    preset: str = typer.Option("default", help="Preset of the job: 'default' (fits 2 CPU cores), 'paper', 'test'."),
+    preset: str = typer.Option("default", help="Preset of the job. molecules: 'default' (about 10 min on 2 CPU "
+                               "cores), 'paper' (Hu et al. sizes), 'test'; ecg: 'default', 'benchmark', 'quick'."),
     data: Path = typer.Option(None, help="Data folder (ecg: WFDB records in the MIT-BIH beat layout or PTB-XL)."),
     out: Path = typer.Option(None, help="Run folder (default runs/JOB-TIMESTAMP)."),
     steps: int = typer.Option(None, min=1, help="Pre-training steps per method (default: the preset's)."),
     seed: int = typer.Option(0, help="Seed for data order and initialisation."),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for PyTorch (default: PyTorch's choice). On a "
+                                "shared machine 1 can be many times faster than oversubscribed cores."),
 ) -> None:
     """Run a job end to end: pre-train, meta-learn, fine-tune, evaluate, and print the comparison table."""
     if job not in JOBS:
         _fail(f"unknown job {job!r}; available: {', '.join(JOBS)}")
     if job == "ecg" and data is None:
         _fail("the ecg job needs --data DIR (a folder of WFDB records, e.g. ../shared/data/mitbih)")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if data is not None and not data.is_dir():
+        _fail(f"data folder {data} does not exist or is not a folder")
     folder = _run_dir(out, job, overwrite)
-    if job == "synthetic":
-        _run_synthetic(folder, steps or 1000, seed)
-    elif job == "molecules":
-        _run_molecules(folder, preset, steps, seed)
-    else:
-        _run_ecg(folder, data, preset, steps, seed)
+    try:
+        if job == "synthetic":
+            _run_synthetic(folder, steps or 1000, seed)
+        elif job == "molecules":
+            _run_molecules(folder, preset, steps, seed)
+        else:
+            _run_ecg(folder, data, preset, steps, seed)
+    except ValueError as err:  # bad data or options: the message names the file or the field
+        _fail(str(err))
     console.print(f"run folder: {folder}")
 
 
@@ -95,7 +107,8 @@ def _run_ecg(folder: Path, data: Path, preset: str, steps: int | None, seed: int
         from .domains.ecg.job import run_ecg
     except ImportError:
         _fail("the ecg job is not available in this version")
-    run_ecg(folder, data)
+    summary = run_ecg(folder, data, preset=preset, pretrain_steps=steps)
+    console.print((folder / "summary.md").read_text() if (folder / "summary.md").exists() else summary)
 
 
 @app.command()

@@ -1,0 +1,446 @@
+"""SimCLR on ECG with a meta-learned augmentation (Raghu et al. 2021, section 4.2), as a MetaProblem.
+
+θ = the 1-D ResNet encoder and SimCLR's projection head; φ = the parameters of
+:class:`LearnedWarp` (its scale CNN and the global log-magnitude); ψ = a linear classifier on
+the encoder's embedding. The PT loss is NT-Xent between two views of each beat, each view the
+default SimCLR augmentations followed, in the meta-learned method, by the learned warp. φ
+reaches θ only through the warped views, so the hypergradient flows through ``grid_sample``
+into the warp network.
+
+Everything random about a batch (which beats, the masks and noise of the default
+augmentations, the warp's Gaussian flow) is drawn from generators seeded by the batch index,
+so batch ``i`` is the same tensor every time it is asked for: the meta-step's PT batch is
+exactly the one the PT step used, and a run is a pure function of its step counter.
+
+Why GroupNorm (``norm="group"``) and not the paper's BatchNorm: under
+``torch.func.functional_call`` a BatchNorm layer in train mode updates its running-stat
+buffers in place on every forward, including the extra forwards of Hessian-vector products
+and unrolled fine-tuning steps, so the hypergradient would change the model it differentiates
+and the stats would not be part of θ (not checkpointed, not resumable). In eval mode it
+would normalise with never-trained running stats. GroupNorm normalises each example on its
+own, has no buffers, and behaves identically in train and eval mode, so "the encoder in eval
+mode during fine-tuning" (the paper) holds by construction. ``norm="batch"`` is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ...problem import EpochShuffler, Params
+from .augment import LearnedWarp, WarpConfig, default_augment
+from .data import ECGDataset, _group_sizes, ptbxl_fold_indices
+from .losses import nt_xent
+from .models import EncoderConfig, ProjectionHead, ResNet1dEncoder
+
+__all__ = [
+    "ECGProblemConfig",
+    "ECGSimCLRProblem",
+    "ECGSplit",
+    "PTBXLFolds",
+    "PretrainBatch",
+    "RecordFractions",
+    "SimCLRNet",
+    "label_subset",
+    "split_beats_by_record",
+    "split_ptbxl_by_fold",
+    "split_ecg",
+]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass(frozen=True)
+class RecordFractions:
+    """Shares of the records (patients) in each group of the beat layout."""
+
+    pretrain: float = 0.4
+    ft_train: float = 0.2
+    metaval: float = 0.15
+    test: float = 0.25
+
+    def __post_init__(self) -> None:
+        values = (self.pretrain, self.ft_train, self.metaval, self.test)
+        if any(not math.isfinite(v) or v <= 0 for v in values):
+            raise ValueError(f"RecordFractions: every share must be > 0 (each group needs a record), got {values}")
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.pretrain, self.ft_train, self.metaval, self.test)
+
+
+@dataclass(frozen=True)
+class PTBXLFolds:
+    """PTB-XL's strat_fold groups (already stratified by patient).
+
+    The default follows the paper and the PTB-XL benchmark: pre-train on the unlabelled
+    ECGs of folds 1-8, fine-tune on (a label fraction of) the same folds, MetaFT-validation on
+    fold 9, test on fold 10, which no pre-training, fine-tuning or meta-step ever sees.
+    """
+
+    pretrain: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    ft_train: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    metaval: tuple[int, ...] = (9,)
+    test: tuple[int, ...] = (10,)
+
+    def __post_init__(self) -> None:
+        held_out = set(self.test)
+        if held_out & (set(self.pretrain) | set(self.ft_train) | set(self.metaval)) or set(self.metaval) & (
+            set(self.pretrain) | set(self.ft_train)
+        ):
+            raise ValueError(
+                f"PTBXLFolds: the test folds {self.test} and MetaFT-validation folds {self.metaval} must not be "
+                "used by any other group; choose disjoint folds"
+            )
+
+
+@dataclass(frozen=True)
+class ECGSplit:
+    """Example indices of the four groups, and the records (patients) behind them."""
+
+    pretrain: np.ndarray
+    ft_train: np.ndarray
+    metaval: np.ndarray
+    test: np.ndarray
+    records: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def groups(self) -> dict[str, np.ndarray]:
+        return {"pretrain": self.pretrain, "ft_train": self.ft_train, "metaval": self.metaval, "test": self.test}
+
+
+def split_beats_by_record(
+    ds: ECGDataset,
+    fractions: RecordFractions = RecordFractions(),
+    *,
+    seed: int = 0,
+    min_positives: int = 20,
+    class_index: int = 0,
+    max_tries: int = 10_000,
+) -> ECGSplit:
+    """Four disjoint groups of records: pre-train, FT-train, MetaFT-validation, test.
+
+    The first seeded permutation of the records whose FT-train, MetaFT-validation and test
+    groups each hold at least ``min_positives`` positives of ``class_index`` (PVCs cluster
+    in a few MIT-BIH records, so an unconstrained split can leave a group without any).
+    """
+    unique = sorted({str(p) for p in ds.patient_ids})
+    if len(unique) < 4:
+        raise ValueError(f"{len(unique)} records cannot fill 4 disjoint groups; the beat layout needs at least 4")
+    sizes = _group_sizes(len(unique), fractions.as_tuple())
+    positives = ds.positives_per_patient(class_index)
+    rng = np.random.default_rng(seed)
+    for _ in range(max_tries):
+        order = [str(r) for r in rng.permutation(unique)]
+        bounds = np.cumsum([0, *sizes])
+        groups = [tuple(sorted(order[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+        if all(sum(positives.get(r, 0) for r in g) >= min_positives for g in groups[1:]):
+            names = ("pretrain", "ft_train", "metaval", "test")
+            index = {n: np.flatnonzero(np.isin(ds.patient_ids, np.array(g, dtype=str))) for n, g in zip(names, groups)}
+            return ECGSplit(**index, records=dict(zip(names, groups)))
+    raise ValueError(
+        f"no split of the {len(unique)} records in {max_tries} seeded draws gives FT-train, MetaFT-validation and "
+        f"test {min_positives} positives each (positives per record: {positives}); lower min_positives or "
+        "change the record fractions"
+    )
+
+
+def split_ptbxl_by_fold(ds: ECGDataset, folds: PTBXLFolds = PTBXLFolds()) -> ECGSplit:
+    """The four groups from PTB-XL's ``strat_fold`` (see :class:`PTBXLFolds`)."""
+    idx = ptbxl_fold_indices(ds, folds.ft_train, folds.metaval, folds.test)
+    pretrain = np.flatnonzero(np.isin(ds.folds, folds.pretrain))
+    groups = {"pretrain": pretrain, "ft_train": idx["train"], "metaval": idx["valid"], "test": idx["test"]}
+    records = {name: tuple(sorted({str(p) for p in ds.patient_ids[i]})) for name, i in groups.items()}
+    split = ECGSplit(**groups, records=records)
+    for name, i in split.groups().items():
+        if len(i) == 0:
+            raise ValueError(f"PTB-XL group {name!r} is empty with folds {folds}; choose folds present in the data")
+    return split
+
+
+def split_ecg(
+    ds: ECGDataset,
+    fractions: RecordFractions = RecordFractions(),
+    folds: PTBXLFolds = PTBXLFolds(),
+    *,
+    seed: int = 0,
+    min_positives: int = 20,
+) -> ECGSplit:
+    """By record for the beat layout, by strat_fold for PTB-XL (the dataset's own ``layout``)."""
+    if ds.folds is not None:
+        return split_ptbxl_by_fold(ds, folds)
+    return split_beats_by_record(ds, fractions, seed=seed, min_positives=min_positives)
+
+
+def label_subset(labels: Tensor, fraction: float, seed: int, min_examples: int = 8) -> np.ndarray:
+    """A seeded ``fraction`` of the examples (at least ``min_examples``), sorted indices.
+
+    Uniform, then topped up with one positive and one negative of every class that has both
+    in the pool but not in the sample: BCE fine-tuning and AUROC model selection need both.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    n = labels.shape[0]
+    k = min(n, max(min_examples, int(round(fraction * n))))
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(n, size=k, replace=False).tolist())
+    y = labels.reshape(n, -1).numpy() > 0.5
+    for c in range(y.shape[1]):
+        for value in (True, False):
+            pool = np.flatnonzero(y[:, c] == value)
+            if len(pool) and not any(y[i, c] == value for i in chosen):
+                chosen.add(int(rng.choice(pool)))
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- the problem
+
+
+@dataclass(frozen=True)
+class ECGProblemConfig:
+    """Shape of the ECG SimCLR problem.
+
+    Attributes:
+        encoder: the 1-D ResNet (``in_channels`` is set from the data); GroupNorm by default,
+            see the module docstring for why BatchNorm is refused.
+        projection_dim: SimCLR projection output size (the hidden layer is the embedding size).
+        use_warp: apply the meta-learned warp φ after the default augmentations. False is the
+            clean baseline: default augmentations only, no warp network at all.
+        warp: the warp network (``in_channels`` is set from the data).
+        temperature: NT-Xent temperature (paper: 0.5).
+        pretrain_batch_size: beats per PT batch (2x as many views).
+        finetune_batch_size: beats per FT-train / MetaFT-validation batch.
+        max_mask_fraction, max_noise_std: the default augmentations (paper: 0.5, 0.1).
+        seed: seeds batch order and augmentation draws.
+    """
+
+    encoder: EncoderConfig = EncoderConfig(norm="group")
+    projection_dim: int = 64
+    use_warp: bool = True
+    warp: WarpConfig = WarpConfig()
+    temperature: float = 0.5
+    pretrain_batch_size: int = 64
+    finetune_batch_size: int = 64
+    max_mask_fraction: float = 0.5
+    max_noise_std: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.encoder.norm == "batch":
+            raise ValueError(
+                "ECGProblemConfig: encoder norm='batch' would update BatchNorm running stats in place inside "
+                "hypergradients and unrolled steps; use EncoderConfig(norm='group') or norm='none'"
+            )
+        if self.pretrain_batch_size < 2:
+            raise ValueError(
+                f"pretrain_batch_size must be >= 2 (NT-Xent needs negatives), got {self.pretrain_batch_size}"
+            )
+        if self.finetune_batch_size < 1 or self.projection_dim < 1:
+            raise ValueError("finetune_batch_size and projection_dim must be >= 1")
+
+
+class PretrainBatch(NamedTuple):
+    """Two default-augmented views of the same beats and the warp's Gaussian input for each.
+
+    ``noise1``/``noise2`` are None in the baseline (no warp network to feed).
+    """
+
+    view1: Tensor
+    view2: Tensor
+    noise1: Tensor | None
+    noise2: Tensor | None
+
+
+class SimCLRNet(nn.Module):
+    """Encoder + projection head; θ is this module's ``named_parameters()``."""
+
+    def __init__(self, encoder: ResNet1dEncoder, projector: ProjectionHead):
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projector(self.encoder(x))
+
+
+def _index_generator(seed: int, index: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) * 4 + stream)
+
+
+class ECGSimCLRProblem:
+    """SimCLR pre-training with a learned warp, PVC (or superclass) fine-tuning; a MetaProblem.
+
+    Args:
+        pretrain_signals: unlabelled ``[N, leads, L]`` beats/ECGs for pre-training.
+        ft_train: ``(signals, labels [N, C])`` for the unrolled fine-tuning steps.
+        metaval: ``(signals, labels)``, the MetaFT-validation data of the meta-loss.
+        config: :class:`ECGProblemConfig`.
+        dtype: float32 for runs, float64 for exactness tests.
+    """
+
+    def __init__(
+        self,
+        pretrain_signals: Tensor,
+        ft_train: tuple[Tensor, Tensor],
+        metaval: tuple[Tensor, Tensor],
+        config: ECGProblemConfig = ECGProblemConfig(),
+        dtype: torch.dtype = torch.float32,
+    ):
+        for name, x in (("pretrain", pretrain_signals), ("ft_train", ft_train[0]), ("metaval", metaval[0])):
+            if x.dim() != 3 or x.shape[0] == 0:
+                raise ValueError(f"{name} signals must be a non-empty [N, leads, L] tensor, got {tuple(x.shape)}")
+        if ft_train[1].dim() != 2 or metaval[1].shape[1:] != ft_train[1].shape[1:]:
+            raise ValueError("labels must be [N, classes], the same classes for FT-train and MetaFT-validation")
+        leads = pretrain_signals.shape[1]
+        self.config = config = replace(
+            config, encoder=replace(config.encoder, in_channels=leads), warp=replace(config.warp, in_channels=leads)
+        )
+        self.dtype = dtype
+        self.pretrain_x = pretrain_signals.to(dtype)
+        self.ft_train = (ft_train[0].to(dtype), ft_train[1].to(dtype))
+        self.metaval = (metaval[0].to(dtype), metaval[1].to(dtype))
+        self.num_classes = ft_train[1].shape[1]
+        encoder = ResNet1dEncoder(config.encoder)
+        self.net = SimCLRNet(encoder, ProjectionHead(encoder.embedding_dim, out_dim=config.projection_dim)).to(dtype)
+        self.net.eval()  # no dropout, no batch statistics: train and eval mode are the same function
+        self.warp: LearnedWarp | None = LearnedWarp(config.warp).to(dtype) if config.use_warp else None
+        self._pt_order = EpochShuffler(len(self.pretrain_x), config.pretrain_batch_size, seed=config.seed)
+        self._ft_order = EpochShuffler(len(self.ft_train[0]), config.finetune_batch_size, seed=config.seed + 1)
+        self._val_order = EpochShuffler(len(self.metaval[0]), config.finetune_batch_size, seed=config.seed + 2)
+        probe = torch.randperm(len(self.pretrain_x), generator=torch.Generator().manual_seed(config.seed))[:32]
+        self._probe = self.pretrain_x[probe]  # fixed beats on which describe_metaparams measures the warp
+        self._probe_noise = torch.randn(len(probe), config.warp.n_knots, generator=torch.Generator().manual_seed(1),
+                                        dtype=dtype)
+
+    @classmethod
+    def from_dataset(
+        cls, ds: ECGDataset, split: ECGSplit, config: ECGProblemConfig = ECGProblemConfig(),
+        dtype: torch.dtype = torch.float32,
+    ) -> "ECGSimCLRProblem":
+        """Pre-train on the split's pre-training group (labels unused), FT/MetaFT on its labelled groups."""
+        def pick(i: np.ndarray) -> tuple[Tensor, Tensor]:
+            t = torch.from_numpy(np.asarray(i, dtype=np.int64))
+            return ds.signals[t], ds.labels[t]
+
+        return cls(pick(split.pretrain)[0], pick(split.ft_train), pick(split.metaval), config, dtype)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.net.encoder.embedding_dim
+
+    # ---- initial values -----------------------------------------------------------------
+
+    def initial_params(self, seed: int = 0) -> Params:
+        """θ₀: a freshly initialised encoder and projection head (PyTorch's default init, seeded)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            encoder = ResNet1dEncoder(self.config.encoder)
+            net = SimCLRNet(encoder, ProjectionHead(encoder.embedding_dim, out_dim=self.config.projection_dim))
+        return {k: v.detach().to(self.dtype) for k, v in net.named_parameters()}
+
+    def initial_head(self) -> Params:
+        """ψ₀: a zero linear classifier (its first unrolled step is then plain logistic regression)."""
+        return {"weight": torch.zeros(self.num_classes, self.embedding_dim, dtype=self.dtype),
+                "bias": torch.zeros(self.num_classes, dtype=self.dtype)}
+
+    def initial_metaparams(self, seed: int = 0) -> Params:
+        """φ₀: the warp network's parameters (empty for the baseline, which has none)."""
+        if self.warp is None:
+            return {}
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            warp = LearnedWarp(self.config.warp).to(self.dtype)
+        return {k: v.detach() for k, v in warp.named_parameters()}
+
+    def encoder_module(self, params: Mapping[str, Tensor]) -> ResNet1dEncoder:
+        """A standalone encoder holding θ's encoder weights (for evaluation and export)."""
+        encoder = ResNet1dEncoder(self.config.encoder).to(self.dtype)
+        prefix = "encoder."
+        encoder.load_state_dict({k[len(prefix):]: v.detach() for k, v in params.items() if k.startswith(prefix)})
+        return encoder.eval()
+
+    # ---- MetaProblem ----------------------------------------------------------------------
+
+    def augment(self, metaparams: Mapping[str, Tensor], x: Tensor, noise: Tensor | None) -> Tensor:
+        """The learned warp with parameters φ on top of a default-augmented view (identity in the baseline)."""
+        if self.warp is None:
+            if metaparams:
+                raise ValueError(
+                    "this ECGSimCLRProblem is the baseline (use_warp=False) and has no meta-parameters; pass {} "
+                    "or build the problem with use_warp=True"
+                )
+            return x
+        if noise is None:
+            raise ValueError("the warp needs its Gaussian input: build batches with this problem's pretrain_batch")
+        return functional_call(self.warp, dict(metaparams), (x, noise))
+
+    def pretrain_loss(self, params: Params, metaparams: Params, batch: PretrainBatch) -> Tensor:
+        """NT-Xent (temperature 0.5) between the two (warped) views; both go through θ in one forward."""
+        v1 = self.augment(metaparams, batch.view1, batch.noise1)
+        v2 = self.augment(metaparams, batch.view2, batch.noise2)
+        z = functional_call(self.net, params, (torch.cat([v1, v2]),))
+        return nt_xent(z[: len(v1)], z[len(v1):], self.config.temperature)
+
+    def embed(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.net.encoder, {k[len("encoder."):]: v for k, v in params.items()
+                                                  if k.startswith("encoder.")}, (x,))
+
+    def finetune_loss(self, params: Params, head: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """BCE of a linear classifier on the encoder's embedding (encoder in eval mode)."""
+        x, y = batch
+        logits = self.embed(params, x) @ head["weight"].T + head["bias"]
+        return F.binary_cross_entropy_with_logits(logits, y)
+
+    def pretrain_batch(self, index: int) -> PretrainBatch:
+        """Batch ``index``: its beats, two default-augmented views and the warp noise, all seeded by ``index``."""
+        c = self.config
+        x = self.pretrain_x[self._pt_order.indices(index)]
+        g = _index_generator(c.seed, index, 0)
+        views = [default_augment(x, g, max_mask_fraction=c.max_mask_fraction, max_noise_std=c.max_noise_std)
+                 for _ in range(2)]
+        if self.warp is None:
+            return PretrainBatch(views[0], views[1], None, None)
+        gn = _index_generator(c.seed, index, 1)  # its own stream: the views match the baseline's exactly
+        n1, n2 = (self.warp.sample_noise(len(x), gn, dtype=self.dtype) for _ in range(2))
+        return PretrainBatch(views[0], views[1], n1, n2)
+
+    def finetune_batch(self, index: int) -> tuple[Tensor, Tensor]:
+        i = self._ft_order.indices(index)
+        return self.ft_train[0][i], self.ft_train[1][i]
+
+    def metaval_batch(self, index: int) -> tuple[Tensor, Tensor]:
+        i = self._val_order.indices(index)
+        return self.metaval[0][i], self.metaval[1][i]
+
+    def warp_module(self, metaparams: Mapping[str, Tensor]) -> LearnedWarp:
+        """A standalone warp holding φ (detached), for inspection and plots."""
+        if self.warp is None:
+            raise ValueError("the baseline problem (use_warp=False) has no warp; build it with use_warp=True")
+        warp = LearnedWarp(self.config.warp).to(self.dtype)
+        warp.load_state_dict({k: v.detach() for k, v in metaparams.items()})
+        return warp.eval()
+
+    @torch.no_grad()
+    def describe_metaparams(self, metaparams: Params) -> Mapping[str, float]:
+        """The global magnitude, and on 32 fixed PT beats the mean per-example scale and |displacement| in samples."""
+        if self.warp is None:
+            return {}
+        warp = self.warp_module(metaparams)
+        pos = warp.sampling_positions(self._probe, self._probe_noise)
+        shift = float((pos - torch.arange(pos.shape[-1], dtype=pos.dtype)).abs().mean())
+        return {"magnitude": float(warp.magnitude), "mean_scale": float(warp.scale(self._probe).mean()),
+                "mean_abs_shift": shift}
+
+    @torch.no_grad()
+    def warp_examples(self, metaparams: Params, count: int = 4, seed: int = 0) -> dict[str, Tensor]:
+        """A few PT beats, one warp noise draw each, their sampling positions and warped beats (for plots)."""
+        warp = self.warp_module(metaparams)
+        x = self._probe[:count]
+        noise = warp.sample_noise(len(x), torch.Generator().manual_seed(seed), dtype=self.dtype)
+        return {"beats": x, "positions": warp.sampling_positions(x, noise), "warped": warp(x, noise)}

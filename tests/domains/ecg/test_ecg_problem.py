@@ -1,0 +1,261 @@
+"""ECGSimCLRProblem: the warp hypergradient against finite differences, the clean baseline,
+deterministic batches and leak-free splits."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from metapt.domains.ecg.augment import WarpConfig
+from metapt.domains.ecg.data import ECGDataset
+from metapt.domains.ecg.models import EncoderConfig
+from metapt.domains.ecg.problem import (
+    ECGProblemConfig,
+    ECGSimCLRProblem,
+    PTBXLFolds,
+    RecordFractions,
+    label_subset,
+    split_beats_by_record,
+    split_ptbxl_by_fold,
+)
+from metapt.hypergrad import ConjugateGradient, pretraining_hypergradient, sgd, unrolled_finetune
+from metapt.problem import MetaProblem
+
+F64 = torch.float64
+
+
+def beats(n: int, length: int = 32, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Beat-like windows: a sharp peak (wide for 'PVCs', the odd examples) on slow waves and noise."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(-1, 1, length, dtype=dtype)
+    width = torch.where(torch.arange(n) % 2 == 1, 0.15, 0.05).to(dtype)[:, None]
+    peak = torch.exp(-0.5 * (t / width) ** 2)
+    slow = torch.sin(3 * math.pi * t + 6 * torch.rand(n, 1, generator=g, dtype=dtype))
+    x = 3 * peak + 0.5 * slow + 0.05 * torch.randn(n, length, generator=g, dtype=dtype)
+    return x[:, None, :]
+
+
+def labels(n: int) -> torch.Tensor:
+    return (torch.arange(n) % 2 == 1).float()[:, None]
+
+
+TINY = ECGProblemConfig(
+    encoder=EncoderConfig(widths=(2,), blocks=(1,), kernel_size=3, norm="group"),
+    projection_dim=3,
+    warp=WarpConfig(widths=(2,), kernel_size=3, n_knots=3, init_magnitude=0.05),
+    pretrain_batch_size=6,
+    finetune_batch_size=6,
+)
+
+
+def tiny_problem(config: ECGProblemConfig = TINY, dtype=F64) -> ECGSimCLRProblem:
+    return ECGSimCLRProblem(beats(12, seed=0), (beats(6, seed=1), labels(6)), (beats(6, seed=2), labels(6)),
+                            config, dtype)
+
+
+def test_is_a_meta_problem_with_warp_parameters_as_phi():
+    problem = tiny_problem()
+    assert isinstance(problem, MetaProblem)
+    phi = problem.initial_metaparams()
+    assert "log_magnitude" in phi and any(k.startswith("features.") for k in phi)
+    assert set(phi) == {k for k, _ in problem.warp.named_parameters()}
+    theta = problem.initial_params()
+    assert any(k.startswith("encoder.") for k in theta) and any(k.startswith("projector.") for k in theta)
+    assert problem.describe_metaparams(phi)["magnitude"] == pytest.approx(0.05)
+
+
+# ---------------------------------------------------------------- the hypergradient, exactly
+
+
+def _flat(p: dict) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in p.values()])
+
+
+def _unflat(vec: torch.Tensor, like: dict) -> dict:
+    out, i = {}, 0
+    for k, v in like.items():
+        out[k] = vec[i:i + v.numel()].view_as(v)
+        i += v.numel()
+    return out
+
+
+def test_warp_hypergradient_matches_finite_differences_of_the_implicit_solution():
+    """dL_V(θ*(φ))/dφ for θ*(φ) = argmin_θ L_PT(θ, φ) − ⟨c, θ⟩ + λ/2 ‖θ − θ₀‖², exactly.
+
+    The tilt c = ∇θ L_PT(θ₀, φ₀) makes θ₀ the exact stationary point at φ₀, and λ makes the
+    objective strongly convex there, so for φ₀ ± ε the minimiser is O(ε) away and Newton's
+    method finds it to machine precision. Neither the tilt (no φ, zero Hessian) nor the
+    proximal term (Hessian λI, no φ) changes the mixed partial, so the implicit function
+    theorem says the engine on the *problem's own* pretrain_loss with
+    ConjugateGradient(damping=λ) must reproduce central finite differences of the whole
+    pipeline: warp → NT-Xent → θ* → one unrolled head step on FT-train → BCE on
+    MetaFT-validation. A sign flip anywhere fails this.
+    """
+    lam = 5.0
+    problem = tiny_problem()
+    batch = problem.pretrain_batch(0)
+    theta0 = problem.initial_params(seed=1)
+    phi = problem.initial_metaparams(seed=2)
+    head0 = {k: 0.3 * torch.randn(v.shape, dtype=F64, generator=torch.Generator().manual_seed(3))
+             for k, v in problem.initial_head().items()}
+    ft_batch, val_batch = problem.finetune_batch(0), problem.metaval_batch(0)
+    flat0 = _flat(theta0)
+
+    def pretrain(flat_theta, ph):
+        return problem.pretrain_loss(_unflat(flat_theta, theta0), ph, batch)
+
+    tilt = torch.func.grad(pretrain)(flat0, phi)
+
+    def objective(flat_theta, ph):
+        return pretrain(flat_theta, ph) - tilt @ flat_theta + 0.5 * lam * (flat_theta - flat0).pow(2).sum()
+
+    def solve(ph):
+        x = flat0.clone()
+        for _ in range(20):
+            g = torch.func.grad(objective)(x, ph)
+            if g.norm() < 1e-14:
+                break
+            x = x - torch.linalg.solve(torch.func.hessian(objective)(x, ph), g)
+        assert g.norm() < 1e-12, "Newton did not converge; the toy is not strongly convex enough"
+        return x
+
+    def meta_loss(th):
+        head = unrolled_finetune(lambda h, k: problem.finetune_loss(th, h, ft_batch), head0, sgd(0.5), 1)
+        return problem.finetune_loss(th, head, val_batch)
+
+    assert torch.func.grad(objective)(flat0, phi).norm() < 1e-13  # θ₀ = θ*(φ₀)
+    assert torch.linalg.eigvalsh(torch.func.hessian(objective)(flat0, phi)).min() > 0.5  # strongly convex
+    hyper, info = pretraining_hypergradient(
+        lambda th, ph: problem.pretrain_loss(th, ph, batch), meta_loss, theta0,
+        phi, ConjugateGradient(max_iter=500, tol=1e-13, damping=lam),
+    )
+    assert info.usable and info.solver.residual_norm <= 1e-12 * info.solver.rhs_norm + 1e-15
+
+    eps = 1e-5
+    coords = [("log_magnitude", ()), ("scale_head.weight", (0, 1)), ("features.0.weight", (1, 0, 2))]
+    for name, idx in coords:
+        values = []
+        for sign in (1, -1):
+            shifted = {k: v.clone() for k, v in phi.items()}
+            shifted[name][idx] += sign * eps
+            values.append(float(meta_loss(_unflat(solve(shifted), theta0)).detach()))
+        fd = (values[0] - values[1]) / (2 * eps)
+        assert abs(fd) > 1e-6, f"{name}{idx} has no effect; the check would be vacuous"
+        assert float(hyper[name][idx]) == pytest.approx(fd, rel=1e-5, abs=1e-10), name
+
+
+def test_pretrain_loss_depends_on_phi_through_the_warped_views():
+    problem = tiny_problem()
+    theta, phi, batch = problem.initial_params(), problem.initial_metaparams(), problem.pretrain_batch(3)
+    bigger = {**phi, "log_magnitude": phi["log_magnitude"] + 1.0}
+    assert float(problem.pretrain_loss(theta, phi, batch)) != float(problem.pretrain_loss(theta, bigger, batch))
+
+
+# ---------------------------------------------------------------- the clean baseline
+
+
+def test_baseline_has_no_warp_and_phi_cannot_change_its_loss():
+    config = ECGProblemConfig(**{**TINY.__dict__, "use_warp": False})
+    base, warped = tiny_problem(config), tiny_problem()
+    assert base.warp is None and base.initial_metaparams() == {} and base.describe_metaparams({}) == {}
+    assert not any("warp" in name for name, _ in base.net.named_modules())
+    theta = base.initial_params()
+    b_base, b_warp = base.pretrain_batch(5), warped.pretrain_batch(5)
+    assert b_base.noise1 is None and b_base.noise2 is None
+    # the same default-augmented views as the warp problem's batch: only the warp differs
+    torch.testing.assert_close(b_base.view1, b_warp.view1, rtol=0, atol=0)
+    torch.testing.assert_close(b_base.view2, b_warp.view2, rtol=0, atol=0)
+    loss = base.pretrain_loss(theta, {}, b_base)
+    # a warp problem whose warp is exactly the identity (magnitude 0) gives the same loss
+    identity = {**warped.initial_metaparams(), "log_magnitude": torch.tensor(-math.inf, dtype=F64)}
+    torch.testing.assert_close(warped.pretrain_loss(theta, identity, b_warp), loss, rtol=1e-12, atol=0)
+    assert float(warped.pretrain_loss(theta, warped.initial_metaparams(), b_warp)) != float(loss)
+    # there is no φ to change: handing it one is an error, not silently ignored
+    with pytest.raises(ValueError, match="baseline.*use_warp=True"):
+        base.pretrain_loss(theta, warped.initial_metaparams(), b_base)
+
+
+def test_batchnorm_is_refused_with_a_fix():
+    with pytest.raises(ValueError, match="norm='group'"):
+        ECGProblemConfig(encoder=EncoderConfig(norm="batch"))
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_batches_are_a_pure_function_of_the_index():
+    a, b = tiny_problem(dtype=torch.float32), tiny_problem(dtype=torch.float32)
+    for i in (0, 1, 7, 0):
+        for x, y in zip(a.pretrain_batch(i), b.pretrain_batch(i)):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        for fa, fb in ((a.finetune_batch, b.finetune_batch), (a.metaval_batch, b.metaval_batch)):
+            for x, y in zip(fa(i), fb(i)):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # different indices differ (views, noise) and the two views of a batch differ
+    p0, p1 = a.pretrain_batch(0), a.pretrain_batch(1)
+    assert not torch.equal(p0.view1, p1.view1) and not torch.equal(p0.noise1, p1.noise1)
+    assert not torch.equal(p0.view1, p0.view2) and not torch.equal(p0.noise1, p0.noise2)
+
+
+def test_finetune_loss_is_bce_of_a_linear_head_on_the_embedding():
+    problem = tiny_problem()
+    theta, x, y = problem.initial_params(), *problem.finetune_batch(0)
+    head = {"weight": torch.randn(1, problem.embedding_dim, dtype=F64), "bias": torch.tensor([0.2], dtype=F64)}
+    emb = problem.encoder_module(theta)(x)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(emb @ head["weight"].T + 0.2, y)
+    torch.testing.assert_close(problem.finetune_loss(theta, head, (x, y)), expected)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def _dataset(records: dict[str, int], per_record: int = 10) -> ECGDataset:
+    """``per_record`` beats per record, the first ``records[r]`` of them positive."""
+    ids = np.repeat(list(records), per_record)
+    y = np.concatenate([(np.arange(per_record) < p).astype(np.float32) for p in records.values()])
+    n = len(ids)
+    return ECGDataset(torch.zeros(n, 1, 8), torch.from_numpy(y)[:, None], ids.astype(str), ids.astype(str),
+                      ("PVC",), ("MLII",), 360.0, "beats")
+
+
+def test_record_split_is_disjoint_complete_and_has_positives_everywhere_but_pretraining():
+    ds = _dataset({"a": 9, "b": 0, "c": 5, "d": 0, "e": 4, "f": 0, "g": 0, "h": 3})
+    for seed in range(4):
+        split = split_beats_by_record(ds, RecordFractions(), seed=seed, min_positives=3)
+        groups = split.groups()
+        records = [set(ds.patient_ids[i]) for i in groups.values()]
+        for i, r in enumerate(records):
+            for s in records[i + 1:]:
+                assert not r & s, "a record is in two groups"
+        assert sorted(np.concatenate(list(groups.values()))) == list(range(len(ds)))
+        for name in ("ft_train", "metaval", "test"):
+            assert ds.labels[torch.from_numpy(groups[name])].sum() >= 3, name
+        again = split_beats_by_record(ds, RecordFractions(), seed=seed, min_positives=3)
+        assert all(np.array_equal(x, y) for x, y in zip(groups.values(), again.groups().values()))
+        assert split.records == again.records
+    with pytest.raises(ValueError, match="lower min_positives"):
+        split_beats_by_record(ds, min_positives=10)
+
+
+def test_ptbxl_split_holds_out_the_test_and_metaval_folds():
+    folds = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 2)
+    ds = ECGDataset(torch.zeros(20, 12, 8), torch.zeros(20, 5), np.arange(20).astype(str),
+                    (np.arange(20) // 2).astype(str), ("NORM", "MI", "STTC", "CD", "HYP"), tuple("abcdefghijkl"),
+                    100.0, "ptbxl", folds)
+    split = split_ptbxl_by_fold(ds)
+    assert set(folds[split.test]) == {10} and set(folds[split.metaval]) == {9}
+    assert not set(split.test) & (set(split.pretrain) | set(split.ft_train) | set(split.metaval))
+    with pytest.raises(ValueError, match="disjoint"):
+        PTBXLFolds(pretrain=(1, 10))
+
+
+def test_label_subset_is_seeded_sized_and_has_both_classes():
+    y = torch.zeros(1000, 1)
+    y[:20] = 1
+    a, b = label_subset(y, 0.01, seed=3), label_subset(y, 0.01, seed=3)
+    assert np.array_equal(a, b) and not np.array_equal(a, label_subset(y, 0.01, seed=4))
+    assert 10 <= len(a) <= 12 and y[a].sum() >= 1 and (1 - y[a]).sum() >= 1
+    assert len(label_subset(y, 1.0, seed=0)) == 1000
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        label_subset(y, 0.0, seed=0)
