@@ -177,3 +177,33 @@ def test_ptbxl_layout_runs_multilabel_with_strat_folds(tmp_path):
     assert not set(groups["test"]["record_ids"]) & set(groups["pretrain"]["record_ids"])
     auroc = summary["methods"]["simclr_meta_warp"]["linear_probe"]["1.0"]["test_auroc"]
     assert len(auroc) == 1 and 0.0 <= auroc[0] <= 1.0
+
+
+
+def test_cap_keeping_positives_leaves_both_classes():
+    # Three records of 100 beats, 2 positives each, capped at 10 per record: keep_positives keeps
+    # every positive and fills with negatives; the uniform subsample keeps 10 as well.
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from metapt.domains.ecg.job import _cap_labelled
+
+    labels = torch.zeros(300, 1)
+    positives = [17, 83, 117, 183, 217, 283]
+    labels[positives] = 1.0
+    ds = type("DS", (), {"patient_ids": np.repeat(["a", "b", "c"], 100), "labels": labels})
+
+    @dataclasses.dataclass(frozen=True)
+    class Split:
+        ft_train: np.ndarray
+        metaval: np.ndarray
+        test: np.ndarray
+
+    split = Split(np.arange(0, 100), np.arange(100, 200), np.arange(200, 300))
+    capped = _cap_labelled(ds, split, cap=10, seed=0, keep_positives=True)
+    for group, pos in zip((capped.ft_train, capped.metaval, capped.test), ([17, 83], [117, 183], [217, 283])):
+        assert len(group) == 10 and set(pos) <= set(group.tolist())
+    uniform = _cap_labelled(ds, split, cap=10, seed=0)
+    assert all(len(g) == 10 for g in (uniform.ft_train, uniform.metaval, uniform.test))

@@ -98,6 +98,9 @@ class DataConfig:
             record (a seeded uniform subsample, so each record keeps its PVC share; None keeps
             all). It bounds the cost of fine-tuning and of the per-epoch validation on a CPU, and
             weights the test records more evenly. Pre-training keeps every beat.
+        cap_keeps_positives: under the cap, keep a record's positive beats first (up to half
+            the cap) and fill with the rest, so a small cap still leaves both classes to score
+            (the ``quick`` preset; the uniform subsample keeps each record's PVC share).
         ptbxl_folds: PTB-XL: strat_fold groups.
         ptbxl_sampling_rate, ptbxl_max_records: PTB-XL: records100/ or records500/, and a cap
             on records for quick runs.
@@ -110,6 +113,7 @@ class DataConfig:
     min_positives: int = 20
     split_seed: int = 0
     max_labelled_per_record: int | None = None
+    cap_keeps_positives: bool = False
     ptbxl_folds: PTBXLFolds = PTBXLFolds()
     ptbxl_sampling_rate: int = 100
     ptbxl_max_records: int | None = None
@@ -228,7 +232,7 @@ PRESETS: dict[str, ECGJobConfig] = {
         pretrain=PretrainConfig(steps=2000),
     ),
     "quick": ECGJobConfig(
-        data=DataConfig(min_positives=1, max_labelled_per_record=40),
+        data=DataConfig(min_positives=1, max_labelled_per_record=40, cap_keeps_positives=True),
         problem=ECGProblemConfig(
             encoder=EncoderConfig(widths=(4, 8), blocks=(1, 1), kernel_size=5, norm="group"), projection_dim=8,
             warp=WarpConfig(widths=(4,), n_knots=4), pretrain_batch_size=8, finetune_batch_size=8,
@@ -365,11 +369,12 @@ def load_and_split(folder: Path, config: DataConfig) -> tuple[ECGDataset, ECGSpl
     split = split_ecg(ds, config.record_fractions, config.ptbxl_folds, seed=config.split_seed,
                       min_positives=config.min_positives)
     if config.max_labelled_per_record is not None:
-        split = _cap_labelled(ds, split, config.max_labelled_per_record, config.split_seed)
+        split = _cap_labelled(ds, split, config.max_labelled_per_record, config.split_seed,
+                              keep_positives=config.cap_keeps_positives)
     return ds, split
 
 
-def _cap_labelled(ds: ECGDataset, split: ECGSplit, cap: int, seed: int) -> ECGSplit:
+def _cap_labelled(ds: ECGDataset, split: ECGSplit, cap: int, seed: int, keep_positives: bool = False) -> ECGSplit:
     """At most ``cap`` examples per record in each labelled group (seeded, order kept)."""
     if cap < 1:
         raise ValueError(f"max_labelled_per_record must be >= 1 or None, got {cap}")
@@ -379,7 +384,16 @@ def _cap_labelled(ds: ECGDataset, split: ECGSplit, cap: int, seed: int) -> ECGSp
         idx, keep = getattr(split, name), []
         for rec in np.unique(ds.patient_ids[idx]):
             mine = idx[ds.patient_ids[idx] == rec]
-            keep.append(mine if len(mine) <= cap else np.sort(rng.choice(mine, size=cap, replace=False)))
+            if len(mine) <= cap:
+                keep.append(mine)
+            elif keep_positives:
+                positive = ds.labels[torch.from_numpy(mine)].amax(1).numpy() > 0
+                pos, neg = mine[positive], mine[~positive]
+                pos = pos if len(pos) <= cap // 2 else rng.choice(pos, size=cap // 2, replace=False)
+                neg = rng.choice(neg, size=min(cap - len(pos), len(neg)), replace=False)
+                keep.append(np.sort(np.concatenate([pos, neg])))
+            else:
+                keep.append(np.sort(rng.choice(mine, size=cap, replace=False)))
         capped[name] = np.sort(np.concatenate(keep))
     return replace(split, **capped)
 
