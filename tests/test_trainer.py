@@ -122,3 +122,15 @@ def test_head_catch_up_steps_then_unroll_give_the_persisted_head():
         head = {k: (v - 0.1 * g).detach() for (k, v), g in zip(h.items(), grads)}
     for k in head:
         torch.testing.assert_close(t.head[k], head[k], rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_unrolled_head_is_not_kept():
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
+    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1))
+    head0 = {k: v.clone() for k, v in t.head.items()}
+    clean = problem.finetune_loss
+    problem.finetune_loss = lambda params, head, batch: clean(params, head, batch) * float("nan")
+    t.run(2)
+    assert t.skipped == 2
+    for k in head0:
+        assert torch.equal(t.head[k], head0[k])

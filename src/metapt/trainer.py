@@ -220,7 +220,8 @@ class MetaPretrainer:
             self.meta_opt.step()
         else:
             self.skipped += 1
-        self.head = new_head
+        if all(bool(torch.isfinite(v).all()) for v in new_head.values()):  # a NaN head would poison later steps
+            self.head = new_head
 
         residuals = [i.solver.residual_norm for i in infos if i.solver.residual_norm is not None]
         metrics = {
