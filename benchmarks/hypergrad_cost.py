@@ -200,7 +200,8 @@ def main():
             flat[kind]["memory_1e6_over_10"] = round(by_p[10**6]["meta_peak_mb"] / max(by_p[10]["meta_peak_mb"], 0.1), 3)
     result = {
         "command": "python " + " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
         "rows": rows,
         "flatness": flat,
     }
