@@ -39,10 +39,7 @@ def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], path: str | Path, 
     axes[-1, 0].set_xlabel("pre-training step")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_bars(
@@ -74,6 +71,10 @@ def plot_bars(
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
