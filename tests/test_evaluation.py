@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from metapt.evaluation import FinetuneConfig, finetune_and_score, masked_auroc, masked_bce_loss, mean_ci95
+from metapt.evaluation import FinetuneConfig, finetune_and_score, masked_auroc, mean_ci95
+from metapt.losses import masked_bce
 
 
 def test_masked_auroc_against_pair_counting():
@@ -37,7 +38,7 @@ def test_masked_bce_ignores_missing_labels():
     logits = torch.tensor([[0.3, -1.0], [2.0, 0.5]])
     labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
     want = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([0.3, 2.0, 0.5]), torch.tensor([1.0, 0.0, 1.0]))
-    torch.testing.assert_close(masked_bce_loss(logits, labels), want)
+    torch.testing.assert_close(masked_bce(logits, labels), want)
 
 
 @pytest.mark.parametrize("linear_probe", [False, True])

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
+
+from .losses import masked_bce
 
 BatchIter = Callable[[str, int, bool, int], Iterable[tuple[Any, Tensor]]]
 """``iterate(split, batch_size, shuffle, seed) -> (inputs, labels)`` batches."""
@@ -52,15 +53,6 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
         return float(x[0]), float("nan")
     half = stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
     return float(x.mean()), float(half)
-
-
-def masked_bce_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """BCE over observed labels only, averaged over them."""
-    logits, labels = logits.reshape(labels.shape), labels.to(logits.dtype)
-    seen = ~torch.isnan(labels)
-    if not seen.any():
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[seen], labels[seen])
 
 
 @dataclass(frozen=True)
@@ -154,7 +146,8 @@ def finetune_and_score(
         model.train()
         for x, y in iterate("train", config.batch_size, True, seed * 10_007 + epoch):
             opt.zero_grad(set_to_none=True)
-            masked_bce_loss(model(x), y.reshape(len(y), -1)).backward()
+            labels = y.reshape(len(y), -1)
+            masked_bce(model(x).reshape(labels.shape), labels).backward()
             opt.step()
         val = masked_auroc(*_scores(model, iterate("valid", 256, False, 0)))
         if val > best["valid_auroc"] or best["best_epoch"] < 0:

@@ -28,18 +28,6 @@ def tree_norm(a: Mapping[str, Tensor]) -> float:
     return float(torch.sqrt(tree_dot(a, a)))
 
 
-def tree_zeros_like(a: Mapping[str, Tensor]) -> Params:
-    return {k: torch.zeros_like(v) for k, v in a.items()}
-
-
-def tree_detach(a: Mapping[str, Tensor]) -> Params:
-    return {k: v.detach() for k, v in a.items()}
-
-
-def tree_isfinite(a: Mapping[str, Tensor]) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in a.values())
-
-
 def _dtype(a: Mapping[str, Tensor]) -> torch.dtype:
     for v in a.values():
         return v.dtype
