@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from metapt.domains.ecg.job import PRESETS, markdown_table, resolve_config, run_ecg
+from metapt.domains.ecg.job import ECG_PRESETS, markdown_table, resolve_config, run_ecg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mitbih",
                         help="beat-layout folder (default: ../shared/data/mitbih next to the repository)")
-    parser.add_argument("--preset", default="benchmark", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="benchmark", choices=ECG_PRESETS)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default 0..4)")
     parser.add_argument("--label-fractions", type=float, nargs="+", default=None)
     parser.add_argument("--pretrain-steps", type=int, default=None)

@@ -3,13 +3,12 @@ meta-learned task weights, meta-learned example weights; full fine-tuning and li
 seeds; test AUROC mean ± 95 % CI. Writes JSON and Markdown to benchmarks/results/.
 
     python benchmarks/molecules_auroc.py                 # the default preset, both settings
-    python benchmarks/molecules_auroc.py --set meta_lr=0.1 --tag lr0.1
+    python benchmarks/molecules_auroc.py --set meta.lr=0.1 --tag lr0.1
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import platform
 import shutil
@@ -18,28 +17,27 @@ from pathlib import Path
 
 import torch
 
-from metapt.domains.molecules.job import job_from_preset, run_molecules
+from metapt.config import load_config
+from metapt.domains.molecules.job import run_molecules
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="default")
+    ap.add_argument("--preset", default="molecules", help="a molecules preset or YAML config")
     ap.add_argument("--settings", default="b3db,heldout")
-    ap.add_argument("--set", action="append", default=[], help="override a job field, e.g. meta_lr=0.1")
+    ap.add_argument("--set", action="append", default=[], help="override a config key, e.g. meta.lr=0.1")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args()
-    overrides = {"settings": tuple(args.settings.split(","))}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        overrides[key] = ast.literal_eval(value)
-    job = job_from_preset(args.preset, **overrides)
+    job = load_config(args.preset, [f"data.settings=[{args.settings}]", *args.set])
     name = "molecules_auroc" + (f"_{args.tag}" if args.tag else "")
     run_dir = RESULTS / name
     shutil.rmtree(run_dir, ignore_errors=True)
     summary = run_molecules(run_dir, job)
     (run_dir / "metrics.jsonl").unlink()  # large; the plots keep its story
+    shutil.rmtree(run_dir / "checkpoints")  # the run's state; not a result
+    shutil.rmtree(run_dir / "tensorboard")
     gains = {}
     for setting, res in summary["settings"].items():
         s = res["scores"]

@@ -1,114 +1,244 @@
-"""The ``metapt`` command line."""
+"""The ``metapt`` command line.
+
+Every user error (bad config, missing data, existing run folder, a run that
+cannot go on) is one line on stderr and a non-zero exit status; ``--debug``
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
-import shutil
+import sys
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Meta-learn pre-training hyperparameters by gradient.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Meta-learn pre-training hyperparameters by gradient (Raghu et al., NeurIPS 2021).")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
-
-def _fail(message: str) -> None:
-    """A user error: one clear line on stderr, exit status 2, no traceback."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
-
-
-def _run_dir(out: Path | None, name: str, overwrite: bool) -> Path:
-    out = out or Path("runs") / f"{name}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            _fail(f"run folder {out} already exists; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+SetOption = Annotated[list[str], typer.Option(
+    "--set", metavar="KEY=VALUE",
+    help="Override one config key, e.g. --set meta.solver=cg --set pretrain.steps=500 (repeatable; "
+         "the value is read as YAML).")]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="torch CPU threads; on a shared machine 1 can be many times faster than "
+                             "oversubscribed cores.")]
 
 
-JOBS = ("molecules", "ecg", "synthetic")
+class _UserError(Exception):
+    """A failure whose message is the whole story (no traceback needed)."""
 
 
-@app.command()
-def run(
-    job: str = typer.Argument(..., help="What to run: 'molecules' (the main job: ChEMBL → B3DB), 'ecg', or "
-                              "'synthetic' (a small demo with a known answer)."),
-    preset: str = typer.Option("default", help="Preset of the job. molecules: 'default' (about 10 min on 2 CPU "
-                               "cores), 'paper' (Hu et al. sizes), 'test'; ecg: 'default', 'benchmark', 'quick'."),
-    data: Path = typer.Option(None, help="Data folder (ecg: WFDB records in the MIT-BIH beat layout or PTB-XL)."),
-    out: Path = typer.Option(None, help="Run folder (default runs/JOB-TIMESTAMP)."),
-    steps: int = typer.Option(None, min=1, help="Pre-training steps per method (default: the preset's)."),
-    seed: int = typer.Option(0, help="Seed for data order and initialisation."),
-    overwrite: bool = typer.Option(False, help="Replace an existing run folder."),
-    threads: int = typer.Option(None, min=1, help="CPU threads for PyTorch (default: PyTorch's choice). On a "
-                                "shared machine 1 can be many times faster than oversubscribed cores."),
-) -> None:
-    """Run a job end to end: pre-train, meta-learn, fine-tune, evaluate, and print the comparison table."""
-    if job not in JOBS:
-        _fail(f"unknown job {job!r}; available: {', '.join(JOBS)}")
-    if job == "ecg" and data is None:
-        _fail("the ecg job needs --data DIR (a folder of WFDB records, e.g. ../shared/data/mitbih)")
+def _fail(message: str, code: int = 2):
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def _guarded(debug: bool, action):
+    """Run ``action``; turn the errors a user can fix into one line and an exit status."""
+    from .runs import RunFolderError
+    from .trainer import NonFiniteLossError
+
+    try:
+        return action()
+    except typer.Exit:
+        raise
+    except NonFiniteLossError as err:
+        if debug:
+            raise
+        _fail(f"{err}. The last good checkpoint is kept; after changing the config, `metapt resume RUN_DIR`.", 3)
+    except (ValueError, RunFolderError, FileNotFoundError, PermissionError, _UserError) as err:
+        if debug:
+            raise
+        _fail(str(err).replace("\n", " "))
+    except KeyboardInterrupt:
+        _fail("interrupted; the newest checkpoint is kept: `metapt resume RUN_DIR` continues the run", 130)
+
+
+def _threads(threads: int | None) -> None:
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    if data is not None and not data.is_dir():
-        _fail(f"data folder {data} does not exist or is not a folder")
-    folder = _run_dir(out, job, overwrite)
-    try:
-        if job == "synthetic":
-            _run_synthetic(folder, steps or 1000, seed)
-        elif job == "molecules":
-            _run_molecules(folder, preset, steps, seed)
-        else:
-            _run_ecg(folder, data, preset, steps, seed)
-    except ValueError as err:  # bad data or options: the message names the file or the field
-        _fail(str(err))
-    console.print(f"run folder: {folder}")
 
 
-def _run_synthetic(folder: Path, steps: int, seed: int) -> None:
-    from .domains.synthetic.job import run_synthetic
+def _finish(folder, config, summary) -> None:
+    from .report import write_report
 
-    results = run_synthetic(folder, steps=steps, seed=seed)
-    table = Table(title="Synthetic task weighting: transfer after pre-training")
-    for col in ("method", "test MSE (lower is better)", "mean weight, helpful tasks", "mean weight, noise tasks"):
-        table.add_column(col)
-    for method, r in results.items():
-        table.add_row(method, f"{r['test_mse']:.4f}", f"{r['helpful_weight']:.3f}", f"{r['noise_weight']:.3f}")
-    console.print(table)
+    md = folder.path / "summary.md"
+    if md.is_file():
+        console.print(md.read_text(encoding="utf-8"), markup=False, highlight=False)
+    report = write_report(folder)
+    console.print(f"report: {report}")
 
 
-def _run_molecules(folder: Path, preset: str, steps: int | None, seed: int) -> None:
-    from .domains.molecules.job import PRESETS, job_from_preset, run_molecules
+@app.command()
+def run(
+    config: Annotated[str, typer.Argument(help="A preset name (`metapt config --list`) or a YAML config file.")],
+    overrides: SetOption = [],  # noqa: B006 (typer reads the default)
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs/JOB-TIMESTAMP).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Data folder for jobs that read one (ecg: WFDB records).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    threads: ThreadsOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Run a job end to end: pre-train, meta-learn, fine-tune, evaluate, report.
 
-    if preset not in PRESETS:
-        _fail(f"unknown molecules preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
-    overrides = {"seed": seed} | ({"pt_steps": steps} if steps else {})
-    summary = run_molecules(folder, job_from_preset(preset, **overrides), console=err_console)
-    for setting, res in summary["settings"].items():
-        table = Table(title=f"Molecules, {setting}: downstream test AUROC (mean ± 95 % CI over seeds)")
-        modes = list(next(iter(res["scores"].values())))
-        for col in ("method", *modes):
-            table.add_column(col)
-        for method, by_mode in res["scores"].items():
-            table.add_row(method, *(f"{v['test_auroc_mean']:.4f} ± {v['test_auroc_ci95']:.4f}" for v in by_mode.values()))
-        console.print(table)
-    console.print(f"wall time: {summary['wall_seconds']} s")
+    Checkpoints are written every checkpoint.every PT steps; a run that stops for any
+    reason continues with `metapt resume RUN_DIR`.
+    """
+
+    def action():
+        from .config import load_config
+        from .jobs import execute, start
+
+        extra = [f"data_dir={data}"] if data is not None else []
+        resolved = load_config(config, [*overrides, *extra])
+        _threads(threads)
+        folder = start(resolved, out or Path("runs") / f"{resolved.job}-{_dt.datetime.now():%Y%m%d-%H%M%S}",
+                       overwrite=overwrite)
+        err_console.print(f"run folder: {folder.path}")
+        _finish(folder, resolved, execute(folder, resolved, console=err_console))
+
+    _guarded(debug, action)
 
 
-def _run_ecg(folder: Path, data: Path, preset: str, steps: int | None, seed: int) -> None:
-    try:
-        from .domains.ecg.job import run_ecg
-    except ImportError:
-        _fail("the ecg job is not available in this version")
-    summary = run_ecg(folder, data, preset=preset, pretrain_steps=steps)
-    console.print((folder / "summary.md").read_text() if (folder / "summary.md").exists() else summary)
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="The folder of a run that was stopped or killed.")],
+    threads: ThreadsOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Continue a run from its newest checkpoint; the results are those of an uninterrupted run."""
+
+    def action():
+        from .config import load_config
+        from .jobs import execute
+        from .runs import RunFolder
+
+        folder = RunFolder.open(run_dir)
+        resolved = load_config(folder.config_file)
+        _threads(threads)
+        _finish(folder, resolved, execute(folder, resolved, resume=True, console=err_console))
+
+    _guarded(debug, action)
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run.")],
+    overrides: SetOption = [],  # noqa: B006
+    threads: ThreadsOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Redo the downstream evaluation of a finished run from its pre-trained encoders.
+
+    Only evaluation.* keys may be overridden (e.g. --set evaluation.seeds=10); the
+    updated config is saved in the run folder.
+    """
+
+    def action():
+        from .config import apply_override, load_config, to_yaml, validate
+        from .jobs import execute, load_summary
+        from .runs import RunFolder, write_text_atomic
+
+        folder = RunFolder.open(run_dir)
+        load_summary(folder)  # the run must have finished
+        resolved = load_config(folder.config_file)
+        if resolved.job == "synthetic":
+            raise _UserError("the synthetic job has no separate evaluation step")
+        bad = [o for o in overrides if not o.startswith("evaluation.")]
+        if bad:
+            raise _UserError(f"eval only changes evaluation.* keys, got {bad}; start a new run for anything else")
+        import yaml
+
+        raw = yaml.safe_load(to_yaml(resolved))
+        for item in overrides:
+            apply_override(raw, item)
+        resolved = validate(raw, str(folder.config_file))
+        write_text_atomic(folder.config_file, to_yaml(resolved))
+        _threads(threads)
+        _finish(folder, resolved, execute(folder, resolved, resume=True, console=err_console, reevaluate=True))
+
+    _guarded(debug, action)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
+    debug: DebugOption = False,
+) -> None:
+    """Regenerate the plots, summary and a self-contained report.html of a run."""
+
+    def action():
+        from .config import load_config
+        from .jobs import load_summary, write_plots
+        from .report import write_report
+        from .runs import RunFolder
+
+        folder = RunFolder.open(run_dir)
+        write_plots(folder, load_config(folder.config_file), load_summary(folder))
+        console.print(f"report: {write_report(folder)}")
+
+    _guarded(debug, action)
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run folders.")],
+    out: Annotated[Optional[Path], typer.Option(help="Also write the comparison as Markdown to this file.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Put several runs side by side: their scores, and the config keys where they differ."""
+
+    def action():
+        from .report import compare as compare_runs
+        from .report import compare_markdown
+        from .runs import RunFolder
+
+        folders = [RunFolder.open(d) for d in run_dirs]
+        names, rows, diffs = compare_runs(folders)
+        for title, body in (("Scores (mean ± 95 % CI)", rows), ("Configuration differences", diffs)):
+            if not body:
+                continue
+            table = Table(title=title)
+            table.add_column("")
+            for name in names:
+                table.add_column(name)
+            for label, cells in body:
+                table.add_row(label, *cells)
+            console.print(table)
+        if out is not None:
+            out.write_text(compare_markdown(folders), encoding="utf-8")
+            console.print(f"written: {out}")
+
+    _guarded(debug, action)
+
+
+@app.command("config")
+def show_config(
+    preset: Annotated[Optional[str], typer.Argument(help="A preset name or a YAML file.")] = None,
+    overrides: SetOption = [],  # noqa: B006
+    list_presets: Annotated[bool, typer.Option("--list", help="List the presets that ship with metapt.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Print a fully resolved config (YAML) to start from: `metapt config molecules > my.yaml`."""
+
+    def action():
+        from .config import load_config, presets, to_yaml
+
+        if list_presets or preset is None:
+            console.print("\n".join(presets()), markup=False, highlight=False)
+            return
+        sys.stdout.write(to_yaml(load_config(preset, overrides)))
+
+    _guarded(debug, action)
 
 
 @app.command()

@@ -11,16 +11,17 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from .losses import masked_bce
+from .schema import schema
 
 BatchIter = Callable[[str, int, bool, int], Iterable[tuple[Any, Tensor]]]
 """``iterate(split, batch_size, shuffle, seed) -> (inputs, labels)`` batches."""
@@ -55,7 +56,7 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(half)
 
 
-@dataclass(frozen=True)
+@schema
 class FinetuneConfig:
     """How a downstream evaluation fine-tunes.
 
@@ -69,14 +70,10 @@ class FinetuneConfig:
     """
 
     linear_probe: bool = False
-    epochs: int = 20
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(f"FinetuneConfig: epochs, batch_size must be >= 1 and lr > 0, got {self}")
+    epochs: int = Field(default=20, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=64, ge=1)
 
 
 class _Classifier(nn.Module):

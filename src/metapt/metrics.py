@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import IO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class JsonlLogger:
@@ -30,6 +37,10 @@ class JsonlLogger:
         row.update({k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()})
         self._file.write(json.dumps(row) + "\n")
 
+    def flush(self) -> None:
+        """Push rows to the OS, so the file's size counts every row logged so far."""
+        self._file.flush()
+
     def close(self) -> None:
         self._file.flush()
         self._file.close()
@@ -39,6 +50,26 @@ class JsonlLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TensorBoardLogger:
+    """Scalars to TensorBoard event files (``tensorboard --logdir RUN_DIR/tensorboard``).
+
+    ``purge_step`` tells TensorBoard to drop events at or after that step left by an
+    interrupted run, so a resumed run's curves have no doubled segments.
+    """
+
+    def __init__(self, logdir: str | Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(logdir), purge_step=purge_step or None)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        for key, value in metrics.items():
+            self._writer.add_scalar(key, float(value), step)
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

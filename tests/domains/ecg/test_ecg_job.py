@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from metapt.domains.ecg.job import PRESETS, EvalConfig, run_ecg
+from metapt.domains.ecg.job import EvalConfig, preset_config, run_ecg
 
 with warnings.catch_warnings():  # wfdb trips pandas deprecation warnings at import time
     warnings.simplefilter("ignore")
@@ -57,7 +57,7 @@ def test_run_folder_has_every_artefact(quick_run):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert json.loads((out / "summary.json").read_text())["methods"].keys() == summary["methods"].keys()
     config = json.loads((out / "config.json").read_text())
-    assert config["config"]["pretrain"]["steps"] == PRESETS["quick"].pretrain.steps
+    assert config["config"]["pretrain"]["steps"] == preset_config("quick").pretrain.steps
     assert config["data"]["layout"] == "beats"
 
 
@@ -74,7 +74,7 @@ def test_metrics_have_one_phase_per_pretrained_method_and_meta_steps(quick_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     phases = {r["phase"] for r in rows}
     assert phases == {"simclr", "simclr_fixed_warp", "simclr_meta_warp"}
-    steps = PRESETS["quick"].pretrain.steps
+    steps = preset_config("quick").pretrain.steps
     for phase in phases:
         assert [r["step"] for r in rows if r["phase"] == phase] == list(range(1, steps + 1))
     meta = [r for r in rows if r["phase"] == "simclr_meta_warp" and "meta_loss" in r]
@@ -93,7 +93,7 @@ def test_learned_warp_loads_without_pickle_and_moved(quick_run):
 
 def test_summary_table_and_paired_gains(quick_run):
     out, summary = quick_run
-    ev = PRESETS["quick"].evaluation
+    ev = preset_config("quick").evaluation
     for method in ("no_pretrain", "simclr", "simclr_fixed_warp", "simclr_meta_warp"):
         for mode in ("full_finetune", "linear_probe"):
             for f in ev.label_fractions:
@@ -165,7 +165,7 @@ def make_ptbxl_folder(folder: Path, n: int = 40) -> Path:
 def test_ptbxl_layout_runs_multilabel_with_strat_folds(tmp_path):
     """PTB-XL is exercised only on this generated fixture (no real PTB-XL on this machine)."""
     data = make_ptbxl_folder(tmp_path / "ptbxl")
-    quick = PRESETS["quick"]
+    quick = preset_config("quick")
     config = replace(quick, evaluation=replace(quick.evaluation, seeds=(0,), label_fractions=(1.0,), full_finetune=None),
                      data=replace(quick.data, max_labelled_per_record=None))
     summary = run_ecg(tmp_path / "run", data, preset=config)

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from metapt.domains.molecules.job import job_from_preset, run_molecules
+from metapt.config import load_config
+from metapt.domains.molecules.job import run_molecules
 from metapt.domains.molecules.models import GINEncoder
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
 from metapt.hypergrad import Identity, pretraining_hypergradient, sgd, unrolled_finetune
@@ -101,8 +102,8 @@ def test_hypergradient_matches_finite_differences_of_the_mixed_term(b3db_small, 
 
 
 def test_test_preset_runs_end_to_end(tmp_path):
-    summary = run_molecules(tmp_path, job_from_preset("test", eval_seeds=2))
-    for name in ("config.json", "metrics.jsonl", "summary.json", "summary.md", "losses.png", "auroc_b3db.png",
+    summary = run_molecules(tmp_path, load_config("molecules-test", ["evaluation.seeds=2"]))
+    for name in ("metrics.jsonl", "summary.json", "summary.md", "losses.png", "auroc_b3db.png",
                  "task_weights_b3db.png", "example_weights_b3db.npz"):
         assert (tmp_path / name).exists(), name
     scores = summary["settings"]["b3db"]["scores"]

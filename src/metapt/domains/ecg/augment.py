@@ -18,12 +18,13 @@ displacement *field* along one axis, where a 2-D grid_sample would only add resh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ...schema import schema
 
 __all__ = [
     "default_augment",
@@ -85,7 +86,7 @@ def default_augment(
     return out.masked_fill(mask, 0.0)
 
 
-@dataclass(frozen=True)
+@schema
 class WarpConfig:
     """Shape of the learned warp.
 

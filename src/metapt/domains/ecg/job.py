@@ -38,9 +38,9 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,14 +50,22 @@ from ...evaluation import FinetuneConfig, finetune_and_score, mean_ci95
 from ...hypergrad import Neumann, sgd
 from ...metrics import JsonlLogger, progress_bar, read_jsonl
 from ...problem import Params
+from ...runs import RunFolder, Session, write_text_atomic
+from ...schema import CheckpointConfig, schema
 from ...trainer import MetaPretrainer, MetaSchedule, NonFiniteLossError
-from .augment import WarpConfig
 from .data import ECGDataset, detect_layout, load_beat_folder, load_ptbxl
-from .models import EncoderConfig
-from .problem import ECGProblemConfig, ECGSimCLRProblem, ECGSplit, PTBXLFolds, RecordFractions, label_subset, split_ecg
+from .problem import (
+    ECGProblemConfig,
+    ECGSimCLRProblem,
+    ECGSplit,
+    PTBXLFolds,
+    RecordFractions,
+    label_subset,
+    split_ecg,
+)
 
 __all__ = [
-    "DataConfig", "ECGJobConfig", "EvalConfig", "MetaConfig", "Method", "PRESETS", "PretrainConfig", "markdown_table",
+    "DataConfig", "ECGJobConfig", "EvalConfig", "MetaConfig", "Method", "ECG_PRESETS", "PretrainConfig", "preset_config", "markdown_table",
     "resolve_config", "run_ecg",
 ]
 
@@ -85,7 +93,7 @@ GAINS: tuple[tuple[Method, Method], ...] = (
 )
 
 
-@dataclass(frozen=True)
+@schema
 class DataConfig:
     """How the folder becomes the four groups.
 
@@ -120,7 +128,7 @@ class DataConfig:
     cache_dir: str | None = None
 
 
-@dataclass(frozen=True)
+@schema
 class PretrainConfig:
     """Pre-training shared by both SimCLR methods: steps, Adam lr, seed of θ₀ and φ₀."""
 
@@ -133,7 +141,7 @@ class PretrainConfig:
             raise ValueError(f"PretrainConfig: steps must be >= 1 and lr > 0, got {self}")
 
 
-@dataclass(frozen=True)
+@schema
 class MetaConfig:
     """The meta-learning of the warp.
 
@@ -164,7 +172,7 @@ class MetaConfig:
             raise ValueError(f"MetaConfig: learning rates must be >= 0 (inner_lr > 0), got {self}")
 
 
-@dataclass(frozen=True)
+@schema
 class EvalConfig:
     """Downstream evaluation.
 
@@ -198,10 +206,16 @@ class EvalConfig:
         return {k: v for k, v in out.items() if v is not None}
 
 
-@dataclass(frozen=True)
+@schema
 class ECGJobConfig:
-    """Everything :func:`run_ecg` does, in one resolvable, JSON-able object."""
+    """Everything :func:`run_ecg` does, in one resolvable, JSON-able object.
 
+    ``data_dir`` is the folder of WFDB records (``--data`` on the command line).
+    """
+
+    job: Literal["ecg"] = "ecg"
+    data_dir: str | None = None
+    checkpoint: CheckpointConfig = CheckpointConfig()
     data: DataConfig = DataConfig()
     problem: ECGProblemConfig = ECGProblemConfig()
     pretrain: PretrainConfig = PretrainConfig()
@@ -210,41 +224,22 @@ class ECGJobConfig:
     methods: tuple[Method, ...] = tuple(Method)
 
 
-#: A CPU-sized problem: beats resampled to 180 Hz (128-sample windows, the same 0.71 s as 256
-#: samples at 360 Hz), a 64K-parameter 1-D ResNet (kernel 15, GroupNorm) and a warp that starts
-#: at 3 % of the window (~4 samples) so that meta-learning can shrink it as well as grow it.
-_CPU_DATA = DataConfig(window=128, resample_fs=180.0, min_positives=100)
-_CPU_PROBLEM = ECGProblemConfig(
-    encoder=EncoderConfig(widths=(8, 16, 32, 32), blocks=(1, 1, 1, 1), kernel_size=15, norm="group"),
-    projection_dim=32, warp=WarpConfig(init_magnitude=0.03),
-)
+ECG_PRESETS = ("default", "benchmark", "quick")
 
-#: Named configurations. ``default``: 3000 PT steps and every labelled beat, roughly 20-30 min
-#: on one CPU thread for MIT-BIH (an estimate from the benchmark's timings; pass an ECGJobConfig
-#: with ``EncoderConfig.paper()`` and ``WarpConfig.paper()`` for the paper's sizes);
-#: ``benchmark``: 11 min on one thread of a 2-core CPU (benchmarks/ecg_auroc.py); ``quick``:
-#: seconds, for tests.
-PRESETS: dict[str, ECGJobConfig] = {
-    "default": ECGJobConfig(data=_CPU_DATA, problem=_CPU_PROBLEM, pretrain=PretrainConfig(steps=3000)),
-    "benchmark": ECGJobConfig(
-        data=replace(_CPU_DATA, max_labelled_per_record=1000),
-        problem=_CPU_PROBLEM,
-        pretrain=PretrainConfig(steps=2000),
-    ),
-    "quick": ECGJobConfig(
-        data=DataConfig(min_positives=1, max_labelled_per_record=40, cap_keeps_positives=True),
-        problem=ECGProblemConfig(
-            encoder=EncoderConfig(widths=(4, 8), blocks=(1, 1), kernel_size=5, norm="group"), projection_dim=8,
-            warp=WarpConfig(widths=(4,), n_knots=4), pretrain_batch_size=8, finetune_batch_size=8,
-        ),
-        pretrain=PretrainConfig(steps=12),
-        meta=MetaConfig(schedule=MetaSchedule(meta_interval=3, unroll_steps=1, meta_batches=1, warmup_steps=3)),
-        evaluation=EvalConfig(
-            seeds=(0, 1), label_fractions=(0.5, 1.0), full_finetune=FinetuneConfig(epochs=2, batch_size=16),
-            linear_probe=FinetuneConfig(linear_probe=True, epochs=2, lr=1e-2, batch_size=16), min_batches_per_epoch=1,
-        ),
-    ),
-}
+
+def preset_config(name: str) -> ECGJobConfig:
+    """A named configuration, from the YAML presets that ship with metapt (``metapt config ecg``).
+
+    ``default`` (preset ``ecg``): 3000 PT steps on a CPU-sized problem (beats resampled to
+    180 Hz, a 64K-parameter 1-D ResNet with GroupNorm, a warp starting at 3 % of the window),
+    about 15 minutes on 2 cores for MIT-BIH; ``benchmark`` (``ecg-benchmark``): 11 minutes on
+    one thread (benchmarks/ecg_auroc.py); ``quick`` (``ecg-quick``): seconds, for tests.
+    """
+    if name not in ECG_PRESETS:
+        raise ValueError(f"unknown ECG preset {name!r}; choose one of {list(ECG_PRESETS)} or pass an ECGJobConfig")
+    from ...config import load_config  # the presets are YAML; the loader validates them
+
+    return load_config("ecg" if name == "default" else f"ecg-{name}")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -258,6 +253,8 @@ def run_ecg(
     seeds: Sequence[int] | None = None,
     label_fractions: Sequence[float] | None = None,
     pretrain_steps: int | None = None,
+    resume: bool = False,
+    reevaluate: bool = False,
 ) -> dict[str, Any]:
     """Run the ECG protocol on the folder ``data`` and write the run folder ``out``.
 
@@ -265,11 +262,15 @@ def run_ecg(
         out: run folder (created if needed; a previous run's files in it are replaced).
         data: a beat-layout folder (REC.hea/.dat + REC_beats.csv) or a PTB-XL folder
             (ptbxl_database.csv, scp_statements.csv, records100/); the layout is detected.
-        preset: a name in :data:`PRESETS` ("default", "benchmark", "quick") or an
+        preset: a name in :data:`ECG_PRESETS` ("default", "benchmark", "quick") or an
             :class:`ECGJobConfig`.
         seeds: fine-tuning seeds (default: the preset's, five).
         label_fractions: shares of FT-train labels to fine-tune with (default 1 %, 10 %, 100 %).
         pretrain_steps: PT steps of each SimCLR method (default: the preset's).
+        resume: continue from the run folder's newest checkpoint (:class:`metapt.runs.Session`):
+            finished methods and evaluation units are kept, the meta-warp phase continues
+            mid-way, a plain SimCLR phase restarts from its own seed.
+        reevaluate: with ``resume``, redo the evaluation from the pre-trained encoders.
 
     Returns:
         The summary (also in ``out/summary.json``): ``methods[method][mode][fraction]`` holds
@@ -283,9 +284,12 @@ def run_ecg(
         ECGDataError: a problem with the data files (it names the file).
     """
     config = resolve_config(preset, seeds, label_fractions, pretrain_steps)
-    out = Path(out)
+    folder = out if isinstance(out, RunFolder) else RunFolder(out)
+    out = folder.path
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # JsonlLogger appends; never mix two runs
+    session = Session(folder, config.checkpoint, resume=resume)
+    if reevaluate:
+        session.forget("eval/")
     started = time.perf_counter()
     ds, split = load_and_split(Path(data), config.data)
     problem_for = {
@@ -296,11 +300,17 @@ def run_ecg(
     summary: dict[str, Any] = {"methods": {}, "timing": {}, "data": _data_summary(ds, split, data)}
     encoders: dict[Method, nn.Module] = {}
     with progress_bar() as bars:
-        for method in config.methods:
+        for index, method in enumerate(config.methods):
             if method is Method.NO_PRETRAIN:
                 continue
             problem = problem_for[method.uses_warp]
-            params, timing, phi = _pretrain(problem, method, config, out, bars)
+            phase = f"pretrain/{method.value}"
+            if not session.done(phase):
+                torch.manual_seed(config.pretrain.seed * 1_000 + index)  # each phase's own augmentation draws
+                params, timing, phi = _pretrain(problem, method, config, session, bars)
+                session.record(phase, {"params": {k: v.detach() for k, v in params.items()},
+                                       "phi": phi or {}, "timing": timing})
+            params, timing, phi = session[phase]["params"], session[phase]["timing"], session[phase]["phi"]
             summary["timing"][method.value] = timing
             encoders[method] = problem.encoder_module(params)
             np.savez(out / f"encoder_{method.value}.npz",
@@ -310,7 +320,8 @@ def run_ecg(
                 summary["learned_warp"] = dict(problem.describe_metaparams(phi))
                 _plot_warp_examples(problem, phi, out / "warp_examples.png")
                 _plot_magnitude(out / "metrics.jsonl", out / "warp_magnitude.png")
-        rows = _evaluate(ds, split, problem_for[False], encoders, config, out, bars)
+        rows = _evaluate(ds, split, problem_for[False], encoders, config, session, bars)
+    session.close()
 
     summary["methods"] = _aggregate(rows, config)
     summary["gains"] = {
@@ -335,10 +346,8 @@ def resolve_config(
     """The configuration :func:`run_ecg` runs: the preset with the given overrides, checked."""
     if isinstance(preset, ECGJobConfig):
         config = preset
-    elif preset in PRESETS:
-        config = PRESETS[preset]
     else:
-        raise ValueError(f"unknown ECG preset {preset!r}; choose one of {sorted(PRESETS)} or pass an ECGJobConfig")
+        config = preset_config(preset)
     ev = config.evaluation
     if seeds is not None:
         ev = replace(ev, seeds=tuple(int(s) for s in seeds))
@@ -412,7 +421,7 @@ def _data_summary(ds: ECGDataset, split: ECGSplit, folder: Path) -> dict[str, An
 # --------------------------------------------------------------------------- pre-training
 
 
-def _pretrain(problem: ECGSimCLRProblem, method: Method, config: ECGJobConfig, out: Path,
+def _pretrain(problem: ECGSimCLRProblem, method: Method, config: ECGJobConfig, session: Session,
               bars) -> tuple[Params, dict[str, float], Params | None]:
     """Pre-train θ (and meta-learn φ for the warp method); per-step metrics under phase = method."""
     pc, mc = config.pretrain, config.meta
@@ -424,34 +433,33 @@ def _pretrain(problem: ECGSimCLRProblem, method: Method, config: ECGJobConfig, o
         stamps.append(time.perf_counter())
         bars.update(task, completed=step)
 
-    with JsonlLogger(out / "metrics.jsonl", phase=method.value) as log:
-        phi0 = problem.initial_metaparams(pc.seed)  # {} for the baseline
-        if method is not Method.SIMCLR_META_WARP:
-            params = _pretrain_plain(problem, theta0, phi0, pc, log, tick)
-            phi = phi0 or None
-        else:
-            keys = list(phi0)
+    phi0 = problem.initial_metaparams(pc.seed)  # {} for the baseline
+    if method is not Method.SIMCLR_META_WARP:
+        session.log.phase = method.value
+        params = _pretrain_plain(problem, theta0, phi0, pc, session.log, tick)
+        phi = phi0 or None
+    else:
+        keys = list(phi0)
 
-            def meta_optimizer(tensors: list[Tensor]) -> torch.optim.Optimizer:
-                by_key = dict(zip(keys, tensors))
-                return torch.optim.Adam([
-                    {"params": [t for k, t in by_key.items() if k != "log_magnitude"], "lr": mc.meta_lr},
-                    {"params": [by_key["log_magnitude"]], "lr": mc.magnitude_lr},
-                ])
+        def meta_optimizer(tensors: list[Tensor]) -> torch.optim.Optimizer:
+            by_key = dict(zip(keys, tensors))
+            return torch.optim.Adam([
+                {"params": [t for k, t in by_key.items() if k != "log_magnitude"], "lr": mc.meta_lr},
+                {"params": [by_key["log_magnitude"]], "lr": mc.magnitude_lr},
+            ])
 
-            trainer = MetaPretrainer(
-                problem, theta0, problem.initial_head(), phi0,
-                pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=pc.lr),
-                meta_optimizer=meta_optimizer,
-                inner_optimizer=sgd(mc.inner_lr),
-                solver=Neumann(steps=mc.neumann_steps, alpha=mc.neumann_alpha or pc.lr),
-                schedule=mc.schedule,
-                loggers=[log],
-            )
-            trainer.run(pc.steps, progress=tick)
-            params, phi = trainer.params, {k: v.detach() for k, v in trainer.metaparams.items()}
+        trainer = MetaPretrainer(
+            problem, theta0, problem.initial_head(), phi0,
+            pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=pc.lr),
+            meta_optimizer=meta_optimizer,
+            inner_optimizer=sgd(mc.inner_lr),
+            solver=Neumann(steps=mc.neumann_steps, alpha=mc.neumann_alpha or pc.lr),
+            schedule=mc.schedule,
+        )
+        session.train(method.value, trainer, pc.steps, problem, progress=tick)
+        params, phi = trainer.params, {k: v.detach() for k, v in trainer.metaparams.items()}
     durations = np.diff(stamps)
-    steps = np.arange(1, len(durations) + 1)
+    steps = np.arange(pc.steps - len(durations) + 1, pc.steps + 1)  # a resumed phase times its last steps
     sched = mc.schedule
     is_meta = (steps > sched.warmup_steps) & (steps % sched.meta_interval == 0)
     plain = durations[~is_meta] if method is Method.SIMCLR_META_WARP else durations
@@ -515,7 +523,7 @@ def _features(encoder: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
 
 
 def _evaluate(ds: ECGDataset, split: ECGSplit, problem: ECGSimCLRProblem, encoders: Mapping[Method, nn.Module],
-              config: ECGJobConfig, out: Path, bars) -> list[dict[str, Any]]:
+              config: ECGJobConfig, session: Session, bars) -> list[dict[str, Any]]:
     """Every (method, seed, label fraction, mode): fine-tune, pick the epoch on MetaFT-val, score test."""
     ev = config.evaluation
     modes = ev.modes()
@@ -529,42 +537,43 @@ def _evaluate(ds: ECGDataset, split: ECGSplit, problem: ECGSimCLRProblem, encode
     task = bars.add_task("fine-tune and score", total=n_runs, info="")
     rows: list[dict[str, Any]] = []
     pretrained_features: dict[Method, dict[str, Split]] = {}
-    with open(out / "evaluation.jsonl", "w", encoding="utf-8") as log:
-        for method in config.methods:
-            for seed in ev.seeds:
-                if method is Method.NO_PRETRAIN:
-                    encoder = problem.encoder_module(problem.initial_params(seed=10_000 + seed))
+    for method in config.methods:
+        for seed in ev.seeds:
+            if method is Method.NO_PRETRAIN:
+                encoder = problem.encoder_module(problem.initial_params(seed=10_000 + seed))
+            else:
+                encoder = encoders[method]
+            feats: dict[str, Split] = {}
+            if "linear_probe" in modes:
+                if method in pretrained_features:
+                    feats = pretrained_features[method]
                 else:
-                    encoder = encoders[method]
-                feats: dict[str, Split] = {}
-                if "linear_probe" in modes:
-                    if method in pretrained_features:
-                        feats = pretrained_features[method]
+                    feats = {name: (_features(encoder, s[0]), s[1]) for name, s in
+                             (("ft", ft), ("valid", val), ("test", test))}
+                    if method is not Method.NO_PRETRAIN:  # one encoder for every seed
+                        pretrained_features[method] = feats
+            for fraction in ev.label_fractions:
+                subset = torch.from_numpy(label_subset(ft[1], fraction, seed))
+                for mode, ft_config in modes.items():
+                    if mode == "linear_probe":
+                        # frozen encoder + linear head = a linear head on the frozen features
+                        splits = {"train": (feats["ft"][0][subset], feats["ft"][1][subset]),
+                                  "valid": feats["valid"], "test": feats["test"]}
+                        model: nn.Module = nn.Identity()
                     else:
-                        feats = {name: (_features(encoder, s[0]), s[1]) for name, s in
-                                 (("ft", ft), ("valid", val), ("test", test))}
-                        if method is not Method.NO_PRETRAIN:  # one encoder for every seed
-                            pretrained_features[method] = feats
-                for fraction in ev.label_fractions:
-                    subset = torch.from_numpy(label_subset(ft[1], fraction, seed))
-                    for mode, ft_config in modes.items():
-                        if mode == "linear_probe":
-                            # frozen encoder + linear head = a linear head on the frozen features
-                            splits = {"train": (feats["ft"][0][subset], feats["ft"][1][subset]),
-                                      "valid": feats["valid"], "test": feats["test"]}
-                            model: nn.Module = nn.Identity()
-                        else:
-                            splits = {"train": (ft[0][subset], ft[1][subset]), "valid": val, "test": test}
-                            model = encoder
+                        splits = {"train": (ft[0][subset], ft[1][subset]), "valid": val, "test": test}
+                        model = encoder
+                    key = f"eval/{method.value}/{mode}/{fraction}/{seed}"
+                    if not session.done(key):
                         score = finetune_and_score(model, problem.embedding_dim, ds.labels.shape[1],
                                                    _iterate_fn(splits, ev.min_batches_per_epoch), ft_config, seed)
-                        row = {"method": method.value, "mode": mode, "label_fraction": fraction, "seed": seed,
-                               "train_examples": int(len(subset)),
-                               "train_positives": int(ft[1][subset].sum()), **score}
-                        rows.append(row)
-                        log.write(json.dumps(_jsonable(row)) + "\n")
-                        log.flush()
-                        bars.update(task, advance=1, info=f"{method.value} {mode} {fraction:g} seed {seed}")
+                        session.record(key, {"method": method.value, "mode": mode, "label_fraction": fraction,
+                                             "seed": seed, "train_examples": int(len(subset)),
+                                             "train_positives": int(ft[1][subset].sum()), **score})
+                    rows.append(session[key])
+                    bars.update(task, advance=1, info=f"{method.value} {mode} {fraction:g} seed {seed}")
+    write_text_atomic(session.folder.path / "evaluation.jsonl",
+                      "".join(json.dumps(_jsonable(row)) + "\n" for row in rows))
     return rows
 
 
@@ -627,6 +636,16 @@ def markdown_table(summary: Mapping[str, Any], config: ECGJobConfig) -> str:
         "init). Each method is pre-trained once, so the CIs do not include pre-training variation.",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def write_plots(out: Path, summary: Mapping[str, Any]) -> None:
+    """Redraw the plots that need only the run folder (``metapt report``)."""
+    from ...config import load_config
+
+    out = Path(out)
+    _plot_auroc(summary, load_config(out / "config.yaml"), out / "auroc.png")
+    if (out / "metrics.jsonl").is_file():
+        _plot_magnitude(out / "metrics.jsonl", out / "warp_magnitude.png")
 
 
 def _plot_warp_examples(problem: ECGSimCLRProblem, phi: Params, path: Path) -> None:

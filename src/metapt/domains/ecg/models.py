@@ -7,10 +7,11 @@ hypergradient engine needs Hessian-vector products of the pre-training loss).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from torch import Tensor, nn
+
+from ...schema import schema
 
 __all__ = [
     "EncoderConfig",
@@ -24,7 +25,7 @@ __all__ = [
 Norm = Literal["batch", "group", "none"]
 
 
-@dataclass(frozen=True)
+@schema
 class EncoderConfig:
     """Shape of the 1-D ResNet.
 

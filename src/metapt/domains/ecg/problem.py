@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ...problem import EpochShuffler, Params
+from ...schema import schema
 from .augment import LearnedWarp, WarpConfig, default_augment
 from .data import ECGDataset, _group_sizes, ptbxl_fold_indices
 from .losses import nt_xent
@@ -59,7 +60,7 @@ __all__ = [
 # --------------------------------------------------------------------------- splits
 
 
-@dataclass(frozen=True)
+@schema
 class RecordFractions:
     """Shares of the records (patients) in each group of the beat layout."""
 
@@ -77,7 +78,7 @@ class RecordFractions:
         return (self.pretrain, self.ft_train, self.metaval, self.test)
 
 
-@dataclass(frozen=True)
+@schema
 class PTBXLFolds:
     """PTB-XL's strat_fold groups (already stratified by patient).
 
@@ -203,7 +204,7 @@ def label_subset(labels: Tensor, fraction: float, seed: int, min_examples: int =
 # --------------------------------------------------------------------------- the problem
 
 
-@dataclass(frozen=True)
+@schema
 class ECGProblemConfig:
     """Shape of the ECG SimCLR problem.
 

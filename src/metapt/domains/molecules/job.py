@@ -1,5 +1,8 @@
 """The molecules job, end to end: featurise, pre-train (uniform and meta-learned weights),
 fine-tune downstream over seeds, and report one comparison table with plots.
+
+Every step is resumable (:class:`metapt.runs.Session`): a pre-training phase per
+(setting, method), then one evaluation unit per (setting, method, mode, seed).
 """
 
 from __future__ import annotations
@@ -7,114 +10,126 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from rich.console import Console
 
 from ...evaluation import FinetuneConfig, finetune_and_score, mean_ci95
-from ...hypergrad import Neumann, sgd
+from ...hypergrad import sgd
 from ...metaparams import weights_from_logits
-from ...metrics import JsonlLogger, progress_bar, read_jsonl
+from ...metrics import progress_bar, read_jsonl
 from ...plots import plot_bars, plot_curves
-from ...trainer import MetaPretrainer, MetaSchedule
+from ...runs import RunFolder, Session, write_text_atomic
+from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, jsonable, schema
+from ...trainer import MetaPretrainer
 from .models import GINEncoder
 from .problem import MoleculeData, MoleculesProblem, WeightingConfig, load_molecule_data
 
-#: The methods compared, in table order: (name, weighting or None for "no pre-training").
-METHODS: dict[str, WeightingConfig | None] = {
-    "no pre-training": None,
-    "uniform weights": WeightingConfig(task_weights=True),  # φ frozen at 1: plain multitask PT
-    "meta task weights": WeightingConfig(task_weights=True),
-    "meta example weights": WeightingConfig(task_weights=False, example_weights=True),
+MethodName = Literal["no_pretrain", "uniform", "meta_task_weights", "meta_example_weights"]
+
+#: The methods compared, in table order: name -> (table label, weighting or None for "no pre-training").
+METHODS: dict[str, tuple[str, WeightingConfig | None]] = {
+    "no_pretrain": ("no pre-training", None),
+    "uniform": ("uniform weights", WeightingConfig(task_weights=True)),  # φ frozen at 1: plain multitask PT
+    "meta_task_weights": ("meta task weights", WeightingConfig(task_weights=True)),
+    "meta_example_weights": ("meta example weights", WeightingConfig(task_weights=False, example_weights=True)),
 }
 
 
-@dataclass(frozen=True)
-class MoleculesJob:
-    """Everything one molecules run does; the presets below are starting points.
+@schema
+class GINConfig:
+    """The GIN encoder (Hu et al. 2020: 5 layers, 300 dims, batch norm, dropout 0.2).
 
-    Attributes follow Algorithm 1's names: PT = pre-training, FT = fine-tuning.
+    ``norm: layer`` is the CPU default: batch-norm statistics are module buffers, not
+    part of θ, so the hypergradient does not see them.
     """
 
-    settings: tuple[str, ...] = ("b3db",)
-    methods: tuple[str, ...] = tuple(METHODS)
-    encoder: dict = field(default_factory=lambda: {"num_layers": 3, "emb_dim": 64, "dropout": 0.2, "norm": "layer"})
-    pt_steps: int = 2000
-    pt_lr: float = 1e-3
-    pt_batch_size: int = 64
-    meta_interval: int = 10
-    unroll_steps: int = 1
-    inner_lr: float = 0.1
-    neumann_steps: int = 1
-    neumann_alpha: float | None = None  # None: the PT learning rate, as in the paper
-    meta_lr: float = 0.05
-    meta_batches: int = 1
-    warmup_steps: int = 100
-    eval_seeds: int = 5
-    eval_epochs: int = 4
-    eval_lr: float = 1e-3
-    probe_epochs: int = 30
-    probe_lr: float = 1e-2
-    eval_batch_size: int = 64
-    max_pretrain: int | None = None
-    max_downstream: int | None = None
+    num_layers: int = Field(default=3, ge=1)
+    emb_dim: int = Field(default=64, ge=1)
+    dropout: float = Field(default=0.2, ge=0, lt=1)
+    norm: Literal["layer", "batch", "none"] = "layer"
+
+
+@schema
+class MoleculesDataConfig:
+    """Which downstream settings to run, and optional seeded subsets for quick runs.
+
+    Attributes:
+        settings: ``b3db`` (all 30 ChEMBL targets → B3DB) and/or ``heldout`` (20 → the other 10).
+        max_pretrain: pre-training molecules kept (None: all 35,633).
+        max_downstream: downstream molecules kept (None: all).
+    """
+
+    settings: tuple[Literal["b3db", "heldout"], ...] = Field(default=("b3db",), min_length=1)
+    max_pretrain: int | None = Field(default=None, ge=1)
+    max_downstream: int | None = Field(default=None, ge=10)
+
+
+@schema
+class MoleculesEvalConfig:
+    """Downstream evaluation: each mode over ``seeds`` fine-tuning seeds (None skips a mode)."""
+
+    seeds: int = Field(default=5, ge=1)
+    full_finetune: FinetuneConfig | None = FinetuneConfig(epochs=4, lr=1e-3, batch_size=64)
+    linear_probe: FinetuneConfig | None = FinetuneConfig(linear_probe=True, epochs=30, lr=1e-2, batch_size=64)
+
+    def modes(self) -> dict[str, FinetuneConfig]:
+        out = {"full fine-tuning": self.full_finetune, "linear probe": self.linear_probe}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@schema
+class MoleculesJob:
+    """Everything one molecules run does (``metapt config molecules`` prints it resolved)."""
+
+    job: Literal["molecules"] = "molecules"
     seed: int = 0
+    methods: tuple[MethodName, ...] = Field(default=tuple(METHODS), min_length=1)
+    data: MoleculesDataConfig = MoleculesDataConfig()
+    model: GINConfig = GINConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    meta: MetaConfig = MetaConfig()
+    evaluation: MoleculesEvalConfig = MoleculesEvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-
-
-PRESETS: dict[str, MoleculesJob] = {
-    # fits the 10-minute budget on 2 CPU cores
-    "default": MoleculesJob(),
-    # Hu et al.'s encoder and longer training, for a machine with more to give
-    "paper": MoleculesJob(
-        settings=("b3db", "heldout"),
-        encoder={"num_layers": 5, "emb_dim": 300, "dropout": 0.2, "norm": "batch"},
-        pt_steps=20000, eval_seeds=10, eval_epochs=50, warmup_steps=500,
-    ),
-    # seconds, for tests
-    "test": MoleculesJob(
-        encoder={"num_layers": 2, "emb_dim": 16, "dropout": 0.0, "norm": "layer"},
-        pt_steps=30, meta_interval=5, warmup_steps=5, eval_seeds=2, eval_epochs=2, probe_epochs=3,
-        max_pretrain=300, max_downstream=120,
-    ),
-}
+        meta = [m for m in self.methods if m.startswith("meta_")]
+        if meta and self.meta.warmup_steps >= self.pretrain.steps:
+            raise ValueError(f"meta.warmup_steps ({self.meta.warmup_steps}) must be below pretrain.steps "
+                             f"({self.pretrain.steps}), or {meta} would take no meta-step")
+        if not self.evaluation.modes():
+            raise ValueError("evaluation: enable full_finetune, linear_probe or both")
 
 
 def _fresh_encoder(job: MoleculesJob) -> GINEncoder:
     torch.manual_seed(job.seed)  # every method starts from the same initial encoder
-    return GINEncoder(**job.encoder)
+    return GINEncoder(**asdict(job.model))
 
 
-def _pretrain(data: MoleculeData, job: MoleculesJob, method: str, log: JsonlLogger, tick: Callable[[int], None]):
-    weighting = METHODS[method]
-    problem = MoleculesProblem(data, _fresh_encoder(job), weighting, pt_batch_size=job.pt_batch_size, seed=job.seed)
+def _problem(data: MoleculeData, job: MoleculesJob, method: str) -> MoleculesProblem:
+    return MoleculesProblem(data, _fresh_encoder(job), METHODS[method][1], pt_batch_size=job.pretrain.batch_size,
+                            seed=job.seed)
+
+
+def _trainer(problem: MoleculesProblem, job: MoleculesJob, method: str) -> MetaPretrainer:
     torch.manual_seed(job.seed + 1)
-    meta = method != "uniform weights"
-    schedule = MetaSchedule(
-        # the uniform baseline takes the same PT steps and never a meta-step
-        meta_interval=job.meta_interval if meta else job.pt_steps + 1,
-        unroll_steps=job.unroll_steps,
-        meta_batches=job.meta_batches,
-        warmup_steps=job.warmup_steps if meta else 0,
-    )
-    trainer = MetaPretrainer(
+    meta = method != "uniform"
+    steps = job.pretrain.steps
+    # the uniform baseline takes the same PT steps and never a meta-step
+    schedule = job.meta.schedule() if meta else job.meta.schedule(meta_interval=steps + 1, warmup_steps=0)
+    return MetaPretrainer(
         problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
-        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=job.pt_lr),
-        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=job.meta_lr),
-        inner_optimizer=sgd(job.inner_lr),
-        solver=Neumann(steps=job.neumann_steps, alpha=job.neumann_alpha or job.pt_lr),
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=job.pretrain.lr),
+        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=job.meta.lr),
+        inner_optimizer=sgd(job.meta.inner_lr),
+        solver=job.meta.solver.build(job.pretrain.lr),
         schedule=schedule,
-        loggers=[log],
     )
-    trainer.run(job.pt_steps, progress=tick)
-    return problem, trainer
 
 
 def _iterate(data: MoleculeData) -> Callable:
@@ -135,66 +150,90 @@ def _iterate(data: MoleculeData) -> Callable:
     return iterate
 
 
-def run_molecules(out: Path, job: MoleculesJob, console: Console | None = None) -> dict:
-    """Run ``job`` and write the run folder ``out``; returns the summary."""
+def run_molecules(folder: RunFolder | str | Path, job: MoleculesJob = MoleculesJob(), *, resume: bool = False,
+                  console: Console | None = None, reevaluate: bool = False) -> dict:
+    """Run ``job`` in ``folder`` (continuing its newest checkpoint if ``resume``); returns the summary.
+
+    ``reevaluate`` drops recorded evaluation results, so they are computed again.
+    """
     console = console or Console(stderr=True)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(job), indent=2))
+    if not isinstance(folder, RunFolder):
+        folder = RunFolder(folder)
+        folder.path.mkdir(parents=True, exist_ok=True)
+    out = folder.path
+    session = Session(folder, job.checkpoint, resume=resume, console=console)
+    if reevaluate:
+        session.forget("eval/")
     started = time.perf_counter()
-    summary: dict = {"settings": {}, "config": asdict(job)}
+    summary: dict = {"settings": {}, "config": jsonable(asdict(job))}
     learned: dict = {}
-    modes = {"full fine-tuning": FinetuneConfig(epochs=job.eval_epochs, lr=job.eval_lr, batch_size=job.eval_batch_size),
-             "linear probe": FinetuneConfig(linear_probe=True, epochs=job.probe_epochs, lr=job.probe_lr,
-                                            batch_size=job.eval_batch_size)}
+    modes = job.evaluation.modes()
+    try:
+        with progress_bar(console) as bars:
+            for setting in job.data.settings:
+                data = load_molecule_data(setting, seed=job.seed, max_pretrain=job.data.max_pretrain,
+                                          max_downstream=job.data.max_downstream, progress=True)
+                console.print(f"[bold]{setting}[/]: pre-train on {len(data.pretrain_positions)} molecules × "
+                              f"{len(data.pretrain_task_names)} tasks; downstream " +
+                              ", ".join(f"{k} {len(v)}" for k, v in data.split.items()))
+                encoders = {}
+                for method in job.methods:
+                    if METHODS[method][1] is None:
+                        encoders[method] = _fresh_encoder(job)
+                        continue
+                    phase = f"{setting}/{method}"
+                    problem = _problem(data, job, method)
+                    if not session.done(phase):
+                        task = bars.add_task(f"{setting}: {METHODS[method][0]}", total=job.pretrain.steps, info="")
+                        trainer = _trainer(problem, job, method)
+                        session.train(phase, trainer, job.pretrain.steps, problem,
+                                      progress=lambda s, t=task: bars.update(t, completed=s))
+                        session.record(phase, {"params": {k: v.detach() for k, v in trainer.params.items()},
+                                               "metaparams": {k: v.detach() for k, v in trainer.metaparams.items()},
+                                               "problem": problem.state_dict(), "skipped": trainer.skipped})
+                    result = session[phase]
+                    problem.load_state_dict(result["problem"])
+                    encoders[method] = problem.encoder_with(result["params"])
+                    learned.setdefault(setting, {})[METHODS[method][0]] = _save_weights(
+                        out, setting, data, result["metaparams"])
 
-    with progress_bar(console) as bars, JsonlLogger(out / "metrics.jsonl") as log:
-        for setting in job.settings:
-            data = load_molecule_data(setting, seed=job.seed, max_pretrain=job.max_pretrain,
-                                      max_downstream=job.max_downstream, progress=True)
-            console.print(f"[bold]{setting}[/]: pre-train on {len(data.pretrain_positions)} molecules × "
-                          f"{len(data.pretrain_task_names)} tasks; downstream " +
-                          ", ".join(f"{k} {len(v)}" for k, v in data.split.items()))
-            encoders = {}
-            for method in job.methods:
-                if METHODS[method] is None:
-                    encoders[method] = _fresh_encoder(job)
-                    continue
-                task = bars.add_task(f"{setting}: {method}", total=job.pt_steps, info="")
-                log.phase = f"{setting}/{method}"
-                problem, trainer = _pretrain(data, job, method, log, lambda s, t=task: bars.update(t, completed=s))
-                encoders[method] = problem.encoder_with(trainer.params)
-                learned.setdefault(setting, {})[method] = _save_weights(out, setting, method, data, trainer)
-                if trainer.skipped:
-                    console.print(f"[yellow]{setting}/{method}: {trainer.skipped} meta-steps skipped "
-                                  "(non-finite hypergradient or diverged solve)[/]")
-
-            iterate = _iterate(data)
-            scores: dict = {}
-            total = len(encoders) * sum(c.epochs for c in modes.values()) * job.eval_seeds
-            task = bars.add_task(f"{setting}: fine-tune and score", total=total, info="")
-            for method, encoder in encoders.items():
-                for mode, cfg in modes.items():
-                    runs = [finetune_and_score(encoder, encoder.emb_dim, data.downstream_labels.shape[1], iterate, cfg,
-                                               seed=s, progress=lambda: bars.advance(task)) for s in range(job.eval_seeds)]
-                    tests = [r["test_auroc"] for r in runs]
-                    mean, ci = mean_ci95(tests)
-                    scores.setdefault(method, {})[mode] = {"test_auroc_mean": mean, "test_auroc_ci95": ci,
-                                                            "test_auroc": tests,
-                                                            "valid_auroc": [r["valid_auroc"] for r in runs]}
-            summary["settings"][setting] = {"scores": scores, "sizes": {k: len(v) for k, v in data.split.items()},
-                                            "pretrain_molecules": len(data.pretrain_positions)}
+                iterate = _iterate(data)
+                scores: dict = {}
+                total = len(encoders) * sum(c.epochs for c in modes.values()) * job.evaluation.seeds
+                task = bars.add_task(f"{setting}: fine-tune and score", total=total, info="")
+                for method, encoder in encoders.items():
+                    for mode, cfg in modes.items():
+                        runs = []
+                        for seed in range(job.evaluation.seeds):
+                            key = f"eval/{setting}/{method}/{mode}/{seed}"
+                            if not session.done(key):
+                                session.record(key, finetune_and_score(
+                                    encoder, encoder.emb_dim, data.downstream_labels.shape[1], iterate, cfg,
+                                    seed=seed, progress=lambda: bars.advance(task)))
+                            else:
+                                bars.advance(task, cfg.epochs)
+                            runs.append(session[key])
+                        tests = [r["test_auroc"] for r in runs]
+                        mean, ci = mean_ci95(tests)
+                        scores.setdefault(METHODS[method][0], {})[mode] = {
+                            "test_auroc_mean": mean, "test_auroc_ci95": ci, "test_auroc": tests,
+                            "valid_auroc": [r["valid_auroc"] for r in runs]}
+                summary["settings"][setting] = {"scores": scores, "sizes": {k: len(v) for k, v in data.split.items()},
+                                                "pretrain_molecules": len(data.pretrain_positions)}
+    finally:
+        session.close()
 
     summary["learned_task_weights"] = learned
+    summary["skipped_meta_steps"] = {k: int(v["skipped"]) for k, v in session.results.items()
+                                     if not k.startswith("eval/")}
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(summary_markdown(summary))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.md", summary_markdown(summary))
     write_plots(out, summary)
     return summary
 
 
-def _save_weights(out: Path, setting: str, method: str, data: MoleculeData, trainer: MetaPretrainer) -> dict:
-    phi = trainer.metaparams
+def _save_weights(out: Path, setting: str, data: MoleculeData, phi: dict) -> dict:
     result = {}
     if "task_logits" in phi:
         w = weights_from_logits(phi["task_logits"].detach())
@@ -237,9 +276,3 @@ def write_plots(out: Path, summary: dict) -> None:
             plot_bars(names, {"learned weight": [(weights[n], float("nan")) for n in names]},
                       out / f"task_weights_{setting}.png", ylabel="2·sigmoid(logit)",
                       title=f"{setting}: learned task weights (1 = uniform)", rotate=True)
-
-
-def job_from_preset(name: str, **overrides) -> MoleculesJob:
-    if name not in PRESETS:
-        raise ValueError(f"unknown molecules preset {name!r}; choose from {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)

@@ -252,6 +252,20 @@ class MoleculesProblem:
                 out.update({f"{name}_min": float(w.min()), f"{name}_max": float(w.max()), f"{name}_std": float(w.std())})
         return out
 
+    # ---- state outside θ --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The encoder's buffers (batch-norm running statistics): checkpointed with θ for exact resume."""
+        return {k: v.detach().clone() for k, v in self.encoder.named_buffers()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        buffers = dict(self.encoder.named_buffers())
+        if set(state) != set(buffers):
+            raise ValueError(f"buffers do not match the encoder: got {sorted(state)}, expected {sorted(buffers)}")
+        with torch.no_grad():
+            for k, v in state.items():
+                buffers[k].copy_(v)
+
     # ---- after pre-training ---------------------------------------------------------------
 
     def encoder_with(self, params: Mapping[str, Tensor]) -> GINEncoder:

@@ -11,16 +11,16 @@ tasks and low on the noise tasks, and meta-learning should find that.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ...metaparams import weight_logits, weights_from_logits
 from ...problem import EpochShuffler, Params
+from ...schema import schema
 
 
-@dataclass(frozen=True)
+@schema
 class SyntheticConfig:
     dim: int = 32
     subspace: int = 4

@@ -1,0 +1,173 @@
+"""A run as one self-contained HTML page, and several runs side by side.
+
+The page holds the summary tables, every PNG of the run folder embedded as
+base64 (losses, hypergradient norm and solver residual over steps, learned
+meta-parameters, AUROC bars), the resolved configuration and the run's health
+(meta-steps skipped, checkpoints). It needs no server and no other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import markdown
+import yaml
+
+from .runs import RunFolder, write_text_atomic
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; } th { background: #f4f4f4; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .9em; } pre { background: #f7f7f7; padding: 1em; overflow-x: auto; }
+.muted { color: #777; }
+"""
+
+# The order figures appear in; anything else follows alphabetically.
+_FIGURE_ORDER = ("losses", "auroc", "task_weights", "warp_magnitude", "warp_examples")
+
+
+def write_report(folder: RunFolder) -> Path:
+    """Write ``report.html`` in the run folder from what the folder holds; returns its path."""
+    summary_md = _read(folder.path / "summary.md")
+    config = _read(folder.config_file)
+    summary = json.loads(_read(folder.path / "summary.json") or "{}")
+    title = f"metapt run: {folder.path.name}"
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    job = (yaml.safe_load(config) or {}).get("job", "?") if config else "?"
+    parts.append(f"<p class='muted'>job <b>{html.escape(str(job))}</b> · folder {html.escape(str(folder.path))}"
+                 f"{_wall(summary)}</p>")
+    parts.append("<h2>Results</h2>")
+    parts.append(markdown.markdown(summary_md, extensions=["tables"]) if summary_md else
+                 "<p>No summary yet: the run has not finished.</p>")
+    figures = sorted(folder.path.glob("*.png"), key=_figure_rank)
+    if figures:
+        parts.append("<h2>Plots</h2>")
+        for png in figures:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            parts.append(f"<figure><img alt='{html.escape(png.stem)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(_caption(png.stem))}</figcaption></figure>")
+    learned = summary.get("learned_task_weights") or summary.get("learned_warp")
+    if learned:
+        parts.append("<h2>Learned meta-parameters</h2>")
+        parts.append(f"<pre>{html.escape(json.dumps(learned, indent=2))}</pre>")
+    parts.append("<h2>Health</h2>")
+    parts.append(_health(folder, summary))
+    parts.append("<h2>Configuration</h2>")
+    parts.append(f"<pre>{html.escape(config or '(no config.yaml)')}</pre>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    path = folder.path / "report.html"
+    write_text_atomic(path, page)
+    return path
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
+def _wall(summary: dict) -> str:
+    seconds = summary.get("wall_seconds")
+    return f" · wall time {seconds / 60:.1f} min" if isinstance(seconds, (int, float)) else ""
+
+
+def _figure_rank(path: Path) -> tuple[int, str]:
+    for i, prefix in enumerate(_FIGURE_ORDER):
+        if path.stem.startswith(prefix):
+            return i, path.stem
+    return len(_FIGURE_ORDER), path.stem
+
+
+def _caption(stem: str) -> str:
+    captions = {"losses": "Losses, meta-loss, hypergradient norm and solver residual over pre-training steps",
+                "task_weights": "Learned task weights (1 = uniform)", "auroc": "Downstream test AUROC per method",
+                "warp_magnitude": "Warp magnitude over steps", "warp_examples": "Examples of the learned warp"}
+    for prefix, text in captions.items():
+        if stem.startswith(prefix):
+            return text + (f" ({stem[len(prefix) + 1:]})" if stem != prefix else "")
+    return stem.replace("_", " ")
+
+
+def _health(folder: RunFolder, summary: dict) -> str:
+    items = []
+    skipped = summary.get("skipped_meta_steps")
+    if isinstance(skipped, dict):
+        total = sum(int(v) for v in skipped.values())
+        items.append(f"meta-steps skipped (non-finite hypergradient or diverging solver): {total}"
+                     + (" — consider a lower meta.solver.alpha or meta.solver.kind=cg" if total else ""))
+    checkpoints = folder.checkpoints()
+    items.append(f"checkpoints kept: {len(checkpoints)}" + (f" (newest {checkpoints[-1].name})" if checkpoints else ""))
+    return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
+
+
+# ---- several runs ---------------------------------------------------------------------------
+
+
+def scores(summary: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Every headline number of a run summary as ``{row label: (mean, ci95)}``, whatever its job."""
+    out: dict[str, tuple[float, float]] = {}
+    for setting, res in summary.get("settings", {}).items():  # molecules
+        for method, by_mode in res["scores"].items():
+            for mode, v in by_mode.items():
+                out[f"{setting} · {method} · {mode} · test AUROC"] = (v["test_auroc_mean"], v["test_auroc_ci95"])
+    methods = summary.get("methods", {})
+    for method, body in methods.items():
+        if isinstance(body, dict) and "test_mse" in body:  # synthetic
+            out[f"{method} · test MSE"] = (body["test_mse"], float("nan"))
+            continue
+        for mode, by_fraction in (body or {}).items():  # ecg
+            for fraction, v in by_fraction.items():
+                if isinstance(v, dict) and "mean" in v:
+                    out[f"{method} · {mode} · {fraction} labels · test AUROC"] = (v["mean"], v.get("ci95", float("nan")))
+    return out
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def compare(folders: Sequence[RunFolder]) -> tuple[list[str], list[tuple[str, list[str]]], list[tuple[str, list[str]]]]:
+    """(run names, score rows, differing config rows), each row ``(label, one cell per run)``."""
+    names = [f.path.name for f in folders]
+    all_scores, configs = [], []
+    for folder in folders:
+        summary = json.loads(_read(folder.path / "summary.json") or "{}")
+        all_scores.append(scores(summary))
+        configs.append(_flat(yaml.safe_load(_read(folder.config_file)) or {}))
+    labels = list(dict.fromkeys(label for s in all_scores for label in s))
+    rows = [(label, [_cell(s.get(label)) for s in all_scores]) for label in labels]
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    diffs = [(k, [str(c.get(k, "—")) for c in configs]) for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+    return names, rows, diffs
+
+
+def _cell(value: tuple[float, float] | None) -> str:
+    if value is None:
+        return "—"
+    mean, ci = value
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.4f}" + (f" ± {ci:.4f}" if ci is not None and math.isfinite(ci) else "")
+
+
+def compare_markdown(folders: Sequence[RunFolder]) -> str:
+    names, rows, diffs = compare(folders)
+    head = "| | " + " | ".join(names) + " |\n|---" + "|---" * len(names) + "|\n"
+    text = "# Runs compared\n\n" + head + "".join(f"| {l} | " + " | ".join(c) + " |\n" for l, c in rows)
+    if diffs:
+        text += "\n## Configuration differences\n\n" + head
+        text += "".join(f"| {k} | " + " | ".join(c) + " |\n" for k, c in diffs)
+    return text

@@ -1,0 +1,187 @@
+"""Exact resume: a run killed with SIGKILL at several moments, then resumed, ends bitwise identical
+to an uninterrupted run; checkpoints are atomic, pruned and loadable with weights_only=True."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metapt.runs import RunFolder, RunFolderError, Session, atomic_path, capture_rng, restore_rng
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "metapt", *args, "--threads", "1"]
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _newest_checkpoint(folder: Path) -> int:
+    found = sorted((folder / "checkpoints").glob("ckpt-*.pt")) if (folder / "checkpoints").is_dir() else []
+    return int(found[-1].stem.split("-")[1]) if found else 0
+
+
+def _run_and_kill(cmd: list[str], when, timeout: float = 240) -> bool:
+    """Start ``cmd``; SIGKILL it as soon as ``when()`` holds. True if it was killed, False if it finished."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if when():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{cmd} did not finish in {timeout} s")
+        time.sleep(0.005)
+    assert proc.returncode == 0, proc.stderr.read().decode()
+    return False
+
+
+def _finish(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+
+
+def _final_state(folder: Path) -> dict:
+    state = RunFolder(folder).latest_checkpoint()
+    assert state is not None and state["phase"] is None  # the last checkpoint closes the run
+    return state["results"]
+
+
+def _summary(folder: Path) -> dict:
+    summary = json.loads((folder / "summary.json").read_text())
+    summary.pop("wall_seconds")
+    return summary
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    assert _summary(a) == _summary(b)
+    assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
+    ra, rb = _final_state(a), _final_state(b)
+    assert ra.keys() == rb.keys()
+    for key in ra:
+        for group in ("params", "metaparams"):
+            if isinstance(ra[key], dict) and group in ra[key]:
+                for name, tensor in ra[key][group].items():
+                    assert torch.equal(tensor, rb[key][group][name]), (key, group, name)
+
+
+def test_synthetic_run_killed_four_times_resumes_bitwise(tmp_path):
+    overrides = ["--set", "steps=120", "--set", "checkpoint.every=25", "--set", "meta.warmup_steps=20"]
+    ref, run = tmp_path / "reference", tmp_path / "killed"
+    _finish(_cli("run", "synthetic", "--out", str(ref), *overrides))
+    total = _lines(ref / "metrics.jsonl")
+    assert total == 240
+
+    # before the first checkpoint, just after one (mid-phase), in the second phase, right at the end
+    kills = [lambda: _lines(run / "metrics.jsonl") >= 10,
+             lambda: _newest_checkpoint(run) >= 2 and _lines(run / "metrics.jsonl") >= 60,
+             lambda: _lines(run / "metrics.jsonl") >= 170,
+             lambda: _lines(run / "metrics.jsonl") >= total - 3]
+    killed = _run_and_kill(_cli("run", "synthetic", "--out", str(run), *overrides), kills[0])
+    assert killed, "the run finished before the first kill point"
+    for when in kills[1:]:
+        _run_and_kill(_cli("resume", str(run)), when)
+    _finish(_cli("resume", str(run)))
+    _assert_same_run(ref, run)
+    assert len(list((run / "checkpoints").glob("ckpt-*.pt"))) <= 3  # checkpoint.keep
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_molecules_run_killed_in_pretraining_and_in_evaluation_resumes_bitwise(tmp_path):
+    ref, run = tmp_path / "reference", tmp_path / "killed"
+    _finish(_cli("run", "molecules-test", "--out", str(ref)))
+    pt_rows = _lines(ref / "metrics.jsonl")
+    # mid-way through the second method's pre-training, then during the fine-tuning evaluations
+    assert _run_and_kill(_cli("run", "molecules-test", "--out", str(run)),
+                         lambda: _lines(run / "metrics.jsonl") >= 45)
+    evaluations_started = _newest_checkpoint(ref)  # every evaluation unit is one checkpoint
+    _run_and_kill(_cli("resume", str(run)),
+                  lambda: _lines(run / "metrics.jsonl") >= pt_rows and _newest_checkpoint(run) >= evaluations_started - 4)
+    _finish(_cli("resume", str(run)))
+    _assert_same_run(ref, run)
+
+
+# ---- the pieces -------------------------------------------------------------------------------
+
+
+def test_atomic_write_leaves_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "state.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.txt"]
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    state = capture_rng()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_existing_run_folder_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(RunFolderError, match="already exists"):
+        RunFolder.create(tmp_path, "job: synthetic\n")
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
+    session = Session(folder)
+    session.record("a", {"x": torch.ones(2)})
+    session.record("b", {"x": torch.zeros(2)})
+    session.close()
+    newest = folder.checkpoints()[-1]
+    newest.write_bytes(newest.read_bytes()[:20])  # a disk fault: truncated file
+    state = folder.latest_checkpoint()
+    assert set(state["results"]) == {"a"}
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path):
+    from metapt.domains.synthetic.job import SyntheticJob, run_synthetic
+    from metapt.runs import Session as _Session
+
+    folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
+    job = SyntheticJob(steps=30, checkpoint={"every": 10})
+    session = _Session(folder, job.checkpoint)
+    session._save("renamed-phase", _trainer_for(job), None)  # a checkpoint from a differently named phase
+    session.close()
+    with pytest.raises(RunFolderError, match="configuration changed"):
+        run_synthetic(folder, job, resume=True)
+
+
+def _trainer_for(job):
+    from metapt import MetaPretrainer
+    from metapt.domains.synthetic.problem import SyntheticTaskWeighting
+
+    problem = SyntheticTaskWeighting(job.problem)
+    return MetaPretrainer(problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
+                          pt_optimizer=lambda ps: torch.optim.Adam(ps), meta_optimizer=lambda ps: torch.optim.Adam(ps))
