@@ -23,3 +23,17 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/hypergrad_cost.py
+
+# Side by side with Betty and TorchOpt (issue 7), in a venv of its own: peers are not dependencies.
+PEERS_VENV ?= benchmarks/.peers-venv
+
+$(PEERS_VENV)/.installed: pyproject.toml benchmarks/peers-requirements.txt
+	python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(PEERS_VENV)/bin/pip install -q -e . -r benchmarks/peers-requirements.txt
+	$(PEERS_VENV)/bin/pip install -q --no-deps --ignore-requires-python betty-ml==0.2.1
+	touch $@
+
+.PHONY: bench-peers
+bench-peers: $(PEERS_VENV)/.installed
+	OMP_NUM_THREADS=1 $(PEERS_VENV)/bin/python benchmarks/peers.py --out benchmarks/results/peers.json --md benchmarks/results/peers.md
