@@ -25,7 +25,9 @@ SetOption = Annotated[list[str], typer.Option(
     "--set", metavar="KEY=VALUE",
     help="Override one config key, e.g. --set meta.solver=cg --set pretrain.steps=500 (repeatable; "
          "the value is read as YAML).")]
-DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+DebugOption = Annotated[bool, typer.Option(
+    "--debug", help="Show the full traceback on errors; under torchrun, also check after every step that all "
+                    "processes hold bitwise identical θ, φ and head.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="torch CPU threads; on a shared machine 1 can be many times faster than "
                              "oversubscribed cores.")]
@@ -42,6 +44,7 @@ def _fail(message: str, code: int = 2):
 
 def _guarded(debug: bool, action):
     """Run ``action``; turn the errors a user can fix into one line and an exit status."""
+    from .distributed import DistributedSetupError
     from .runs import RunFolderError
     from .trainer import NonFiniteLossError
 
@@ -53,12 +56,41 @@ def _guarded(debug: bool, action):
         if debug:
             raise
         _fail(f"{err}. The last good checkpoint is kept; after changing the config, `metapt resume RUN_DIR`.", 3)
-    except (ValueError, RunFolderError, FileNotFoundError, PermissionError, _UserError) as err:
+    except (ValueError, RunFolderError, FileNotFoundError, PermissionError, DistributedSetupError, _UserError) as err:
         if debug:
             raise
         _fail(str(err).replace("\n", " "))
     except KeyboardInterrupt:
         _fail("interrupted; the newest checkpoint is kept: `metapt resume RUN_DIR` continues the run", 130)
+
+
+def _distributed(debug: bool):
+    """The torchrun process group when launched by torchrun, else a one-process context."""
+    import datetime
+
+    from .distributed import init_distributed
+
+    # The shipped jobs compute on CPU, so they talk over gloo even where CUDA exists; every process
+    # evaluates after pre-training, and the timeout must cover the longest gap between collectives.
+    return init_distributed("gloo", debug=debug, timeout=datetime.timedelta(hours=12))
+
+
+def _on_main(ctx, fn):
+    """``fn()`` on rank 0 only; every process gets its result, or raises its error."""
+    if not ctx.distributed:
+        return fn()
+    import torch.distributed as torch_dist
+
+    box: list = [None, None]
+    if ctx.is_main:
+        try:
+            box = [fn(), None]
+        except Exception as err:  # noqa: BLE001 (re-raised on every process below)
+            box = [None, str(err)]
+    torch_dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise _UserError(box[1])
+    return box[0]
 
 
 def _threads(threads: int | None) -> None:
@@ -68,9 +100,11 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _finish(folder, config, summary) -> None:
+def _finish(folder, ctx) -> None:
     from .report import write_report
 
+    if not ctx.is_main:
+        return
     md = folder.path / "summary.md"
     if md.is_file():
         console.print(md.read_text(encoding="utf-8"), markup=False, highlight=False)
@@ -97,14 +131,18 @@ def run(
     def action():
         from .config import load_config
         from .jobs import execute, start
+        from .runs import RunFolder
 
         extra = [f"data_dir={data}"] if data is not None else []
         resolved = load_config(config, [*overrides, *extra])
         _threads(threads)
-        folder = start(resolved, out or Path("runs") / f"{resolved.job}-{_dt.datetime.now():%Y%m%d-%H%M%S}",
-                       overwrite=overwrite)
-        err_console.print(f"run folder: {folder.path}")
-        _finish(folder, resolved, execute(folder, resolved, console=err_console))
+        with _distributed(debug) as ctx:
+            default = Path("runs") / f"{resolved.job}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+            folder = RunFolder(_on_main(ctx, lambda: str(start(resolved, out or default, overwrite=overwrite).path)))
+            if ctx.is_main:
+                err_console.print(f"run folder: {folder.path}")
+            execute(folder, resolved, console=err_console, dist=ctx)
+            _finish(folder, ctx)
 
     _guarded(debug, action)
 
@@ -125,7 +163,9 @@ def resume(
         folder = RunFolder.open(run_dir)
         resolved = load_config(folder.config_file)
         _threads(threads)
-        _finish(folder, resolved, execute(folder, resolved, resume=True, console=err_console))
+        with _distributed(debug) as ctx:
+            execute(folder, resolved, resume=True, console=err_console, dist=ctx)
+            _finish(folder, ctx)
 
     _guarded(debug, action)
 
@@ -164,7 +204,10 @@ def evaluate(
         resolved = validate(raw, str(folder.config_file))
         write_text_atomic(folder.config_file, to_yaml(resolved))
         _threads(threads)
-        _finish(folder, resolved, execute(folder, resolved, resume=True, console=err_console, reevaluate=True))
+        execute(folder, resolved, resume=True, console=err_console, reevaluate=True)
+        from .distributed import DistributedContext
+
+        _finish(folder, DistributedContext())
 
     _guarded(debug, action)
 

@@ -23,16 +23,20 @@ def start(config: RunConfig, out: str | Path, *, overwrite: bool = False) -> Run
 
 
 def execute(folder: RunFolder, config: RunConfig, *, resume: bool = False, console: Console | None = None,
-            reevaluate: bool = False) -> dict:
+            reevaluate: bool = False, dist=None) -> dict:
     """Run (or, with ``resume``, continue) ``config`` in ``folder``; returns the summary.
 
     ``reevaluate`` (with ``resume``) keeps the pre-trained encoders and redoes the evaluation.
+    ``dist``: the :class:`metapt.distributed.DistributedContext` of a torchrun launch.
     """
     console = console or Console(stderr=True)
+    if dist is not None and dist.distributed and config.job != "molecules":
+        raise ValueError(f"the {config.job} job runs in one process; launch it without torchrun "
+                         "(data-parallel runs are implemented for the molecules job)")
     if config.job == "molecules":
         from .domains.molecules.job import run_molecules
 
-        return run_molecules(folder, config, resume=resume, console=console, reevaluate=reevaluate)
+        return run_molecules(folder, config, resume=resume, console=console, reevaluate=reevaluate, dist=dist)
     if config.job == "synthetic":
         from .domains.synthetic.job import run_synthetic
 

@@ -198,13 +198,16 @@ class Session:
         checkpoint: how often to checkpoint and how many to keep.
         resume: continue from the newest checkpoint instead of starting afresh.
         console: where advice about skipped meta-steps goes.
-        is_main: False on non-zero ranks of a data-parallel run: they compute but write nothing.
+        dist: the :class:`metapt.distributed.DistributedContext` of a data-parallel run. Every
+            process keeps the same results and takes every checkpoint step (its RNG state is
+            gathered into the file); only rank 0 writes.
     """
 
     def __init__(self, folder: RunFolder, checkpoint: CheckpointConfig = CheckpointConfig(), *,
-                 resume: bool = False, console: Console | None = None, is_main: bool = True):
-        self.folder, self.checkpoint, self.is_main = folder, checkpoint, is_main
-        self.console = console or Console(stderr=True)
+                 resume: bool = False, console: Console | None = None, dist: Any = None):
+        self.folder, self.checkpoint, self.dist = folder, checkpoint, dist
+        self.is_main = dist is None or dist.is_main
+        self.console = console or Console(stderr=True, quiet=not self.is_main)
         self.results: dict[str, Any] = {}
         self._number = 0
         self._pending: dict[str, Any] | None = None  # the interrupted phase's state, used once
@@ -213,12 +216,14 @@ class Session:
             self.results = state["results"]
             self._number = int(state["number"])
             self._pending = state if state["phase"] is not None else None
-            if is_main and folder.metrics_file.exists():
+            if self.is_main and folder.metrics_file.exists():
                 with open(folder.metrics_file, "r+b") as f:  # drop rows logged after the checkpoint
                     f.truncate(int(state["metrics_offset"]))
-        elif is_main:
+        elif self.is_main:
             folder.metrics_file.unlink(missing_ok=True)
-        self.log = JsonlLogger(folder.metrics_file) if is_main else None
+        if dist is not None and dist.distributed:
+            dist.barrier()  # every process has read the checkpoint before rank 0 writes the next one
+        self.log = JsonlLogger(folder.metrics_file) if self.is_main else None
 
     @property
     def resumed_phase(self) -> str | None:
@@ -256,13 +261,13 @@ class Session:
             trainer.load_state_dict(self._pending["trainer"])
             if problem is not None and hasattr(problem, "load_state_dict"):
                 problem.load_state_dict(self._pending["problem"])
-            restore_rng(self._pending["rng"])
+            restore_rng(self._rng_of_this_process(self._pending["rng"]))
             self._pending = None
-        tb = None
+        tb, own_loggers = None, list(trainer.loggers)
         if self.is_main:
             self.log.phase = phase
             tb = TensorBoardLogger(self.folder.tensorboard_dir / _safe(phase), purge_step=trainer.step)
-            trainer.loggers = [self.log, tb]
+            trainer.loggers = [*own_loggers, self.log, tb]
         every = self.checkpoint.every
         skipped = trainer.skipped
         try:
@@ -278,13 +283,27 @@ class Session:
                 if trainer.step < steps:
                     self._save(phase, trainer, problem)
         finally:
+            trainer.loggers = own_loggers
             if tb is not None:
                 tb.close()
 
     # ---- checkpoint --------------------------------------------------------------------------
 
+    def _rng_of_this_process(self, states: list) -> dict[str, Any]:
+        rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        if len(states) != world:
+            raise RunFolderError(f"the checkpoint was written by {len(states)} process(es); resume with the same "
+                                 f"number (this run has {world}), since the data order depends on it")
+        return states[rank]
+
     def _save(self, phase: str | None, trainer: MetaPretrainer | None, problem: Any) -> None:
         self._number += 1
+        rng = [capture_rng()]
+        if self.dist is not None and self.dist.distributed:
+            import torch.distributed as torch_dist
+
+            rng = [None] * self.dist.world_size
+            torch_dist.all_gather_object(rng, capture_rng())
         if not self.is_main:
             return
         self.log.flush()
@@ -295,7 +314,7 @@ class Session:
             "phase": phase,
             "trainer": trainer.state_dict() if trainer is not None else None,
             "problem": problem.state_dict() if problem is not None and hasattr(problem, "state_dict") else None,
-            "rng": capture_rng(),
+            "rng": rng,  # one entry per process
             "metrics_offset": self.folder.metrics_file.stat().st_size,
         }
         self.folder.save_checkpoint(state, self._number, self.checkpoint.keep)

@@ -19,6 +19,7 @@ enters through :class:`metapt.problem.MetaProblem`.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,15 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .hypergrad import InnerOptimizer, Neumann, Solver, pretraining_hypergradient, sgd, unrolled_finetune
+from .hypergrad import (
+    InnerOptimizer,
+    Neumann,
+    Solver,
+    pretrain_graph,
+    pretraining_hypergradient,
+    sgd,
+    unrolled_finetune,
+)
 from .problem import MetaProblem, Params
 
 
@@ -96,6 +105,21 @@ class MetaPretrainer:
         loggers: receive per-step metrics.
         reduce_hypergrad: averages a hypergradient across processes in
             data-parallel runs; identity by default.
+        reduce_head: averages the FT head across processes after each update
+            of it (warm-up, catch-up, unroll); identity by default.
+        data_parallel: the data-parallel hooks of :mod:`metapt.distributed`
+            (``DistributedContext.trainer_kwargs()`` supplies them and the two
+            reductions): θ becomes a DistributedDataParallel module's parameters,
+            replicas start from rank 0's values, metrics are averaged over processes.
+        meta_views: problems whose batches each meta-step averages over, one
+            sample (``meta_batches`` samples) each; the persisted head is the mean
+            of their first samples' heads. Default: the problem itself. A
+            one-process reference for W data-parallel processes passes the W
+            shard views (:class:`metapt.distributed.ShardedProblem`).
+        reuse_pt_graph: take H and ∂²L_PT/∂φ∂θ from the gradient graph of the PT
+            step right before each meta-step (at that step's θ, batch and dropout
+            mask) instead of a second PT forward/backward: the meta-step's floor
+            cost (benchmarks/meta_overhead.py). False recomputes them at the new θ.
     """
 
     def __init__(
@@ -112,11 +136,18 @@ class MetaPretrainer:
         schedule: MetaSchedule = MetaSchedule(),
         loggers: Sequence[MetricsLogger] = (),
         reduce_hypergrad: Callable[[Params], Params] = lambda h: h,
+        reduce_head: Callable[[Params], Params] = lambda h: h,
+        data_parallel: Any = None,
+        meta_views: Sequence[MetaProblem] | None = None,
+        reuse_pt_graph: bool = True,
     ):
         self.problem = problem
         self.params = _leaves(params)
         self.head = {k: v.detach().clone() for k, v in head.items()}
         self.metaparams = _leaves(metaparams)
+        self.data_parallel = data_parallel
+        if data_parallel is not None:  # θ becomes a DDP module's parameters; every process starts from rank 0's values
+            data_parallel.setup(self)
         self.pt_opt = pt_optimizer(list(self.params.values()))
         self.meta_opt = meta_optimizer(list(self.metaparams.values()))
         self.inner = inner_optimizer if inner_optimizer is not None else sgd(0.1)
@@ -124,6 +155,9 @@ class MetaPretrainer:
         self.schedule = schedule
         self.loggers = list(loggers)
         self.reduce_hypergrad = reduce_hypergrad
+        self.reduce_head = reduce_head
+        self.meta_views = list(meta_views) if meta_views is not None else [problem]
+        self.reuse_pt_graph = reuse_pt_graph
         self.step = 0  # PT steps taken
         self.meta_step_count = 0  # meta-steps attempted
         self.skipped = 0  # meta-steps whose hypergradient was unusable
@@ -138,24 +172,50 @@ class MetaPretrainer:
                 metrics.update(self.warmup_head_step())
             elif self.step % self.schedule.meta_interval == 0:
                 metrics.update(self.meta_step())
+            if self.data_parallel is not None:  # every process: metrics averaged; replicas checked in debug mode
+                metrics = self.data_parallel.end_step(self, metrics)
             self._log(metrics)
             if progress is not None:
                 progress(self.step)
 
     def pretrain_step(self) -> dict[str, float]:
-        """θ ← PT optimiser step on L_PT(θ, φ) with φ held fixed."""
+        """θ ← PT optimiser step on L_PT(θ, φ) with φ held fixed.
+
+        Right before a meta-step the step keeps the graph of its gradient (``pretrain_graph``),
+        and the meta-step takes H and ∂²L_PT/∂φ∂θ from it, at this step's θ and batch, instead
+        of running a second PT forward/backward (``reuse_pt_graph=False`` turns this off).
+        """
         batch = self.problem.pretrain_batch(self.step)
-        phi = {k: v.detach() for k, v in self.metaparams.items()}
         self.pt_opt.zero_grad(set_to_none=True)
-        loss = self.problem.pretrain_loss(self.params, phi, batch)
+        self._pt_graph = None  # a kept graph that no meta-step took is stale now
+        sched, nxt = self.schedule, self.step + 1
+        keep_graph = (
+            self.reuse_pt_graph and self.data_parallel is None
+            and len(self.meta_views) == 1 and self.meta_views[0] is self.problem
+            and nxt > sched.warmup_steps and nxt % sched.meta_interval == 0
+        )
+        if keep_graph:
+            graph = pretrain_graph(lambda th, ph: self.problem.pretrain_loss(th, ph, batch), self.params, self.metaparams)
+            loss = graph.loss
+        else:
+            phi = {k: v.detach() for k, v in self.metaparams.items()}
+            pretrain_loss = self.problem.pretrain_loss if self.data_parallel is None else self.data_parallel.pretrain_loss
+            loss = pretrain_loss(self.params, phi, batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"pre-training loss became {loss.item()} at step {self.step}; lower the PT learning rate "
                 "or the meta learning rate, then resume from the last checkpoint"
             )
-        loss.backward()
+        if keep_graph:
+            for k, v in self.params.items():
+                v.grad = None if graph.grad[k] is None else graph.grad[k].detach()
+        else:
+            loss.backward()
         self.pt_opt.step()
         self.step += 1
+        if keep_graph:  # valid for the meta-step of this step only, while θ and φ stay as they are now
+            versions = [v._version for v in (*self.params.values(), *self.metaparams.values())]
+            self._pt_graph = (self.step, versions, graph)
         return {"pt_loss": float(loss.detach())}
 
     def warmup_head_step(self) -> dict[str, float]:
@@ -163,7 +223,7 @@ class MetaPretrainer:
         theta = {k: v.detach() for k, v in self.params.items()}
         batch = self.problem.finetune_batch(self.step)
         head, loss = self._finetune({**self.head}, theta, lambda _: batch, steps=1)
-        self.head = {k: v.detach() for k, v in head.items()}
+        self.head = self.reduce_head({k: v.detach() for k, v in head.items()})
         return {"warmup_ft_loss": loss}
 
     def meta_step(self) -> dict[str, float]:
@@ -174,15 +234,21 @@ class MetaPretrainer:
             theta = {k: v.detach() for k, v in self.params.items()}
             first = self.meta_step_count * sched.head_steps
             head, loss = self._finetune(self.head, theta, lambda k: self.problem.finetune_batch(first + k), sched.head_steps)
-            self.head = {k: v.detach() for k, v in head.items()}
+            self.head = self.reduce_head({k: v.detach() for k, v in head.items()})
             catch_up = {"head_ft_loss": loss}
         total: Params | None = None
-        infos, new_head = [], None
-        for j in range(sched.meta_batches):
+        infos, heads = [], []
+        # the gradient graph of the PT step just taken (pretrain_step keeps it when a meta-step follows)
+        kept, self._pt_graph = getattr(self, "_pt_graph", None), None
+        versions = [v._version for v in (*self.params.values(), *self.metaparams.values())]
+        # None where θ or φ changed since (a load_state_dict, an update by hand): recompute then
+        pt_graph = kept[2] if kept is not None and kept[:2] == (self.step, versions) else None
+        for view, j in itertools.product(self.meta_views, range(sched.meta_batches)):  # view: batches only
             index = self.meta_step_count * sched.meta_batches + j
-            pt_batch = self.problem.pretrain_batch(self.step - 1 if j == 0 else _extra_index(self.step, j))
-            val_batch = self.problem.metaval_batch(index)
-            ft_batches = lambda k, index=index: self.problem.finetune_batch(index * max(sched.unroll_steps, 1) + k)
+            graph = pt_graph if j == 0 and view is self.problem else None  # H, mixed term: at that step's θ
+            pt_batch = None if graph is not None else view.pretrain_batch(self.step - 1 if j == 0 else _extra_index(self.step, j))
+            val_batch = view.metaval_batch(index)
+            ft_batches = lambda k, index=index, view=view: view.finetune_batch(index * max(sched.unroll_steps, 1) + k)
             outcome: dict[str, Params] = {}
 
             def meta_loss(theta: Params) -> Tensor:
@@ -196,18 +262,22 @@ class MetaPretrainer:
                 self.params,
                 self.metaparams,
                 self.solver,
+                graph=graph,
             )
+            pt_graph = graph = None  # free the PT graph before the next sample
             infos.append(info)
-            if new_head is None:
-                new_head = {k: v.detach() for k, v in outcome["head"].items()}
+            if j == 0:
+                heads.append({k: v.detach() for k, v in outcome["head"].items()})
             if total is None:
                 total = hyper
             else:
                 for k in total:
                     total[k].add_(hyper[k])
-        if sched.meta_batches > 1:
+        if len(infos) > 1:
             for v in total.values():
-                v.div_(sched.meta_batches)
+                v.div_(len(infos))
+        if not all(i.usable for i in infos):  # NaN survives the cross-process mean: every process skips alike
+            total = {k: torch.full_like(v, math.nan) for k, v in total.items()}
         hyper = self.reduce_hypergrad(total)
         # one pass over φ: the norm is non-finite exactly when some entry is (or it overflows)
         norm = math.sqrt(sum(float(torch.dot(v.reshape(-1), v.reshape(-1))) for v in hyper.values()))
@@ -220,6 +290,7 @@ class MetaPretrainer:
             self.meta_opt.step()
         else:
             self.skipped += 1
+        new_head = self.reduce_head(_mean(heads))
         if all(bool(torch.isfinite(v).all()) for v in new_head.values()):  # a NaN head would poison later steps
             self.head = new_head
 
@@ -298,6 +369,10 @@ class MetaPretrainer:
 
 def _part(params: Mapping[str, Tensor], prefix: str) -> Params:
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def _mean(trees: Sequence[Params]) -> Params:
+    return trees[0] if len(trees) == 1 else {k: sum(t[k] for t in trees) / len(trees) for k in trees[0]}
 
 
 def _extra_index(step: int, j: int) -> int:

@@ -1,6 +1,11 @@
 """The math of metapt: pure functions over dict[str, Tensor], no modules, data or I/O."""
 
-from .core import HypergradInfo, pretraining_hypergradient
+from .core import (
+    HypergradInfo,
+    PretrainGraph,
+    pretrain_graph,
+    pretraining_hypergradient,
+)
 from .optim import AdamState, InnerOptimizer, SGDState, adam, sgd
 from .solvers import ConjugateGradient, Identity, Neumann, Solver, SolverInfo
 from .unroll import unrolled_finetune
@@ -12,10 +17,12 @@ __all__ = [
     "Identity",
     "InnerOptimizer",
     "Neumann",
+    "PretrainGraph",
     "SGDState",
     "Solver",
     "SolverInfo",
     "adam",
+    "pretrain_graph",
     "pretraining_hypergradient",
     "sgd",
     "unrolled_finetune",

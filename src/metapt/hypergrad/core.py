@@ -6,7 +6,9 @@
 Lorraine et al., AISTATS 2020). g comes from backpropagation through whatever
 ``meta_loss`` does with θ (typically K unrolled fine-tuning steps); H⁻¹g from a
 matrix-free solver; the mixed term from one vector-Jacobian product. H and
-dθ*/dφ are never formed, so memory does not grow with the size of φ.
+dθ*/dφ are never formed, so memory does not grow with the size of φ. The graph of
+∇θ L_PT that H and the mixed term need can come from a pre-training step's own
+forward/backward (:func:`pretrain_graph`), so a meta-step need not run one.
 """
 
 from __future__ import annotations
@@ -80,6 +82,50 @@ def _check_inputs(theta: Mapping[str, Tensor], phi: Mapping[str, Tensor]) -> Non
                 )
 
 
+@dataclass(frozen=True)
+class PretrainGraph:
+    """L_PT and ∇θ L_PT at one (θ, φ), with the gradient's graph kept for second derivatives.
+
+    Made by :func:`pretrain_graph`. A pre-training step can take its update from ``grad`` and
+    hand the same object to :func:`pretraining_hypergradient`, which then takes the
+    Hessian-vector products and the mixed product from this graph instead of running a PT
+    forward and backward of its own.
+
+    Attributes:
+        theta: the θ leaves the graph was built at: fresh copies, so an optimiser may update the
+            tensors they were copied from in place without invalidating the graph.
+        phi: the φ tensors the graph reaches (the caller's own).
+        loss: L_PT(θ, φ), attached to the graph.
+        grad: ∇θ L_PT(θ, φ), keys of θ, built with ``create_graph=True``; None where L_PT does
+            not use an entry of θ (as ``.grad`` after a plain backward).
+    """
+
+    theta: Params
+    phi: Mapping[str, Tensor]
+    loss: Tensor
+    grad: dict[str, Tensor | None]
+
+
+def pretrain_graph(
+    pretrain_loss: Callable[[Params, Mapping[str, Tensor]], Tensor],
+    theta: Mapping[str, Tensor],
+    phi: Mapping[str, Tensor],
+) -> PretrainGraph:
+    """One PT forward and backward at (θ, φ) that keeps the graph of ∇θ L_PT.
+
+    Costs what a pre-training step's forward and backward cost (plus recording the backward);
+    ``grad`` detached is that step's gradient, and the :class:`PretrainGraph` lets
+    :func:`pretraining_hypergradient` skip its own PT forward/backward (``graph=``).
+    """
+    _check_inputs(theta, phi)
+    theta_v = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+    with _differentiable(phi), torch.enable_grad():
+        loss = pretrain_loss(theta_v, phi)
+        _check_scalar(loss, "pretrain_loss")
+        grads = torch.autograd.grad(loss, list(theta_v.values()), create_graph=True, allow_unused=True)
+    return PretrainGraph(theta_v, dict(phi), loss, dict(zip(theta_v, grads)))
+
+
 def pretraining_hypergradient(
     pretrain_loss: Callable[[Params, Mapping[str, Tensor]], Tensor],
     meta_loss: Callable[[Params], Tensor],
@@ -88,6 +134,7 @@ def pretraining_hypergradient(
     solver: Solver,
     *,
     forward_over_reverse: bool = False,
+    graph: PretrainGraph | None = None,
 ) -> tuple[Params, HypergradInfo]:
     """Gradient of the post-fine-tuning validation loss with respect to φ.
 
@@ -105,6 +152,13 @@ def pretraining_hypergradient(
             (torch.func.jvp over torch.func.grad) instead of by double backward.
             It recomputes the PT forward for each HVP but keeps no graph between
             them; ``pretrain_loss`` must then be torch.func-compatible.
+        graph: the gradient ∇θ L_PT with its graph, from :func:`pretrain_graph` with the same
+            ``phi`` (typically the PT step's own, so the meta-step runs no PT forward/backward).
+            H and the mixed term are then taken at ``graph.theta`` and ``pretrain_loss`` is not
+            called (except by ``forward_over_reverse``); dL_V/dθ is still taken at ``theta``.
+            With ``graph.theta`` equal to ``theta`` this is the same hypergradient; a graph from
+            the PT step that produced ``theta`` evaluates the second derivatives one optimiser
+            step earlier.
 
     Returns:
         ``(hypergrad, info)``: a dict with φ's keys and shapes holding dL_V/dφ
@@ -115,6 +169,8 @@ def pretraining_hypergradient(
             ``meta_loss`` does not depend on its θ argument.
     """
     _check_inputs(theta, phi)
+    if graph is not None:
+        _check_graph(graph, theta, phi)
     t_keys, p_keys = list(theta), list(phi)
     theta_v = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     t_list = [theta_v[k] for k in t_keys]
@@ -133,16 +189,21 @@ def pretraining_hypergradient(
         g = {k: torch.zeros_like(theta_v[k]) if gr is None else gr for k, gr in zip(t_keys, grads)}
         direct = dict(zip(p_keys, grads[len(t_keys):]))  # None where L_V does not close over φ
 
-        # ∇θ L_PT(θ, φ) with its graph, for the HVPs and the mixed product.
-        lpt = pretrain_loss(theta_v, phi)
-        _check_scalar(lpt, "pretrain_loss")
-        grad_pt = torch.autograd.grad(lpt, t_list, create_graph=True, allow_unused=True)
+        # ∇θ L_PT(θ, φ) with its graph, for the HVPs and the mixed product: built here, or given.
+        if graph is None:
+            h_point = theta_v
+            lpt = pretrain_loss(theta_v, phi)
+            _check_scalar(lpt, "pretrain_loss")
+            grad_pt = torch.autograd.grad(lpt, t_list, create_graph=True, allow_unused=True)
+        else:
+            h_point, lpt = graph.theta, graph.loss
+            grad_pt = [graph.grad[k] for k in t_keys]
         live = [i for i, gr in enumerate(grad_pt) if gr is not None and gr.requires_grad]
         live_out = [grad_pt[i] for i in live]
-        live_in = [t_list[i] for i in live]
+        live_in = [h_point[t_keys[i]] for i in live]
 
         if forward_over_reverse:
-            hvp = _forward_over_reverse_hvp(pretrain_loss, theta_v, phi)
+            hvp = _forward_over_reverse_hvp(pretrain_loss, h_point, phi)
         else:
 
             def hvp(v: Params) -> Params:
@@ -190,6 +251,25 @@ def pretraining_hypergradient(
         finite=math.isfinite(norm),
     )
     return hyper, info
+
+
+def _check_graph(graph: PretrainGraph, theta: Mapping[str, Tensor], phi: Mapping[str, Tensor]) -> None:
+    if not isinstance(graph, PretrainGraph):
+        raise TypeError(
+            f"pretraining_hypergradient: graph must be a PretrainGraph from pretrain_graph(), got {type(graph).__name__}"
+        )
+    if set(graph.theta) != set(theta):
+        raise ValueError("pretraining_hypergradient: graph was built for other theta keys than the theta given")
+    for k, v in theta.items():
+        if graph.theta[k].shape != v.shape:
+            raise ValueError(
+                f"pretraining_hypergradient: graph.theta[{k!r}] has shape {tuple(graph.theta[k].shape)}, "
+                f"theta[{k!r}] {tuple(v.shape)}"
+            )
+    if set(graph.phi) != set(phi) or any(graph.phi[k] is not v for k, v in phi.items()):
+        raise ValueError(
+            "pretraining_hypergradient: graph was built with other phi tensors; pass pretrain_graph the same phi dict"
+        )
 
 
 def _check_scalar(value: Tensor, name: str) -> None:

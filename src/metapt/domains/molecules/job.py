@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -116,52 +115,42 @@ def _problem(data: MoleculeData, job: MoleculesJob, method: str) -> MoleculesPro
                             seed=job.seed)
 
 
-def _trainer(problem: MoleculesProblem, job: MoleculesJob, method: str) -> MetaPretrainer:
-    torch.manual_seed(job.seed + 1)
+def _trainer(problem: MoleculesProblem, job: MoleculesJob, method: str, dist=None) -> MetaPretrainer:
+    """The trainer of one method; with ``dist`` (torchrun), data-parallel over its processes."""
+    torch.manual_seed(job.seed + 1 + (dist.rank if dist is not None else 0))  # dropout masks differ per process
     meta = method != "uniform"
     steps = job.pretrain.steps
     # the uniform baseline takes the same PT steps and never a meta-step
     schedule = job.meta.schedule() if meta else job.meta.schedule(meta_interval=steps + 1, warmup_steps=0)
     return MetaPretrainer(
-        problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
+        dist.shard(problem) if dist is not None else problem,
+        problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=job.pretrain.lr),
         meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=job.meta.lr),
         inner_optimizer=sgd(job.meta.inner_lr),
         solver=job.meta.solver.build(job.pretrain.lr),
         schedule=schedule,
+        **(dist.trainer_kwargs(sync_buffers_of=problem.encoder) if dist is not None else {}),
     )
 
 
-def _iterate(data: MoleculeData) -> Callable:
-    splits = {
-        "train": torch.cat([data.split["ft_train"], data.split["metaval"]]).sort().values,
-        "valid": data.split["valid"],
-        "test": data.split["test"],
-    }
-
-    def iterate(split, batch_size, shuffle, seed):
-        pos = splits[split]
-        if shuffle:
-            pos = pos[torch.randperm(len(pos), generator=torch.Generator().manual_seed(seed))]
-        for i in range(0, len(pos), batch_size):
-            batch = data.downstream_batch(pos[i : i + batch_size])
-            yield batch, batch.y
-
-    return iterate
-
-
 def run_molecules(folder: RunFolder | str | Path, job: MoleculesJob = MoleculesJob(), *, resume: bool = False,
-                  console: Console | None = None, reevaluate: bool = False) -> dict:
+                  console: Console | None = None, reevaluate: bool = False, dist=None) -> dict:
     """Run ``job`` in ``folder`` (continuing its newest checkpoint if ``resume``); returns the summary.
 
-    ``reevaluate`` drops recorded evaluation results, so they are computed again.
+    ``reevaluate`` drops recorded evaluation results, so they are computed again. ``dist`` (a
+    :class:`metapt.distributed.DistributedContext`) pre-trains data-parallel; every process then
+    evaluates (seeded, so identically) and rank 0 alone writes.
     """
+    is_main = dist is None or dist.is_main
     console = console or Console(stderr=True)
+    if not is_main:
+        console = Console(stderr=True, quiet=True)
     if not isinstance(folder, RunFolder):
         folder = RunFolder(folder)
         folder.path.mkdir(parents=True, exist_ok=True)
     out = folder.path
-    session = Session(folder, job.checkpoint, resume=resume, console=console)
+    session = Session(folder, job.checkpoint, resume=resume, console=console, dist=dist)
     if reevaluate:
         session.forget("eval/")
     started = time.perf_counter()
@@ -185,7 +174,7 @@ def run_molecules(folder: RunFolder | str | Path, job: MoleculesJob = MoleculesJ
                     problem = _problem(data, job, method)
                     if not session.done(phase):
                         task = bars.add_task(f"{setting}: {METHODS[method][0]}", total=job.pretrain.steps, info="")
-                        trainer = _trainer(problem, job, method)
+                        trainer = _trainer(problem, job, method, dist)
                         session.train(phase, trainer, job.pretrain.steps, problem,
                                       progress=lambda s, t=task: bars.update(t, completed=s))
                         session.record(phase, {"params": {k: v.detach() for k, v in trainer.params.items()},
@@ -195,9 +184,9 @@ def run_molecules(folder: RunFolder | str | Path, job: MoleculesJob = MoleculesJ
                     problem.load_state_dict(result["problem"])
                     encoders[method] = problem.encoder_with(result["params"])
                     learned.setdefault(setting, {})[METHODS[method][0]] = _save_weights(
-                        out, setting, data, result["metaparams"])
+                        out, setting, data, result["metaparams"], write=is_main)
 
-                iterate = _iterate(data)
+                iterate = data.iterate_downstream
                 scores: dict = {}
                 total = len(encoders) * sum(c.epochs for c in modes.values()) * job.evaluation.seeds
                 task = bars.add_task(f"{setting}: fine-tune and score", total=total, info="")
@@ -227,21 +216,24 @@ def run_molecules(folder: RunFolder | str | Path, job: MoleculesJob = MoleculesJ
     summary["skipped_meta_steps"] = {k: int(v["skipped"]) for k, v in session.results.items()
                                      if not k.startswith("eval/")}
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if not is_main:
+        return summary
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     write_text_atomic(out / "summary.md", summary_markdown(summary))
     write_plots(out, summary)
     return summary
 
 
-def _save_weights(out: Path, setting: str, data: MoleculeData, phi: dict) -> dict:
+def _save_weights(out: Path, setting: str, data: MoleculeData, phi: dict, write: bool = True) -> dict:
     result = {}
     if "task_logits" in phi:
         w = weights_from_logits(phi["task_logits"].detach())
         result = {name: round(float(v), 4) for name, v in zip(data.pretrain_task_names, w)}
     if "example_logits" in phi:
         w = weights_from_logits(phi["example_logits"].detach()).numpy()
-        np.savez_compressed(out / f"example_weights_{setting}.npz", weights=w,
-                            positions=data.pretrain_positions.numpy())
+        if write:
+            np.savez_compressed(out / f"example_weights_{setting}.npz", weights=w,
+                                positions=data.pretrain_positions.numpy())
         result = {"mean": float(w.mean()), "std": float(w.std()), "min": float(w.min()), "max": float(w.max())}
     return result
 

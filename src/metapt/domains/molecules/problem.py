@@ -57,6 +57,20 @@ class MoleculeData:
         batch.y = self.downstream_labels[positions]
         return batch
 
+    def iterate_downstream(self, split: str, batch_size: int, shuffle: bool, seed: int):
+        """``(batch, labels)`` over "train" (FT-train ∪ MetaFT-validation: evaluation fine-tunes on
+        all the downstream training data), "valid" or "test"; the ``iterate`` of
+        :func:`metapt.evaluation.finetune_and_score`."""
+        if split == "train":
+            pos = torch.cat([self.split["ft_train"], self.split["metaval"]]).sort().values
+        else:
+            pos = self.split[split]
+        if shuffle:
+            pos = pos[torch.randperm(len(pos), generator=torch.Generator().manual_seed(seed))]
+        for i in range(0, len(pos), batch_size):
+            batch = self.downstream_batch(pos[i : i + batch_size])
+            yield batch, batch.y
+
 
 class _RowGraphs:
     """Featurise only the needed rows of a SMILES table; map table rows to graph positions."""
