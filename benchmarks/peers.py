@@ -24,6 +24,15 @@ through its own public API:
                  ``solve_cg(maxiter=N)``, and the head unrolled with ``torchopt.sgd``
                  (``inplace=False``).
 
+Two units are timed. A *meta-step alone* (the rows above: ``meta_step()`` with no PT step before
+it, the like-for-like cost of one hypergradient) and a *cycle*, one PT step then one meta-step,
+what Algorithm 1 runs every ``meta_interval`` PT steps (``--cycle-methods``): ``metapt`` is
+``pretrain_step(); meta_step()`` with ``reuse_pt_graph=True`` (the default: the PT step keeps its
+gradient graph and the meta-step takes H and ∂²L_PT/∂φ∂θ from it; the reference of the cycle
+ratios), ``metapt-noreuse`` the same with ``reuse_pt_graph=False``, ``betty`` ``Engine.train_step()``
+(the PT problem's Adam step, which then steps the meta problem) and ``torchopt`` a ``torchopt.Adam``
+step on θ then the meta-step above.
+
 Times are medians over interleaved repetitions in one process (one warm-up step each, not
 counted); peak memory is, per method, in a fresh subprocess, the kernel's RSS high-water mark
 during one meta-step over the RSS just before it (``/proc/self/clear_refs``; glibc
@@ -39,7 +48,7 @@ CG. Peers are not metapt dependencies; they live in their own venv (``make bench
     OMP_NUM_THREADS=1 benchmarks/.peers-venv/bin/python benchmarks/peers.py \\
         --out benchmarks/results/peers.json --md benchmarks/results/peers.md
 
-(about 15 minutes on a shared 2-core machine; ``--models small`` alone takes about 5.)
+(about 7.5 minutes on an otherwise quiet 2-core machine, about 15 on a loaded one.)
 ``--render peers.json --md peers.md`` re-renders the Markdown from a results file.
 """
 
@@ -66,7 +75,13 @@ from torch import nn
 from torch.func import functional_call
 
 from metapt import MetaPretrainer, MetaSchedule
-from metapt.hypergrad import ConjugateGradient, Neumann, pretraining_hypergradient, sgd, unrolled_finetune
+from metapt.hypergrad import (
+    ConjugateGradient,
+    Neumann,
+    pretraining_hypergradient,
+    sgd,
+    unrolled_finetune,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The problem
@@ -209,9 +224,15 @@ def _metapt_solver(s: Setting):
 
 
 class MetaptTrainer:
-    """metapt's user-facing meta-step: ``MetaPretrainer.meta_step``."""
+    """metapt's user-facing meta-step: ``MetaPretrainer.meta_step``.
 
-    def __init__(self, s: Setting):
+    ``cycle()`` is what Algorithm 1 runs every ``meta_interval`` PT steps: ``pretrain_step()``
+    then ``meta_step()``; with ``reuse_pt_graph=True`` (the default) that PT step keeps its
+    gradient graph and the meta-step takes H and the mixed term from it. ``step()`` alone has
+    no such PT step before it, so it always runs its own PT forward/backward.
+    """
+
+    def __init__(self, s: Setting, reuse_pt_graph: bool = True):
         p = Problem(s)
         self.t = MetaPretrainer(
             _MetaptProblem(p), p.theta0(), p.head0, p.phi0,
@@ -219,8 +240,8 @@ class MetaptTrainer:
             meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=s.meta_lr),
             inner_optimizer=sgd(s.ft_lr), solver=_metapt_solver(s),
             schedule=MetaSchedule(meta_interval=1, unroll_steps=s.K),
+            reuse_pt_graph=reuse_pt_graph,
         )
-        self.pt_step = self.t.pretrain_step
 
     def step(self):
         self.last = self.t.meta_step()
@@ -228,9 +249,23 @@ class MetaptTrainer:
             raise RuntimeError(f"metapt's solve diverged (the update was skipped): {self.last}")
         return {k: v.grad.detach().clone() for k, v in self.t.metaparams.items()}
 
+    def cycle(self):
+        self.t.pretrain_step()
+        return self.step()
+
+    def pt_step(self):
+        """A plain PT step (no graph kept: with meta_interval = 1 every step would keep one)."""
+        reuse, self.t.reuse_pt_graph = self.t.reuse_pt_graph, False
+        try:
+            self.t.pretrain_step()
+        finally:
+            self.t.reuse_pt_graph = reuse
+
 
 class MetaptFn:
     """``pretraining_hypergradient`` called directly, then Adam on φ."""
+
+    forward_over_reverse = False
 
     def __init__(self, s: Setting):
         self.s, self.p = s, Problem(s)
@@ -248,7 +283,8 @@ class MetaptFn:
             out["head"] = head
             return p.ft_loss(theta, head, p.val_batch)
 
-        hyper, self.info = pretraining_hypergradient(p.pt_loss, meta_loss, self.theta, self.phi, self.solver)
+        hyper, self.info = pretraining_hypergradient(p.pt_loss, meta_loss, self.theta, self.phi, self.solver,
+                                                     forward_over_reverse=self.forward_over_reverse)
         self.opt.zero_grad(set_to_none=True)
         for k, v in self.phi.items():
             v.grad = hyper[k]
@@ -260,26 +296,14 @@ class MetaptFn:
 class MetaptFwdRev(MetaptFn):
     """``pretraining_hypergradient(..., forward_over_reverse=True)``: HVPs as JVPs of the gradient."""
 
-    def step(self):
-        p, out = self.p, {}
-
-        def meta_loss(theta):
-            head = unrolled_finetune(lambda h, k: p.ft_loss(theta, h, p.ft_batch), self.head, self.inner, self.s.K)
-            out["head"] = head
-            return p.ft_loss(theta, head, p.val_batch)
-
-        hyper, self.info = pretraining_hypergradient(p.pt_loss, meta_loss, self.theta, self.phi, self.solver,
-                                                     forward_over_reverse=True)
-        self.opt.zero_grad(set_to_none=True)
-        for k, v in self.phi.items():
-            v.grad = hyper[k]
-        self.opt.step()
-        self.head = {k: v.detach() for k, v in out["head"].items()}
-        return {k: v.detach().clone() for k, v in hyper.items()}
+    forward_over_reverse = True
 
 
 class TorchOpt:
-    """TorchOpt: ``custom_root`` on ∇θ L_PT = 0 + its linear solvers; head unrolled with ``torchopt.sgd``."""
+    """TorchOpt: ``custom_root`` on ∇θ L_PT = 0 + its linear solvers; head unrolled with ``torchopt.sgd``.
+
+    ``cycle()``: a PT step with ``torchopt.Adam`` on θ (forward, backward, step), then ``step()``.
+    """
 
     def __init__(self, s: Setting):
         import torchopt
@@ -288,8 +312,9 @@ class TorchOpt:
         self.s, self.p, self.torchopt = s, Problem(s), torchopt
         th = self.p.theta0()
         self.keys = list(th)
-        self.theta = tuple(th[k] for k in self.keys)
+        self.theta = tuple(th[k].requires_grad_(True) for k in self.keys)  # leaves of the PT optimiser
         self.phi = tuple(v.clone().requires_grad_(True) for v in self.p.phi0.values())
+        self.pt_opt = torchopt.Adam(self.theta, lr=s.pt_lr)
         self.head = tuple(self.p.head0[k] for k in ("weight", "bias"))
         self.opt = torch.optim.Adam(self.phi, lr=s.meta_lr)
         if s.solver in ("neumann", "identity"):
@@ -313,7 +338,7 @@ class TorchOpt:
 
     def step(self):
         torchopt, p, s = self.torchopt, self.p, self.s
-        theta = dict(zip(self.keys, self.inner_solution(self.theta, self.phi)))
+        theta = dict(zip(self.keys, self.inner_solution(tuple(v.detach() for v in self.theta), self.phi)))
         head = tuple(v.detach().requires_grad_(True) for v in self.head)
         opt = torchopt.sgd(s.ft_lr)
         state = opt.init(head)
@@ -329,9 +354,19 @@ class TorchOpt:
         self.head = tuple(v.detach() for v in head)
         return {"task_logits": self.phi[0].grad.detach().clone()}
 
+    def cycle(self):
+        self.pt_opt.zero_grad(set_to_none=True)
+        self.p.pt_loss(dict(zip(self.keys, self.theta)), {"task_logits": self.phi[0].detach()}).backward()
+        self.pt_opt.step()
+        return self.step()
+
 
 class Betty:
-    """Betty: ImplicitProblem "pt" (θ; hypergradient type neumann/cg) under ImplicitProblem "meta" (φ)."""
+    """Betty: ImplicitProblem "pt" (θ; hypergradient type neumann/cg) under ImplicitProblem "meta" (φ).
+
+    ``cycle()`` is ``Engine.train_step()``: the PT problem's ``step`` (one Adam step on θ) which,
+    after its ``unroll_steps = 1``, calls the meta problem's ``step_normal`` (one meta-step).
+    """
 
     def __init__(self, s: Setting):
         from betty.configs import Config, EngineConfig
@@ -339,7 +374,7 @@ class Betty:
         from betty.problems import ImplicitProblem
 
         self.s, p = s, Problem(s)
-        grabbed = {}
+        grabbed, kept = {}, {"head": {k: v.clone() for k, v in p.head0.items()}}
 
         class Net(nn.Module):
             def __init__(self):
@@ -363,17 +398,15 @@ class Betty:
                 return loss
 
         class Meta(ImplicitProblem):
-            head = {k: v.clone() for k, v in p.head0.items()}
-
             def training_step(self, batch):
                 (ft_g, ft_y), (val_g, val_y) = batch
                 enc = self.pt.module.enc
-                w, b = (self.head[k].detach().requires_grad_(True) for k in ("weight", "bias"))
+                w, b = (kept["head"][k].detach().requires_grad_(True) for k in ("weight", "bias"))
                 for _ in range(s.K):  # differentiable head-only SGD (Betty has no unroll helper)
                     loss = F.binary_cross_entropy_with_logits(enc(ft_g) @ w + b, ft_y)
                     gw, gb = torch.autograd.grad(loss, (w, b), create_graph=True)
                     w, b = w - s.ft_lr * gw, b - s.ft_lr * gb
-                type(self).head = {"weight": w.detach(), "bias": b.detach()}
+                kept["head"] = {"weight": w.detach(), "bias": b.detach()}
                 return F.binary_cross_entropy_with_logits(enc(val_g) @ w + b, val_y)
 
             def grad_callback(self):
@@ -404,6 +437,11 @@ class Betty:
         self.meta.one_step_descent()
         return {"task_logits": self.grabbed["task_logits"]}
 
+    def cycle(self):
+        self.grabbed.clear()
+        self.engine.train_step()
+        return {"task_logits": self.grabbed["task_logits"]}  # KeyError if Engine skipped the meta-step
+
 
 class _Loader:
     """An endless 'data loader' yielding one fixed batch (Betty iterates it)."""
@@ -418,7 +456,10 @@ class _Loader:
 CG_DAMPING = 3.0  # smallest of {0.1, 0.3, 1, 3, 10} with positive curvature over 10 CG steps here
 
 METHODS = {"metapt": MetaptTrainer, "metapt-fn": MetaptFn, "metapt-fwdrev": MetaptFwdRev, "betty": Betty,
-           "torchopt": TorchOpt}
+           "torchopt": TorchOpt,
+           "metapt-noreuse": lambda s: MetaptTrainer(s, reuse_pt_graph=False)}
+# methods of the cycle rows (one PT step, then one meta-step); the reference is "metapt" (with reuse)
+CYCLE_METHODS = ("metapt", "metapt-noreuse", "betty", "torchopt")
 
 # ---------------------------------------------------------------------------------------------
 # Measurements
@@ -435,21 +476,26 @@ def agreement(ref, other):
     return {"cosine": cos, "rel_l2": float((b - a).norm() / a.norm())}
 
 
-def time_methods(s: Setting, methods, reps: int):
+def _call(runner, kind: str):
+    """The timed unit: ``step`` (one meta-step) or ``cycle`` (one PT step, then one meta-step)."""
+    return getattr(runner, kind)()
+
+
+def time_methods(s: Setting, methods, reps: int, kind: str = "step"):
     runners = {m: METHODS[m](s) for m in methods}
-    first = {m: r.step() for m, r in runners.items()}  # warm-up; also the agreement sample
+    first = {m: _call(r, kind) for m, r in runners.items()}  # warm-up; also the agreement sample
     times = {m: [] for m in methods}
     cpu = {m: [] for m in methods}
     for i in range(reps):  # interleaved, rotating the order, so drift and cache effects hit all alike
         order = methods[i % len(methods):] + methods[: i % len(methods)]
         for m in order:
             t0, c0 = time.perf_counter(), time.process_time()
-            runners[m].step()
+            _call(runners[m], kind)
             times[m].append(time.perf_counter() - t0)
             cpu[m].append(time.process_time() - c0)
     pt = []
     trainer = runners.get("metapt")
-    if trainer is not None:  # a plain PT step, for scale
+    if trainer is not None and kind == "step":  # a plain PT step, for scale
         for _ in range(reps):
             t0 = time.perf_counter()
             trainer.pt_step()
@@ -466,26 +512,27 @@ def _status_kb(field):
     raise RuntimeError(field)
 
 
-def child(method: str, s: Setting, repeats: int = 3):
-    """In this (fresh) process: extra peak RSS of one meta-step of ``method``, median of ``repeats``."""
+def child(method: str, s: Setting, kind: str = "step", repeats: int = 3):
+    """In this (fresh) process: extra peak RSS of one ``kind`` of ``method``, median of ``repeats``."""
     torch.set_num_threads(1)
     r = METHODS[method](s)
-    r.step()
-    r.step()
+    _call(r, kind)
+    _call(r, kind)
     peaks = []
     for _ in range(repeats):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kb("VmRSS")
-        r.step()
+        _call(r, kind)
         peaks.append((_status_kb("VmHWM") - base) * 1024)
     return {"peak_bytes": statistics.median(peaks), "rss_bytes": base * 1024, "hwm_total_bytes": _status_kb("VmHWM") * 1024}
 
 
-def peak_memory(method: str, s: Setting):
+def peak_memory(method: str, s: Setting, kind: str = "step"):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--setting", json.dumps(asdict(s))]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--kind", kind,
+           "--setting", json.dumps(asdict(s))]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode:
         raise RuntimeError(f"{method} child failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -501,7 +548,7 @@ def hessian_scale(s: Setting) -> float:
     g = [torch.zeros_like(t) if x is None else x for x, t in zip(g, tl)]
     gp = torch.autograd.grad(p.pt_loss(theta, p.phi0), list(theta.values()), create_graph=True)
     hg = torch.autograd.grad(gp, list(theta.values()), grad_outputs=g)
-    n = lambda xs: math.sqrt(sum(float((x * x).sum()) for x in xs))  # noqa: E731
+    n = lambda xs: math.sqrt(sum(float((x * x).sum()) for x in xs))
     return n(hg) / n(g)
 
 
@@ -562,14 +609,18 @@ def _versions():
     return out
 
 
-def run_setting(s: Setting, methods, reps, memory):
-    first, med, pt = time_methods(s, methods, reps)
+_UNIT = {"step": "meta_step", "cycle": "cycle"}  # the rows' time keys: meta_step_s or cycle_s
+
+
+def run_setting(s: Setting, methods, reps, memory, kind: str = "step"):
+    """Rows of one setting, ratios to ``metapt`` (for cycles: ``MetaPretrainer`` with reuse)."""
+    first, med, pt = time_methods(s, methods, reps, kind)
     ref_t, ref_c = med["metapt"]
-    rows = []
-    mem = {m: peak_memory(m, s) for m in methods} if memory else {}
+    rows, unit = [], _UNIT[kind]
+    mem = {m: peak_memory(m, s, kind) for m in methods} if memory else {}
     for m in methods:
-        row = {"setting": s.name, "method": m, "meta_step_s": round(med[m][0], 5),
-               "time_vs_metapt": round(med[m][0] / ref_t, 3), "meta_step_cpu_s": round(med[m][1], 5),
+        row = {"setting": s.name, "method": m, f"{unit}_s": round(med[m][0], 5),
+               "time_vs_metapt": round(med[m][0] / ref_t, 3), f"{unit}_cpu_s": round(med[m][1], 5),
                "cpu_vs_metapt": round(med[m][1] / ref_c, 3), **{k: round(v, 8) for k, v in agreement(first["metapt"], first[m]).items()}}
         if memory:
             row["peak_mb"] = round(mem[m]["peak_bytes"] / 2**20, 1)
@@ -600,22 +651,61 @@ def agreement_only(s: Setting, methods, control: Setting | None = None):
 PEERS = ("betty", "torchopt")
 
 
-def _verdict(result) -> list[str]:
+def _verdict(rows, unit: str) -> list[str]:
+    """One line per setting and peer: is metapt 1.5x as fast (CPU time) with no more peak memory?"""
     out = []
-    for setting in dict.fromkeys(r["setting"] for r in result["rows"]):
-        rows = {r["method"]: r for r in result["rows"] if r["setting"] == setting}
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        by = {r["method"]: r for r in rows if r["setting"] == setting}
         for peer in PEERS:
-            if peer not in rows:
+            if peer not in by:
                 continue
-            r = rows[peer]
+            r = by[peer]
             speed = r["cpu_vs_metapt"]  # peer time / metapt time: how many times faster metapt is
             mem = r.get("memory_vs_metapt")
             ok = speed >= 1.5 and (mem is None or mem >= 1.0)
-            out.append(f"- {setting}, {peer}: {peer} takes {r['cpu_vs_metapt']:.2f}x metapt's CPU time "
+            out.append(f"- {unit}, {setting}, {peer}: {peer} takes {speed:.2f}x metapt's CPU time "
                        f"(wall {r['time_vs_metapt']:.2f}x), so metapt is {speed:.2f}x as fast"
                        + (f"; {peer}'s peak memory is {mem:.2f}x metapt's" if mem is not None else "")
                        + f": goal {'met' if ok else '**not met**'}.")
     return out
+
+
+def _table(rows, unit: str) -> list[str]:
+    lines = ["| setting | method | wall (s) | wall / metapt | CPU (s) | CPU / metapt | peak (MB) | memory / metapt | cosine | rel. L2 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['setting']} | {r['method']} | {r[unit + '_s']:.4f} | {r['time_vs_metapt']:.2f} | "
+            f"{r[unit + '_cpu_s']:.4f} | {r['cpu_vs_metapt']:.2f} | "
+            f"{r.get('peak_mb', float('nan')):.1f} | {r.get('memory_vs_metapt', float('nan')):.2f} | "
+            f"{r['cosine']:.6f} | {r['rel_l2']:.1e} |"
+        )
+    return lines
+
+
+GOAL = r"""The goal (issue 7): metapt at least 1.5x as fast as each peer (peer CPU time / metapt CPU time
+≥ 1.5) with no more peak memory (peer peak / metapt peak ≥ 1). Read against this run:
+
+- **One meta-step alone** (like for like, one hypergradient): **not met** against either peer in
+  any setting. Betty does the same passes in the same order (0.97x, 1.06x, 1.16x metapt's time;
+  0.96–1.05x its memory); TorchOpt takes 1.26–1.31x the time and 1.26–1.33x the memory, so metapt
+  wins on both, short of 1.5x.
+- **One cycle** (a PT step, then a meta-step: what training runs every `meta_interval` steps),
+  metapt with `reuse_pt_graph=True`: reuse itself makes a cycle 1.19–1.23x as fast as metapt's
+  own cycle without it. Against **TorchOpt** the goal is **met** in all three settings, narrowly
+  (1.51x, 1.57x, 1.54x; TorchOpt's peak 1.08–1.20x metapt's). Against **Betty** it is **not**:
+  1.15x, 1.27x, 1.21x, and metapt's cycle peak is *higher* than Betty's (Betty 0.83–0.87x), because
+  the kept PT graph is alive during the meta-step (+4.0 to +4.6 MB on 3x64, +21 MB on 5x300 over
+  metapt without reuse).
+- Over a run the other `meta_interval − 1` PT steps (paper: 9 of every 10) cost the same in every
+  framework, so whole-run ratios lie between 1 and the cycle ratios.
+- Reuse changes the quantity, not only the cost: H and the mixed term are taken at θ *before*
+  the PT update (checked separately: equal, to 8e-7, to an independent computation with H and the
+  mixed term at θ before and g at θ after). At this random-initialised state one Adam step moves
+  the hypergradient a lot by itself: metapt's meta-step alone before vs after the same PT step
+  agrees only to cosine 0.75 (3x64) and 0.18 (5x300), which is why the cycle table's cosines to
+  `metapt` are 0.85–0.87 and 0.07. Whether that difference matters for training is not measured
+  here."""
 
 
 EXPLANATION = r"""
@@ -634,8 +724,10 @@ meta-step). L_V does not depend on φ here, so there is no direct term.
   (`backward(in_grad, inputs=φ, grad_tensors=−αp)`). The method and its options are read from the
   **lower** (pre-training) problem's `Config`, not from the meta problem's. It recomputes L_PT on
   the lower problem's `cur_batch` at the current θ, exactly as metapt does, so it does the same
-  passes in the same order: same quantity (float64: bit-identical), same cost. metapt has no
-  algorithmic advantage over it at the paper's defaults, which is why the 1.5x goal is not met.
+  passes in the same order: same quantity (float64: bit-identical), same cost. For one meta-step
+  alone metapt has no algorithmic advantage over it at the paper's defaults, which is why the 1.5x
+  goal is not met there; in a cycle Betty recomputes the PT forward/backward that metapt's reuse
+  skips, which is all of metapt's cycle advantage over it.
 - **Betty `darts`**: H⁻¹ ≈ I (no α) and the mixed product by a central finite difference of
   ∇φ L_PT at θ ± εg, ε = `darts_alpha`/‖g‖: metapt's M = 0 with α = 1 up to the finite-difference
   error (float64 agreement above, cosine 0.996; ReLU kinks and batch norm make it O(ε), not O(ε²)).
@@ -677,9 +769,11 @@ curvature at iteration 2 for λ ≤ 0.3 and at iteration 6 for λ = 1. At α = 1
 α = 0.5·‖g‖/‖Hg‖ and M = 5, and a control row (metapt with M = 0, or another N) shows how far
 apart two different quantities land.
 
-The machine was shared (2 cores, load around 4–5 from other jobs), so wall times are about 2.4x
-the CPU times; the ratios are read on CPU time (`time.process_time`, one thread), which the
-contention barely moves, and the wall ratios agree with them within a few percent.
+This run had the machine (2 cores) otherwise quiet: wall and CPU times agree within 1 %, and the
+ratios are read on CPU time (`time.process_time`, one thread). The previous run of the meta-step
+table, on a loaded machine (load 4–5), had CPU times about twice these (contention slows CPU time
+too: shared cores and caches) and ratios up to 0.18 lower (TorchOpt CG 1.08 then, 1.26 now; Betty
+5x300 1.02 then, 1.16 now): read the ratios to about ±0.1.
 """
 
 
@@ -687,24 +781,27 @@ IDEAS = r"""
 ## What would make metapt's meta-step cheaper (from the phase profile)
 
 The phases are CPU time of one meta-step of the same sequence as `pretraining_hypergradient`.
-At the paper's defaults a meta-step costs 5.4–5.8 plain PT steps (CPU time of `metapt` in the
-first table over `plain_pt_step`; the issue's estimate: 5–6). Of the phases, the Hessian-vector
-product takes 29 % (3x64) to 34 % (5x300), the backward for g 18–20 %, the PT forward with its
-differentiable gradient 16–19 %, the FT and validation forwards 15–19 %, the mixed product 15 %.
-On the 3x64 GIN the phases add up to 129 ms while a `metapt-fn` meta-step takes 150 ms: about
-15 % of it is outside the autograd passes (Python-side tree arithmetic, `float()` of norms, zero
-filling, Adam on φ; Betty shows a similar gap); on 5x300 the gap is within noise. Betty does exactly the same
-work, so only doing *less* work can give the 1.5x:
+At the paper's defaults a meta-step costs about 5–6 plain PT steps (the issue's estimate: 5–6).
+Of the phases, the Hessian-vector product takes 29 % (3x64) to 34 % (5x300), the backward for g
+20 %, the PT forward with its differentiable gradient 17–19 %, the FT and validation forwards
+14–19 %, the mixed product 14–15 %. On 5x300 the phases add up to 1148 ms against 1193 ms for a
+whole `metapt` meta-step (about 4 % outside the autograd passes: Python-side tree arithmetic,
+`float()` of norms, zero filling, Adam on φ). On 3x64 this run's phase timings came out *above* a
+whole meta-step (116 ms against 77 ms; its `plain_pt_step` also took 22.9 ms against 14.4 ms wall
+timed in the main loop), so only their shares are usable there, not the gap; the previous run
+put that gap at about 15 %. Betty does exactly the same work, so only doing *less* work can give
+the 1.5x:
 
-1. **Reuse the PT step's graph** (the issue's first idea): when a meta-step follows, run that PT
-   step's backward with `create_graph=True` on the same batch and hand its ∇θ L_PT graph to the
-   hypergradient. That removes `pt_forward` + `pt_grad_create_graph` from the meta-step (16–19 %
-   of it) at the price of a heavier PT backward on those steps; the Hessian is then taken at
-   θ before the PT update instead of after it (an O(lr) change, the paper already evaluates at the
-   iterate). Neither peer can do this through its API. `MetaPretrainer.pretrain_step` now does
-   this when a meta-step follows it; the first table calls `meta_step()` on its own (no PT step
-   in between), so its `metapt` rows are the path *without* reuse, the like-for-like comparison of
-   one hypergradient. The gain of reuse shows only per (PT step + meta-step) pair.
+1. **Reuse the PT step's graph** (the issue's first idea, now `MetaPretrainer(reuse_pt_graph=True)`,
+   the default): the PT step right before a meta-step runs its backward with `create_graph=True`
+   and hands its ∇θ L_PT graph to the hypergradient, removing `pt_forward` + `pt_grad_create_graph`
+   (17–19 % of a meta-step) from the meta-step at the price of a heavier PT backward on that step.
+   Measured in the cycle table: a cycle with reuse takes 0.82–0.84x the time of one without
+   (5x300: 1.19 s, about what a meta-step alone costs), at a higher peak (+4.0 to +4.6 MB on 3x64,
+   +21 MB on 5x300), and H is taken at θ before the PT update instead of after it: O(lr) in θ,
+   but at this random-initialised state not small in the hypergradient (see the goal section).
+   The first table calls `meta_step()` on its own (no PT step in between), so its `metapt` rows
+   are the path *without* reuse, the like-for-like comparison of one hypergradient.
 2. **One encoder pass for the FT and validation batches** when fine-tuning runs the encoder in
    eval mode (the molecules job does: batch norm on running statistics, so graphs are
    independent): concatenate the two batches, embed once, split. Same FLOPs, but half the calls
@@ -728,34 +825,45 @@ work, so only doing *less* work can give the 1.5x:
 def markdown(result) -> str:
     v = result["versions"]
     lines = [
-        "# metapt vs Betty vs TorchOpt: one meta-step of the paper's problem",
+        "# metapt vs Betty vs TorchOpt: one meta-step, and one PT step + meta-step, of the paper's problem",
         "",
-        f"Produced by `OMP_NUM_THREADS=1 benchmarks/.peers-venv/bin/{result['command']}` (= `make bench-peers`; issue 7, "
-        f"\"side by side with peers\"), {result['machine']['threads']} thread, {result['machine']['platform']}.",
-        f"Versions: python {v['python']}, torch {v['torch']}, metapt {v['metapt']}, betty-ml {v['betty-ml']}, "
-        f"torchopt {v['torchopt']} (optree {v['optree']}), torch_geometric {v['torch_geometric']}. "
-        "Peers live in their own venv (see the docstring of `benchmarks/peers.py`); betty-ml 0.2.1 "
-        "declares Python < 3.11 and was installed with `--no-deps --ignore-requires-python`; "
-        "torchopt's compiled `_C` extension does not load against torch 2.13 (undefined symbol), "
-        "which only affects its fused Adam, not used here.",
+        (f"Produced by `OMP_NUM_THREADS=1 benchmarks/.peers-venv/bin/{result['command']}` (= `make bench-peers`; issue 7, "
+         f"\"side by side with peers\"), {result['machine']['threads']} thread, {result['machine']['platform']}."),
+        (f"Versions: python {v['python']}, torch {v['torch']}, metapt {v['metapt']}, betty-ml {v['betty-ml']}, "
+         f"torchopt {v['torchopt']} (optree {v['optree']}), torch_geometric {v['torch_geometric']}. "
+         "Peers live in their own venv (see the docstring of `benchmarks/peers.py`); betty-ml 0.2.1 "
+         "declares Python < 3.11 and was installed with `--no-deps --ignore-requires-python`; "
+         "torchopt's compiled `_C` extension does not load against torch 2.13 (undefined symbol), "
+         "which only affects its fused Adam, not used here."),
         "",
-        "Time: median per meta-step over interleaved repetitions (15 for the 3x64 GIN, 5 for 5x300) "
-        "after one warm-up step each, wall and CPU; peak: extra RSS high-water mark of one meta-step "
-        "(median of 3) in a fresh process per method. Ratios are to `metapt` "
-        "(`MetaPretrainer.meta_step`): above 1 means the method is slower / uses more than metapt. "
-        "Cosine / rel. L2: the method's hypergradient against metapt's, from the same state.",
+        "## One meta-step alone",
         "",
-        "| setting | method | wall (s) | wall / metapt | CPU (s) | CPU / metapt | peak (MB) | memory / metapt | cosine | rel. L2 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        ("Time: median per meta-step over interleaved repetitions (15 for the 3x64 GIN, 5 for 5x300) "
+         "after one warm-up step each, wall and CPU; peak: extra RSS high-water mark of one meta-step "
+         "(median of 3) in a fresh process per method. Ratios are to `metapt` "
+         "(`MetaPretrainer.meta_step` with no PT step before it, so it cannot reuse a PT graph): above 1 "
+         "means the method is slower / uses more than metapt. "
+         "Cosine / rel. L2: the method's hypergradient against metapt's, from the same state."),
+        "",
+        *_table(result["rows"], "meta_step"),
     ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['setting']} | {r['method']} | {r['meta_step_s']:.4f} | {r['time_vs_metapt']:.2f} | "
-            f"{r['meta_step_cpu_s']:.4f} | {r['cpu_vs_metapt']:.2f} | "
-            f"{r.get('peak_mb', float('nan')):.1f} | {r.get('memory_vs_metapt', float('nan')):.2f} | "
-            f"{r['cosine']:.6f} | {r['rel_l2']:.1e} |"
-        )
-    lines += ["", "## Against the issue's goal (metapt at least 1.5x faster, no more memory)", ""] + _verdict(result)
+    if result.get("cycle_rows"):
+        lines += ["", "## One cycle: a PT step, then a meta-step", "",
+                  ("What Algorithm 1 runs every `meta_interval` PT steps, timed and measured as above "
+                   "(per cycle; peak: one cycle in a fresh process). `metapt`: `MetaPretrainer.pretrain_step()` "
+                   "then `meta_step()` with `reuse_pt_graph=True` (the default: the PT step keeps its gradient "
+                   "graph and the meta-step takes H and the mixed term from it), the reference of the ratios; "
+                   "`metapt-noreuse`: the same with `reuse_pt_graph=False`; `betty`: `Engine.train_step()` "
+                   "(the PT problem's Adam step, which then runs the meta problem's step); `torchopt`: a "
+                   "`torchopt.Adam` step on θ, then the `custom_root` hypergradient and Adam on φ. Cosine / "
+                   "rel. L2: the first cycle's hypergradient against `metapt`'s. With reuse, H and the mixed "
+                   "term are taken at θ before the PT update and g at θ after it; everyone else takes all three "
+                   "after it, so the difference is the effect of one Adam step (lr 1e-3) on H, not an error."),
+                  "", *_table(result["cycle_rows"], "cycle")]
+    lines += ["", "## Against the issue's goal (metapt at least 1.5x faster, no more memory)", "",
+              GOAL, "", *_verdict(result["rows"], "meta-step alone")]
+    if result.get("cycle_rows"):
+        lines += _verdict(result["cycle_rows"], "cycle")
     lines += ["", "Plain PT step of the same model and batch, wall time (for scale; its CPU time is in the "
               "profile below): " + ", ".join(f"{k}: {v:.4f} s" for k, v in result["pt_step_s"].items()), ""]
     lines += ["## Agreement (float64)", "", "| setting | method | cosine | rel. L2 |", "|---|---|---|---|"]
@@ -764,8 +872,8 @@ def markdown(result) -> str:
     if result.get("profile"):
         keys = list(next(iter(result["profile"].values())))
         lines += ["", "## Where metapt's meta-step goes", "",
-                  "CPU time of each phase of the sequence `pretraining_hypergradient` runs, timed one by one "
-                  "(median); `hvp_each` is one HVP; `plain_pt_step` is a PT forward, backward and Adam step.", "",
+                  ("CPU time of each phase of the sequence `pretraining_hypergradient` runs, timed one by one "
+                   "(median); `hvp_each` is one HVP; `plain_pt_step` is a PT forward, backward and Adam step."), "",
                   "| setting | " + " | ".join(keys) + " | sum of meta phases |",
                   "|---|" + "---|" * (len(keys) + 1)]
         for name, ph in result["profile"].items():
@@ -782,11 +890,14 @@ def main():
     ap.add_argument("--big-reps", type=int, default=5, help="timed meta-steps per method, hu2020 GIN")
     ap.add_argument("--models", default="small,hu2020", help="small (3x64) and/or hu2020 (5x300)")
     ap.add_argument("--methods", default="metapt,metapt-fn,metapt-fwdrev,betty,torchopt")
+    ap.add_argument("--cycle-methods", default=",".join(CYCLE_METHODS),
+                    help="methods of the cycle rows (PT step + meta-step); empty: no cycle rows")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--out")
     ap.add_argument("--md")
     ap.add_argument("--child")
+    ap.add_argument("--kind", default="step", choices=("step", "cycle"), help="with --child")
     ap.add_argument("--setting")
     ap.add_argument("--render", help="only write --md from this results JSON (no measurement)")
     args = ap.parse_args()
@@ -796,9 +907,10 @@ def main():
             out.write(markdown(json.load(f)))
         return
     if args.child:
-        print(json.dumps(child(args.child, Setting(**json.loads(args.setting)))))
+        print(json.dumps(child(args.child, Setting(**json.loads(args.setting)), args.kind)))
         return
     methods = args.methods.split(",")
+    cycle_methods = [m for m in args.cycle_methods.split(",") if m]
     sizes = {"small": (3, 64), "hu2020": (5, 300)}
     timed = []
     for name in args.models.split(","):
@@ -806,12 +918,14 @@ def main():
         timed.append(Setting(layers=layers, emb=emb))
         if name == "small":
             timed.append(Setting(layers=layers, emb=emb, solver="cg", cg_iters=5, damping=CG_DAMPING))
-    rows, pts, profile = [], {}, {}
+    rows, cycle_rows, pts, profile = [], [], {}, {}
     for s in timed:
         reps = args.reps if s.emb < 300 else args.big_reps
         r, pt = run_setting(s, methods, reps, not args.no_memory)
         rows += r
         pts[s.name] = pt
+        if cycle_methods:
+            cycle_rows += run_setting(s, cycle_methods, reps, not args.no_memory, kind="cycle")[0]
         if s.solver == "neumann" and not args.no_profile:
             profile[s.name] = profile_metapt(s, reps)
     # float64 agreement where αH is not negligible: α = 0.5 / (‖Hg‖/‖g‖), M = 5; and CG
@@ -831,6 +945,7 @@ def main():
         "versions": _versions(),
         "settings": [asdict(s) for s in timed],
         "rows": rows,
+        "cycle_rows": cycle_rows,
         "pt_step_s": pts,
         "hessian_scale_float64_small": scale,
         "agreement": agree,
