@@ -6,7 +6,7 @@ head-only FT step, M = 1 Neumann term (α = PT lr), φ = the 30 task weights. Ev
 one process, in chunks of 10 PT steps (the meta run's chunk holds its one meta-step), the plain,
 "before" and "after" trainers interleaved in rotating order on the same batch indices; ratios are
 medians of per-chunk ratios. "before" is the trainer with ``reuse_pt_graph = False`` (a second PT
-forward/backward inside the meta-step, as metapt did until this benchmark), "after" the default.
+forward/backward inside the meta-step, as metapt did until this benchmark), "after" ``reuse_pt_graph=True``.
 
 The floor. A meta-step must compute, on batches of 64:
   g    = dL_V/dθ through the K = 1 unrolled FT step (FT forward + val forward, backward to θ),

@@ -27,7 +27,7 @@ through its own public API:
 Two units are timed. A *meta-step alone* (the rows above: ``meta_step()`` with no PT step before
 it, the like-for-like cost of one hypergradient) and a *cycle*, one PT step then one meta-step,
 what Algorithm 1 runs every ``meta_interval`` PT steps (``--cycle-methods``): ``metapt`` is
-``pretrain_step(); meta_step()`` with ``reuse_pt_graph=True`` (the default: the PT step keeps its
+``pretrain_step(); meta_step()`` with ``reuse_pt_graph=True`` (opt-in: the PT step keeps its
 gradient graph and the meta-step takes H and ∂²L_PT/∂φ∂θ from it; the reference of the cycle
 ratios), ``metapt-noreuse`` the same with ``reuse_pt_graph=False``, ``betty`` ``Engine.train_step()``
 (the PT problem's Adam step, which then steps the meta problem) and ``torchopt`` a ``torchopt.Adam``
@@ -227,7 +227,7 @@ class MetaptTrainer:
     """metapt's user-facing meta-step: ``MetaPretrainer.meta_step``.
 
     ``cycle()`` is what Algorithm 1 runs every ``meta_interval`` PT steps: ``pretrain_step()``
-    then ``meta_step()``; with ``reuse_pt_graph=True`` (the default) that PT step keeps its
+    then ``meta_step()``; with ``reuse_pt_graph=True`` that PT step keeps its
     gradient graph and the meta-step takes H and the mixed term from it. ``step()`` alone has
     no such PT step before it, so it always runs its own PT forward/backward.
     """
@@ -793,7 +793,7 @@ put that gap at about 15 %. Betty does exactly the same work, so only doing *les
 the 1.5x:
 
 1. **Reuse the PT step's graph** (the issue's first idea, now `MetaPretrainer(reuse_pt_graph=True)`,
-   the default): the PT step right before a meta-step runs its backward with `create_graph=True`
+   opt-in since the molecules job lost its B3DB linear-probe gain with it, see README): the PT step right before a meta-step runs its backward with `create_graph=True`
    and hands its ∇θ L_PT graph to the hypergradient, removing `pt_forward` + `pt_grad_create_graph`
    (17–19 % of a meta-step) from the meta-step at the price of a heavier PT backward on that step.
    Measured in the cycle table: a cycle with reuse takes 0.82–0.84x the time of one without
@@ -851,7 +851,7 @@ def markdown(result) -> str:
         lines += ["", "## One cycle: a PT step, then a meta-step", "",
                   ("What Algorithm 1 runs every `meta_interval` PT steps, timed and measured as above "
                    "(per cycle; peak: one cycle in a fresh process). `metapt`: `MetaPretrainer.pretrain_step()` "
-                   "then `meta_step()` with `reuse_pt_graph=True` (the default: the PT step keeps its gradient "
+                   "then `meta_step()` with `reuse_pt_graph=True` (opt-in: the PT step keeps its gradient "
                    "graph and the meta-step takes H and the mixed term from it), the reference of the ratios; "
                    "`metapt-noreuse`: the same with `reuse_pt_graph=False`; `betty`: `Engine.train_step()` "
                    "(the PT problem's Adam step, which then runs the meta problem's step); `torchopt`: a "

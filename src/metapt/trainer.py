@@ -118,8 +118,10 @@ class MetaPretrainer:
             shard views (:class:`metapt.distributed.ShardedProblem`).
         reuse_pt_graph: take H and ∂²L_PT/∂φ∂θ from the gradient graph of the PT
             step right before each meta-step (at that step's θ, batch and dropout
-            mask) instead of a second PT forward/backward: the meta-step's floor
-            cost (benchmarks/meta_overhead.py). False recomputes them at the new θ.
+            mask) instead of a second PT forward/backward: the meta-step at its
+            floor cost (benchmarks/meta_overhead.py), but H is then one PT step
+            older than g. Off by default: on the molecules main job it lost the
+            B3DB linear-probe gain (README).
     """
 
     def __init__(
@@ -139,7 +141,7 @@ class MetaPretrainer:
         reduce_head: Callable[[Params], Params] = lambda h: h,
         data_parallel: Any = None,
         meta_views: Sequence[MetaProblem] | None = None,
-        reuse_pt_graph: bool = True,
+        reuse_pt_graph: bool = False,
     ):
         self.problem = problem
         self.params = _leaves(params)
@@ -183,7 +185,7 @@ class MetaPretrainer:
 
         Right before a meta-step the step keeps the graph of its gradient (``pretrain_graph``),
         and the meta-step takes H and ∂²L_PT/∂φ∂θ from it, at this step's θ and batch, instead
-        of running a second PT forward/backward (``reuse_pt_graph=False`` turns this off).
+        of running a second PT forward/backward, when ``reuse_pt_graph`` is on.
         """
         batch = self.problem.pretrain_batch(self.step)
         self.pt_opt.zero_grad(set_to_none=True)

@@ -130,6 +130,7 @@ def _trainer(problem: MoleculesProblem, job: MoleculesJob, method: str, dist=Non
         inner_optimizer=sgd(job.meta.inner_lr),
         solver=job.meta.solver.build(job.pretrain.lr),
         schedule=schedule,
+        reuse_pt_graph=job.meta.reuse_pt_graph,
         **(dist.trainer_kwargs(sync_buffers_of=problem.encoder) if dist is not None else {}),
     )
 

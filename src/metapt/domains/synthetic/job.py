@@ -69,6 +69,7 @@ def run_synthetic(folder: RunFolder | str | Path, job: SyntheticJob = SyntheticJ
                         inner_optimizer=sgd(job.meta.inner_lr),
                         solver=job.meta.solver.build(job.pt_lr),
                         schedule=job.meta.schedule(),
+                        reuse_pt_graph=job.meta.reuse_pt_graph,
                     )
                     session.train(method, trainer, job.steps, progress=lambda s, task=task: bars.update(task, completed=s))
                     session.record(method, {"params": {k: v.detach() for k, v in trainer.params.items()},
