@@ -185,3 +185,11 @@ def _trainer_for(job):
     problem = SyntheticTaskWeighting(job.problem)
     return MetaPretrainer(problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
                           pt_optimizer=lambda ps: torch.optim.Adam(ps), meta_optimizer=lambda ps: torch.optim.Adam(ps))
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with atomic_path(tmp_path / "summary.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -46,6 +46,8 @@ from .schema import CheckpointConfig
 from .trainer import MetaPretrainer
 
 FORMAT = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (os.umask can only be read by setting it)
 _CKPT = re.compile(r"ckpt-(\d+)\.pt$")
 
 
@@ -75,6 +77,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it the mode open() would
     try:
         yield tmp
         with open(tmp, "rb+") as f:
