@@ -152,8 +152,8 @@ def main() -> None:
         "all_repeats": runs,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                     "load_average_1min_during": load},
-        "note": "shared machine: other jobs ran on the same cores (load_average_1min_during), so a 2-process run "
-                "competed with them for its second core; ratios are lower bounds of an idle machine's",
+        "note": "load_average_1min_during above the process count means other jobs competed for the cores, "
+                "and the 2-process ratios are then lower bounds",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
