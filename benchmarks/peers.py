@@ -793,7 +793,7 @@ put that gap at about 15 %. Betty does exactly the same work, so only doing *les
 the 1.5x:
 
 1. **Reuse the PT step's graph** (the issue's first idea, now `MetaPretrainer(reuse_pt_graph=True)`,
-   opt-in since the molecules job lost its B3DB linear-probe gain with it, see README): the PT step right before a meta-step runs its backward with `create_graph=True`
+   opt-in: by default every derivative is taken at the same θ, see README): the PT step right before a meta-step runs its backward with `create_graph=True`
    and hands its ∇θ L_PT graph to the hypergradient, removing `pt_forward` + `pt_grad_create_graph`
    (17–19 % of a meta-step) from the meta-step at the price of a heavier PT backward on that step.
    Measured in the cycle table: a cycle with reuse takes 0.82–0.84x the time of one without

@@ -108,7 +108,7 @@ class MetaConfig:
         reuse_pt_graph: take H and the mixed term from the gradient graph of the PT step just
             before each meta-step instead of a second PT forward/backward: 1.34× instead of
             1.49× plain pre-training on Hu et al.'s GIN, but H is one PT step older than g
-            (off: on the molecules job it lost the B3DB linear-probe gain).
+            (off by default: every derivative at the same θ, as in the paper).
         solver: the inverse-HVP solver.
     """
 

@@ -120,8 +120,9 @@ class MetaPretrainer:
             step right before each meta-step (at that step's θ, batch and dropout
             mask) instead of a second PT forward/backward: the meta-step at its
             floor cost (benchmarks/meta_overhead.py), but H is then one PT step
-            older than g. Off by default: on the molecules main job it lost the
-            B3DB linear-probe gain (README).
+            older than g. Off by default, so that every derivative is taken at the
+            same θ as in the paper (the molecules job could not tell them apart
+            beyond pre-training seed variation; README).
     """
 
     def __init__(
