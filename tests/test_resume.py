@@ -105,10 +105,11 @@ def test_synthetic_run_killed_four_times_resumes_bitwise(tmp_path):
 
 def test_molecules_run_killed_in_pretraining_and_in_evaluation_resumes_bitwise(tmp_path):
     ref, run = tmp_path / "reference", tmp_path / "killed"
-    _finish(_cli("run", "molecules-test", "--out", str(ref)))
+    dropout = ["--set", "model.dropout=0.2"]  # dropout draws from torch's RNG: its state must be restored
+    _finish(_cli("run", "molecules-test", "--out", str(ref), *dropout))
     pt_rows = _lines(ref / "metrics.jsonl")
     # mid-way through the second method's pre-training, then during the fine-tuning evaluations
-    assert _run_and_kill(_cli("run", "molecules-test", "--out", str(run)),
+    assert _run_and_kill(_cli("run", "molecules-test", "--out", str(run), *dropout),
                          lambda: _lines(run / "metrics.jsonl") >= 45)
     evaluations_started = _newest_checkpoint(ref)  # every evaluation unit is one checkpoint
     _run_and_kill(_cli("resume", str(run)),

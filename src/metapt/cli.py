@@ -100,10 +100,11 @@ def _threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _finish(folder, ctx) -> None:
+def _finish(folder, is_main: bool = True) -> None:
+    """Print the summary and write report.html (rank 0 only under torchrun)."""
     from .report import write_report
 
-    if not ctx.is_main:
+    if not is_main:
         return
     md = folder.path / "summary.md"
     if md.is_file():
@@ -142,7 +143,7 @@ def run(
             if ctx.is_main:
                 err_console.print(f"run folder: {folder.path}")
             execute(folder, resolved, console=err_console, dist=ctx)
-            _finish(folder, ctx)
+            _finish(folder, ctx.is_main)
 
     _guarded(debug, action)
 
@@ -165,7 +166,7 @@ def resume(
         _threads(threads)
         with _distributed(debug) as ctx:
             execute(folder, resolved, resume=True, console=err_console, dist=ctx)
-            _finish(folder, ctx)
+            _finish(folder, ctx.is_main)
 
     _guarded(debug, action)
 
@@ -205,9 +206,7 @@ def evaluate(
         write_text_atomic(folder.config_file, to_yaml(resolved))
         _threads(threads)
         execute(folder, resolved, resume=True, console=err_console, reevaluate=True)
-        from .distributed import DistributedContext
-
-        _finish(folder, DistributedContext())
+        _finish(folder)
 
     _guarded(debug, action)
 

@@ -123,8 +123,6 @@ def to_yaml(config: RunConfig) -> str:
 
 def _explain(error: dict, root: type) -> str:
     loc = [p for p in error["loc"] if not isinstance(p, int)]
-    if error["loc"] and error["loc"][0] == getattr(root, "__name__", None):
-        loc = loc[1:]
     if loc and loc[0] in JOBS and loc[0] != "job":  # the discriminator's tag
         loc = loc[1:]
     dotted = ".".join(str(p) for p in loc)

@@ -228,10 +228,6 @@ class Session:
             dist.barrier()  # every process has read the checkpoint before rank 0 writes the next one
         self.log = JsonlLogger(folder.metrics_file) if self.is_main else None
 
-    @property
-    def resumed_phase(self) -> str | None:
-        return None if self._pending is None else self._pending["phase"]
-
     # ---- results -----------------------------------------------------------------------------
 
     def done(self, key: str) -> bool:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
+from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
@@ -25,13 +28,18 @@ schema = functools.partial(_pydantic_dataclass, frozen=True, config=ConfigDict(e
 
 
 def jsonable(value: Any) -> Any:
-    """``dataclasses.asdict`` output made of JSON/YAML types (tuples → lists, enums → values)."""
-    if isinstance(value, dict):
+    """Configs and results made of JSON/YAML types: tuples → lists, enums → values, numpy
+    scalars → Python numbers, paths → strings, non-finite floats → None (valid JSON)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, PurePath):
         return str(value)
     return value

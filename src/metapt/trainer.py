@@ -161,6 +161,7 @@ class MetaPretrainer:
         self.reduce_head = reduce_head
         self.meta_views = list(meta_views) if meta_views is not None else [problem]
         self.reuse_pt_graph = reuse_pt_graph
+        self._pt_graph = None  # (step, tensor versions, graph) kept by pretrain_step for the next meta-step
         self.step = 0  # PT steps taken
         self.meta_step_count = 0  # meta-steps attempted
         self.skipped = 0  # meta-steps whose hypergradient was unusable
@@ -242,7 +243,7 @@ class MetaPretrainer:
         total: Params | None = None
         infos, heads = [], []
         # the gradient graph of the PT step just taken (pretrain_step keeps it when a meta-step follows)
-        kept, self._pt_graph = getattr(self, "_pt_graph", None), None
+        kept, self._pt_graph = self._pt_graph, None
         versions = [v._version for v in (*self.params.values(), *self.metaparams.values())]
         # None where θ or φ changed since (a load_state_dict, an update by hand): recompute then
         pt_graph = kept[2] if kept is not None and kept[:2] == (self.step, versions) else None

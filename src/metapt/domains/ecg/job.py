@@ -51,7 +51,7 @@ from ...hypergrad import Neumann, sgd
 from ...metrics import JsonlLogger, progress_bar, read_jsonl
 from ...problem import Params
 from ...runs import RunFolder, Session, write_text_atomic
-from ...schema import CheckpointConfig, schema
+from ...schema import CheckpointConfig, jsonable, schema
 from ...trainer import MetaPretrainer, MetaSchedule, NonFiniteLossError
 from .data import ECGDataset, detect_layout, load_beat_folder, load_ptbxl
 from .problem import (
@@ -295,9 +295,10 @@ def run_ecg(
     problem_for = {
         warp: ECGSimCLRProblem.from_dataset(ds, split, replace(config.problem, use_warp=warp)) for warp in (False, True)
     }
-    _write_json(out / "config.json", {"config": _jsonable(asdict(config)), "data": _data_summary(ds, split, data)})
+    data_summary = _data_summary(ds, split, data)
+    _write_json(out / "config.json", {"config": jsonable(asdict(config)), "data": data_summary})
 
-    summary: dict[str, Any] = {"methods": {}, "timing": {}, "data": _data_summary(ds, split, data)}
+    summary: dict[str, Any] = {"methods": {}, "timing": {}, "data": data_summary}
     encoders: dict[Method, nn.Module] = {}
     with progress_bar() as bars:
         for index, method in enumerate(config.methods):
@@ -573,7 +574,7 @@ def _evaluate(ds: ECGDataset, split: ECGSplit, problem: ECGSimCLRProblem, encode
                     rows.append(session[key])
                     bars.update(task, advance=1, info=f"{method.value} {mode} {fraction:g} seed {seed}")
     write_text_atomic(session.folder.path / "evaluation.jsonl",
-                      "".join(json.dumps(_jsonable(row)) + "\n" for row in rows))
+                      "".join(json.dumps(jsonable(row)) + "\n" for row in rows))
     return rows
 
 
@@ -723,21 +724,5 @@ def _plot_auroc(summary: Mapping[str, Any], config: ECGJobConfig, path: Path) ->
 # --------------------------------------------------------------------------- helpers
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(_jsonable(obj), indent=2))
+    path.write_text(json.dumps(jsonable(obj), indent=2))
