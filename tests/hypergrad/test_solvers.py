@@ -42,11 +42,66 @@ def test_cg_damping_solves_shifted_system():
     torch.testing.assert_close(_join(x), torch.linalg.solve(h + 0.7 * torch.eye(6, dtype=h.dtype), b), rtol=1e-9, atol=0)
 
 
-def test_cg_reports_indefinite_hessian():
-    h = torch.diag(torch.tensor([2.0, 1.0, -1.0, 1.0, 3.0, 1.0], dtype=torch.float64))
-    b = torch.ones(6, dtype=torch.float64)
-    _, info = ConjugateGradient(max_iter=20)(_hvp(h), _split(b))
-    assert info.diverged
+def _krylov_minimiser(h, b, j):
+    """argmin over the Krylov space K_j(H, b) of ½xᵀHx − bᵀx: the CG iterate after j steps."""
+    basis = torch.stack([torch.linalg.matrix_power(h, i) @ b for i in range(j)], dim=1)
+    q, _ = torch.linalg.qr(basis)
+    return q @ torch.linalg.solve(q.T @ h @ q, q.T @ b)
+
+
+def test_cg_stops_at_negative_curvature_with_its_last_good_iterate():
+    h = torch.diag(torch.tensor([2.0, 1.0, -1.0, 1.5, 3.0, 0.5], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0, 0.3, 1.0, 1.0, 1.0], dtype=torch.float64)
+    x, info = ConjugateGradient(max_iter=20)(_hvp(h), _split(b))
+    assert info.negative_curvature and not info.diverged
+    good = info.iterations - 1  # the last product found pᵀHp ≤ 0
+    assert good >= 1
+    torch.testing.assert_close(_join(x), _krylov_minimiser(h, b, good), rtol=1e-9, atol=1e-12)
+    assert info.residual_norm == pytest.approx(float((b - h @ _join(x)).norm()), rel=1e-9)
+
+
+def test_cg_negative_curvature_on_the_first_direction_takes_the_cauchy_like_step():
+    h = torch.diag(torch.tensor([1.0, -3.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    x, info = ConjugateGradient(max_iter=20)(_hvp(h), _split(b))
+    # bᵀHb = −2, ‖b‖² = 2: x = (2/2)·b
+    torch.testing.assert_close(_join(x), b, rtol=1e-12, atol=0)
+    assert info.negative_curvature and not info.diverged
+
+
+def test_cg_damping_from_the_spectrum_solves_the_shifted_system():
+    eig = torch.tensor([-2.0, -0.5, 0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    h = q @ torch.diag(eig) @ q.T
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    x, info = ConjugateGradient(max_iter=50, tol=1e-13, spectrum_steps=6)(_hvp(h), _split(b))
+    assert info.lambda_min == pytest.approx(-2.0, abs=1e-9) and info.damping == pytest.approx(4.0, abs=1e-8)
+    shifted = h + info.damping * torch.eye(6, dtype=h.dtype)
+    torch.testing.assert_close(_join(x), torch.linalg.solve(shifted, b), rtol=1e-8, atol=0)
+    assert not info.negative_curvature and info.relative_residual <= 1e-13
+
+
+def test_neumann_damping_inverts_the_shifted_indefinite_hessian():
+    eig = torch.tensor([-0.5, 0.2, 1.0, 2.0, 3.0, 3.5], dtype=torch.float64)
+    g = torch.Generator().manual_seed(6)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    h = q @ torch.diag(eig) @ q.T
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    x, info = Neumann(steps=400, alpha=0.2, damping=1.0, divergence_factor=1e6)(_hvp(h), _split(b))
+    exact = torch.linalg.solve(h + torch.eye(6, dtype=h.dtype), b)
+    torch.testing.assert_close(_join(x), exact, rtol=1e-9, atol=1e-12)
+    assert not info.diverged
+
+
+def test_neumann_alpha_from_lambda_max_converges_whatever_the_given_alpha():
+    h, eig = _spd(10, cond=5.0, seed=2)
+    b = torch.randn(10, dtype=torch.float64)
+    # alpha=1.0 would diverge (λmax = 5); the spectrum picks α = 1/λmax
+    x, info = Neumann(steps=300, alpha=1.0, spectrum_steps=10, divergence_factor=1e6)(_hvp(h), _split(b))
+    assert info.lambda_max == pytest.approx(float(eig.max()), rel=1e-9)
+    torch.testing.assert_close(_join(x), torch.linalg.solve(h, b), rtol=1e-9, atol=1e-12)
+    assert info.iterations == 300 + 10
 
 
 def test_neumann_error_falls_with_steps_and_converges():

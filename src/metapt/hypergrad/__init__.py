@@ -6,6 +6,15 @@ from .core import (
     pretrain_graph,
     pretraining_hypergradient,
 )
+from .curvature import Spectrum, gauss_newton_product, lanczos
+from .estimators import (
+    Estimator,
+    adam_preconditioner,
+    differentiable_pt_optimizer,
+    estimate_hypergradient,
+    pretrain_lookahead,
+    unrolled_pretraining_hypergradient,
+)
 from .optim import AdamState, InnerOptimizer, SGDState, adam, sgd
 from .solvers import ConjugateGradient, Identity, Neumann, Solver, SolverInfo
 from .unroll import unrolled_finetune
@@ -13,6 +22,7 @@ from .unroll import unrolled_finetune
 __all__ = [
     "AdamState",
     "ConjugateGradient",
+    "Estimator",
     "HypergradInfo",
     "Identity",
     "InnerOptimizer",
@@ -21,9 +31,17 @@ __all__ = [
     "SGDState",
     "Solver",
     "SolverInfo",
+    "Spectrum",
     "adam",
+    "adam_preconditioner",
+    "differentiable_pt_optimizer",
+    "estimate_hypergradient",
+    "gauss_newton_product",
+    "lanczos",
+    "pretrain_lookahead",
     "pretrain_graph",
     "pretraining_hypergradient",
     "sgd",
     "unrolled_finetune",
+    "unrolled_pretraining_hypergradient",
 ]

@@ -135,6 +135,8 @@ def pretraining_hypergradient(
     *,
     forward_over_reverse: bool = False,
     graph: PretrainGraph | None = None,
+    preconditioner: Mapping[str, Tensor] | None = None,
+    curvature: Callable[[Params], Params] | None = None,
 ) -> tuple[Params, HypergradInfo]:
     """Gradient of the post-fine-tuning validation loss with respect to φ.
 
@@ -159,6 +161,15 @@ def pretraining_hypergradient(
             With ``graph.theta`` equal to ``theta`` this is the same hypergradient; a graph from
             the PT step that produced ``theta`` evaluates the second derivatives one optimiser
             step earlier.
+        preconditioner: P, a positive diagonal with θ's keys and shapes: the geometry of the
+            PT optimiser θ ← θ − α P ∇θ L_PT (Adam: P = 1/(√v̂ + ε), see
+            :func:`metapt.hypergrad.estimators.adam_preconditioner`). The solve then runs on
+            the symmetric system S H S y = S g with S = P^½, x = S y: Identity(α) gives
+            x = α P g, the exact one-step derivative of that update; Neumann gives
+            α P Σ_j (I − α H P)^j g, M + 1 steps of it; an exact solve is still H⁻¹ g.
+        curvature: ``v ↦ A v`` to use instead of H (e.g. a Gauss–Newton product from
+            :func:`metapt.hypergrad.curvature.gauss_newton_product`); the mixed term still comes
+            from ∇θ L_PT.
 
     Returns:
         ``(hypergrad, info)``: a dict with φ's keys and shapes holding dL_V/dφ
@@ -171,6 +182,9 @@ def pretraining_hypergradient(
     _check_inputs(theta, phi)
     if graph is not None:
         _check_graph(graph, theta, phi)
+    if preconditioner is not None and set(preconditioner) != set(theta):
+        raise ValueError("pretraining_hypergradient: preconditioner must have theta's keys, "
+                         f"missing {sorted(set(theta) - set(preconditioner))[:3]}")
     t_keys, p_keys = list(theta), list(phi)
     theta_v = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
     t_list = [theta_v[k] for k in t_keys]
@@ -218,7 +232,19 @@ def pretraining_hypergradient(
                             out[t_keys[i]] = h
                 return out
 
-        x, solver_info = solver(hvp, g)
+        if curvature is not None:
+            hvp = curvature
+        if preconditioner is None:
+            x, solver_info = solver(hvp, g)
+        else:
+            root = {k: preconditioner[k].detach().sqrt() for k in t_keys}  # S = P^½
+
+            def scaled_hvp(v: Params, inner=hvp) -> Params:  # v ↦ S H S v
+                hv = inner({k: root[k] * v[k] for k in t_keys})
+                return {k: root[k] * hv[k] for k in t_keys}
+
+            y, solver_info = solver(scaled_hvp, {k: root[k] * g[k] for k in t_keys})
+            x = {k: root[k] * y[k] for k in t_keys}
 
         # (∂²L_PT/∂φ∂θ)ᵀ x = ∂/∂φ ⟨∇θ L_PT, x⟩
         if live:

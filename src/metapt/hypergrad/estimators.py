@@ -1,0 +1,246 @@
+"""Which hypergradient a meta-step estimates, and the truncated-horizon (reverse-mode) estimator.
+
+Every estimator answers "how does L_V move if φ moves?" for some horizon of pre-training:
+
+- implicit (IFT) with an inverse-HVP solver: the converged answer, from the mixed term
+  ∂²L_PT/∂φ∂θ on one PT batch (the paper: the PT batch just taken) or on the batches
+  pre-training will take next (``upcoming_batches``), optionally in the PT optimiser's own
+  geometry (``adam_preconditioner``: Identity(α) is then the exact one-step derivative of Adam
+  with its moments frozen);
+- truncated horizon (``horizon`` T > 0): reverse-mode through T unrolled PT optimiser steps on
+  the upcoming batches — the exact derivative of the T-step lookahead, memory O(T).
+
+:class:`Estimator` is the small frozen description the trainer takes (``estimator=``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._tree import Params, tree_norm
+from .core import HypergradInfo, PretrainGraph, _check_inputs, _check_scalar, _differentiable, pretraining_hypergradient
+from .optim import AdamState, InnerOptimizer, SGDState, adam, sgd
+from .solvers import Neumann, Solver, SolverInfo
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """How :class:`metapt.MetaPretrainer` estimates dL_V/dφ at each meta-step.
+
+    Attributes:
+        solver: the inverse-HVP solver of the implicit estimators; None: the paper's
+            ``Neumann(1, α = PT learning rate)``. Unused when ``horizon`` > 0.
+        upcoming_batches: n; 0 takes H and the mixed term on the PT batch just trained on (the
+            paper); n ≥ 1 on the mean L_PT of the next n PT batches, where pre-training goes
+            next (same cost as the paper's at n = 1).
+        adam_preconditioner: solve in the PT optimiser's geometry P = 1/(√v̂ + ε) read from
+            torch.optim.Adam's state (the formula otherwise assumes SGD).
+        horizon: T > 0: reverse-mode through T differentiable PT optimiser steps on the
+            upcoming batches (the exact T-step lookahead derivative, about 3T PT steps of cost
+            and T graphs of memory); 0: the implicit family.
+    """
+
+    solver: Solver | None = None
+    upcoming_batches: int = 0
+    adam_preconditioner: bool = False
+    horizon: int = 0
+
+    def __post_init__(self):
+        if self.upcoming_batches < 0:
+            raise ValueError(f"Estimator: upcoming_batches must be >= 0, got {self.upcoming_batches}")
+        if self.horizon < 0:
+            raise ValueError(f"Estimator: horizon must be >= 0, got {self.horizon}")
+        if self.horizon and (self.solver is not None or self.adam_preconditioner or self.upcoming_batches):
+            raise ValueError("Estimator: horizon > 0 differentiates through the PT optimiser itself; "
+                             "leave solver, adam_preconditioner and upcoming_batches at their defaults")
+
+    @property
+    def uses_past_batch(self) -> bool:
+        """H and the mixed term come from the PT batch just taken (so a kept PT graph applies)."""
+        return self.horizon == 0 and self.upcoming_batches == 0
+
+
+def differentiable_pt_optimizer(opt: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> tuple[InnerOptimizer, tuple]:
+    """The pure, differentiable twin of a torch PT optimiser, and its current state.
+
+    Supports ``torch.optim.Adam`` (no weight decay, no AMSGrad) and ``torch.optim.SGD`` (no
+    weight decay, no Nesterov), one parameter group; the state is copied (detached) from
+    ``opt.state`` so that stepping it reproduces what ``opt.step()`` would do.
+
+    Raises:
+        ValueError: another optimiser or option, which this twin would not reproduce.
+    """
+    if len(opt.param_groups) != 1:
+        raise ValueError("differentiable_pt_optimizer: the PT optimiser must have one parameter group")
+    group = opt.param_groups[0]
+    tensors = list(params.values())
+    if isinstance(opt, torch.optim.Adam):
+        if group.get("weight_decay", 0) or group.get("amsgrad", False):
+            raise ValueError("differentiable_pt_optimizer: Adam with weight_decay or amsgrad is not supported")
+        inner = adam(float(group["lr"]), tuple(group["betas"]), float(group["eps"]))
+        states = [opt.state.get(p, {}) for p in tensors]
+        count = int(states[0]["step"]) if states and "step" in states[0] else 0
+        mu = {k: opt.state[p]["exp_avg"].detach().clone() if p in opt.state else torch.zeros_like(p)
+              for k, p in params.items()}
+        nu = {k: opt.state[p]["exp_avg_sq"].detach().clone() if p in opt.state else torch.zeros_like(p)
+              for k, p in params.items()}
+        return inner, AdamState(count, mu, nu)
+    if isinstance(opt, torch.optim.SGD):
+        if group.get("weight_decay", 0) or group.get("nesterov", False) or group.get("dampening", 0):
+            raise ValueError("differentiable_pt_optimizer: SGD with weight_decay, dampening or nesterov is not supported")
+        momentum = float(group.get("momentum", 0.0))
+        inner = sgd(float(group["lr"]), momentum)
+        if momentum == 0:
+            return inner, SGDState(None)
+        buf = {k: opt.state[p]["momentum_buffer"].detach().clone()
+               if p in opt.state and opt.state[p].get("momentum_buffer") is not None else torch.zeros_like(p)
+               for k, p in params.items()}
+        return inner, SGDState(buf)
+    raise ValueError(f"differentiable_pt_optimizer: {type(opt).__name__} is not supported (use Adam or SGD)")
+
+
+def adam_preconditioner(opt: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> Params:
+    """P = 1/(√v̂ + ε), Adam's per-coordinate scaling of the next step (v̂ = v/(1 − β₂ᵗ)).
+
+    Before the first step (no state) P = 1/ε would be meaningless; P = 1 is returned then.
+    """
+    if not isinstance(opt, torch.optim.Adam):
+        raise ValueError(f"adam_preconditioner: the PT optimiser is {type(opt).__name__}, not Adam")
+    group = opt.param_groups[0]
+    beta2, eps = group["betas"][1], float(group["eps"])
+    out = {}
+    for k, p in params.items():
+        st = opt.state.get(p)
+        if not st or "exp_avg_sq" not in st:
+            out[k] = torch.ones_like(p).detach()
+            continue
+        c2 = 1 - beta2 ** int(st["step"])
+        out[k] = 1.0 / ((st["exp_avg_sq"].detach() / c2).sqrt() + eps)
+    return out
+
+
+def pretrain_lookahead(
+    pretrain_loss_at: Callable[[Params, Mapping[str, Tensor], int], Tensor],
+    theta: Mapping[str, Tensor],
+    phi: Mapping[str, Tensor],
+    optimizer: InnerOptimizer,
+    state: tuple,
+    steps: int,
+) -> Params:
+    """θ_T after T PT optimiser steps from θ with φ fixed, nothing kept for differentiation.
+
+    ``pretrain_loss_at(θ, φ, t)`` is L_PT on the t-th upcoming batch (t = 0..T−1).
+    """
+    th = {k: v.detach() for k, v in theta.items()}
+    ph = {k: v.detach() for k, v in phi.items()}
+    for t in range(steps):
+        th = {k: v.requires_grad_(True) for k, v in th.items()}
+        with torch.enable_grad():
+            loss = pretrain_loss_at(th, ph, t)
+            grads = torch.autograd.grad(loss, list(th.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(th[k]) if g is None else g for k, g in zip(th, grads)}
+        with torch.no_grad():
+            th, state = optimizer.update(th, grads, state)
+        th = {k: v.detach() for k, v in th.items()}
+    return th
+
+
+def unrolled_pretraining_hypergradient(
+    pretrain_loss_at: Callable[[Params, Mapping[str, Tensor], int], Tensor],
+    meta_loss: Callable[[Params], Tensor],
+    theta: Mapping[str, Tensor],
+    phi: Mapping[str, Tensor],
+    optimizer: InnerOptimizer,
+    state: tuple,
+    steps: int,
+) -> tuple[Params, HypergradInfo]:
+    """dL_V(θ_T)/dφ, reverse-mode through T differentiable PT optimiser steps (truncated horizon).
+
+        θ_{t+1} = update(θ_t, ∇θ L_PT(θ_t, φ; batch t)),  t = 0..T−1,   hypergradient = d L_V(θ_T)/dφ
+
+    the exact derivative of the T-step lookahead of pre-training (Shaban et al., AISTATS 2019,
+    truncated back-propagation), to compare with the implicit family. θ_0 and the optimiser state
+    are constants; memory grows as O(T) graphs of the PT step.
+
+    Args:
+        pretrain_loss_at: ``(θ, φ, t) -> scalar``, L_PT on the t-th upcoming batch.
+        meta_loss: ``θ -> scalar``, L_V of the fine-tuned model (may close over φ: direct term).
+        theta, phi: the current θ and the meta-parameters (leaf tensors).
+        optimizer, state: the differentiable PT optimiser and its state
+            (:func:`differentiable_pt_optimizer`).
+        steps: T ≥ 1.
+
+    Returns:
+        ``(hypergrad, info)``; ``info.solver.iterations`` is T and ``info.pretrain_loss`` L_PT of
+        the first step.
+    """
+    if steps < 1:
+        raise ValueError(f"unrolled_pretraining_hypergradient: steps must be >= 1, got {steps}")
+    _check_inputs(theta, phi)
+    p_keys = list(phi)
+    with _differentiable(phi), torch.enable_grad():
+        th: Params = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+        first = None
+        for t in range(steps):
+            loss = pretrain_loss_at(th, phi, t)
+            _check_scalar(loss, "pretrain_loss")
+            first = float(loss.detach()) if first is None else first
+            grads = torch.autograd.grad(loss, list(th.values()), create_graph=True, allow_unused=True)
+            grads = {k: torch.zeros_like(th[k]) if g is None else g for k, g in zip(th, grads)}
+            th, state = optimizer.update(th, grads, state)
+        lv = meta_loss(th)
+        _check_scalar(lv, "meta_loss")
+        grads = torch.autograd.grad(lv, [phi[k] for k in p_keys], allow_unused=True)
+    hyper = {k: torch.zeros_like(phi[k]) if g is None else g.detach() for k, g in zip(p_keys, grads)}
+    norm = tree_norm(hyper)
+    info = HypergradInfo(
+        solver=SolverInfo(steps, None, 0.0, False),
+        meta_loss=float(lv.detach()),
+        pretrain_loss=first,
+        norm=norm,
+        direct_norm=0.0,
+        finite=math.isfinite(norm),
+    )
+    return hyper, info
+
+
+def estimate_hypergradient(
+    estimator: Estimator,
+    pretrain_loss_at: Callable[[Params, Mapping[str, Tensor], int], Tensor],
+    meta_loss: Callable[[Params], Tensor],
+    theta: Mapping[str, Tensor],
+    phi: Mapping[str, Tensor],
+    pt_opt: torch.optim.Optimizer,
+    opt_params: Mapping[str, Tensor],
+    graph: PretrainGraph | None = None,
+) -> tuple[Params, HypergradInfo]:
+    """dL_V/dφ as ``estimator`` describes it.
+
+    Args:
+        estimator: the :class:`Estimator`.
+        pretrain_loss_at: ``(θ, φ, t) -> scalar``: L_PT on the PT batch just taken (t = −1) or on
+            the t-th upcoming one (t = 0, 1, …).
+        meta_loss: ``θ -> scalar``, L_V.
+        theta, phi: the current θ and φ.
+        pt_opt: the torch PT optimiser (its learning rate is the default α; its state gives
+            Adam's preconditioner and the differentiable twin of the truncated estimator).
+        opt_params: the tensors ``pt_opt`` holds state for, keyed like θ.
+        graph: a kept :class:`PretrainGraph` of the PT step just taken; used only when the
+            estimator takes the past batch.
+    """
+    if estimator.horizon:
+        optimizer, state = differentiable_pt_optimizer(pt_opt, opt_params)
+        return unrolled_pretraining_hypergradient(pretrain_loss_at, meta_loss, theta, phi, optimizer, state,
+                                                  estimator.horizon)
+    solver = estimator.solver if estimator.solver is not None else Neumann(steps=1, alpha=float(pt_opt.param_groups[0]["lr"]))
+    ts = [-1] if estimator.upcoming_batches == 0 else list(range(estimator.upcoming_batches))
+    pretrain_loss = (lambda th, ph: pretrain_loss_at(th, ph, ts[0])) if len(ts) == 1 else (
+        lambda th, ph: sum(pretrain_loss_at(th, ph, t) for t in ts) / len(ts))
+    precond = adam_preconditioner(pt_opt, opt_params) if estimator.adam_preconditioner else None
+    return pretraining_hypergradient(pretrain_loss, meta_loss, theta, phi, solver, preconditioner=precond,
+                                     graph=graph if estimator.uses_past_batch else None)
