@@ -1,0 +1,425 @@
+"""Is the hypergradient right? Ground truth at a checkpointed state of a run.
+
+At one state of Algorithm 1 (θ, φ, the FT head ψ, the PT optimiser's state, the step counter)
+this module measures, for any estimator of dL_V/dφ (:class:`metapt.hypergrad.estimators.Estimator`):
+
+- **lookahead agreement**: move φ by ±ε·d, continue pre-training for T steps from the same state
+  with the same batches and the same random draws (common random numbers), fine-tune and score on
+  MetaFT-validation as the meta-step does, and compare the central difference with ⟨ĥ, d⟩ — for
+  the estimator's own direction and N random directions: sign agreement, correlation, and the
+  cosine with the exact T-step derivative (reverse-mode through the same T steps, which is what the
+  finite differences estimate, without their noise);
+- **signal-to-noise**: hypergradients from independent PT and FT/validation batches: mean pairwise
+  cosine and ‖mean‖/‖std‖;
+- **curvature**: extreme eigenvalues of H = ∂²L_PT/∂θ² on the next PT batch (Lanczos);
+- **cost**: seconds per estimate in units of one plain PT step, timed here.
+
+:func:`diagnose` takes a trainer at the state; :func:`diagnose_state` builds one from a problem,
+a trainer state dict (a checkpoint's) and the run's configuration sections, independent of the job
+layer. Everything here is on demand: nothing runs during training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .hypergrad import Neumann, sgd, unrolled_finetune
+from .hypergrad._tree import Params, tree_dot, tree_norm
+from .hypergrad.curvature import lanczos
+from .hypergrad.estimators import (
+    Estimator,
+    differentiable_pt_optimizer,
+    estimate_hypergradient,
+    pretrain_lookahead,
+    unrolled_pretraining_hypergradient,
+)
+from .problem import MetaProblem
+
+__all__ = [
+    "DiagnoseOptions",
+    "StateProbe",
+    "default_estimators",
+    "diagnose",
+    "diagnose_state",
+    "format_table",
+    "lookahead_agreement",
+    "signal_to_noise",
+]
+
+
+@dataclass(frozen=True)
+class DiagnoseOptions:
+    """What :func:`diagnose` measures.
+
+    Attributes:
+        horizon: T, PT steps of the lookahead (the meta-interval is the natural choice).
+        directions: N random unit directions in φ, besides each estimator's own.
+        epsilon: the step ε of the central difference, along unit directions.
+        val_pairs: FT/MetaFT-validation batch pairs the meta-objective averages (the meta-step
+            uses one; more make the truth less noisy). The estimators see the same average.
+        snr_samples: independent hypergradients per estimator for the signal-to-noise figures.
+        lanczos_steps: Hessian-vector products spent on the extreme eigenvalues.
+        seed: seeds the random directions and the common random numbers.
+    """
+
+    horizon: int = 10
+    directions: int = 8
+    epsilon: float = 1e-2
+    val_pairs: int = 4
+    snr_samples: int = 4
+    lanczos_steps: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("horizon", "val_pairs", "snr_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DiagnoseOptions: {name} must be >= 1, got {getattr(self, name)}")
+        if self.directions < 0 or self.lanczos_steps < 0:
+            raise ValueError("DiagnoseOptions: directions and lanczos_steps must be >= 0")
+        if not self.epsilon > 0:
+            raise ValueError(f"DiagnoseOptions: epsilon must be > 0, got {self.epsilon}")
+
+
+class StateProbe:
+    """Pure measurements at one trainer state; the trainer itself is never stepped.
+
+    Reads from ``trainer``: ``problem``, ``params`` (θ), ``metaparams`` (φ), ``head`` (ψ),
+    ``pt_opt`` (Adam or SGD), ``inner`` (the FT optimiser), ``schedule``, ``step`` and
+    ``meta_step_count``. The meta-objective is the one the next meta-step optimises: the head
+    fine-tuned by K unrolled steps on that meta-step's FT batches, scored on its MetaFT-validation
+    batch, averaged over ``val_pairs`` consecutive pairs.
+    """
+
+    def __init__(self, trainer: Any, *, val_pairs: int = 1, seed: int = 0):
+        self.problem: MetaProblem = trainer.problem
+        self.theta = {k: v.detach().clone() for k, v in trainer.params.items()}
+        self.phi = {k: v.detach().clone() for k, v in trainer.metaparams.items()}
+        self.head = {k: v.detach().clone() for k, v in trainer.head.items()}
+        self.pt_opt = trainer.pt_opt
+        self.trainer_params = trainer.params  # the keys of pt_opt's state
+        self.inner = trainer.inner
+        self.schedule = trainer.schedule
+        self.step = int(trainer.step)
+        self.meta_index = int(trainer.meta_step_count) * self.schedule.meta_batches
+        self.val_pairs = val_pairs
+        self.seed = seed
+        self.pt_lr = float(self.pt_opt.param_groups[0]["lr"])
+
+    # ---- the pieces ----------------------------------------------------------------------------
+
+    def pt_batch_index(self, t: int, sample: int = 0, stride: int = 1) -> int:
+        """t ≥ 0: the t-th upcoming PT batch (of sample ``sample``); t = −1: the batch just taken."""
+        if t < 0:
+            return max(self.step - 1 - sample, 0)
+        return self.step + t + sample * stride
+
+    def pretrain_loss_at(self, sample: int = 0, stride: int = 1) -> Callable[[Params, Mapping[str, Tensor], int], Tensor]:
+        cache: dict[int, Any] = {}
+
+        def loss(theta, phi, t):
+            i = self.pt_batch_index(t, sample, stride)
+            if i not in cache:
+                cache[i] = self.problem.pretrain_batch(i)
+            return self.problem.pretrain_loss(theta, phi, cache[i])
+
+        return loss
+
+    def meta_loss(self, sample: int = 0) -> Callable[[Params], Tensor]:
+        """θ ↦ mean over the pairs of L_V(θ, ψ_K(θ)), as the meta-step computes it."""
+        sched, first = self.schedule, self.meta_index + sample * self.val_pairs
+        pairs = []
+        for i in range(first, first + self.val_pairs):
+            fts = [self.problem.finetune_batch(i * max(sched.unroll_steps, 1) + k) for k in range(sched.unroll_steps)]
+            pairs.append((fts, self.problem.metaval_batch(i)))
+
+        def meta_loss(theta: Params) -> Tensor:
+            total = 0.0
+            for fts, val in pairs:
+                if sched.unroll_encoder:
+                    joint = {**{f"theta/{k}": v for k, v in theta.items()}, **{f"head/{k}": v for k, v in self.head.items()}}
+                    out = unrolled_finetune(
+                        lambda p, k, fts=fts: self.problem.finetune_loss(_part(p, "theta/"), _part(p, "head/"), fts[k]),
+                        joint, self.inner, sched.unroll_steps)
+                    total = total + self.problem.finetune_loss(_part(out, "theta/"), _part(out, "head/"), val)
+                else:
+                    head = unrolled_finetune(lambda h, k, fts=fts: self.problem.finetune_loss(theta, h, fts[k]),
+                                             self.head, self.inner, sched.unroll_steps)
+                    total = total + self.problem.finetune_loss(theta, head, val)
+            return total / len(pairs)
+
+        return meta_loss
+
+    def _crn(self) -> None:
+        torch.manual_seed(self.seed)  # common random numbers: the same dropout masks for every φ
+
+    # ---- truth ---------------------------------------------------------------------------------
+
+    def objective_after(self, phi: Mapping[str, Tensor], horizon: int) -> float:
+        """L_V after T PT steps from this state with φ (same batches and random draws for any φ)."""
+        self._crn()
+        optimizer, state = differentiable_pt_optimizer(self.pt_opt, self.trainer_params)
+        theta = pretrain_lookahead(self.pretrain_loss_at(), self.theta, phi, optimizer, state, horizon)
+        with torch.enable_grad():  # the unrolled FT steps need gradients
+            return float(self.meta_loss()(theta).detach())
+
+    def exact_derivative(self, horizon: int) -> Params:
+        """d/dφ of :meth:`objective_after`, by reverse-mode through the T PT steps."""
+        self._crn()
+        optimizer, state = differentiable_pt_optimizer(self.pt_opt, self.trainer_params)
+        phi = {k: v.clone().requires_grad_(False) for k, v in self.phi.items()}
+        hyper, _ = unrolled_pretraining_hypergradient(self.pretrain_loss_at(), self.meta_loss(), self.theta, phi,
+                                                      optimizer, state, horizon)
+        return hyper
+
+    # ---- estimators ----------------------------------------------------------------------------
+
+    def estimate(self, estimator: Estimator, sample: int = 0) -> tuple[Params, Any, float]:
+        """(hypergradient, info, seconds) of ``estimator`` at this state on sample ``sample``."""
+        phi = {k: v.clone() for k, v in self.phi.items()}
+        stride = max(estimator.horizon, estimator.upcoming_batches, 1)
+        loss_at = self.pretrain_loss_at(sample, stride)
+        meta_loss = self.meta_loss(sample)
+        self._crn()
+        start = time.perf_counter()
+        hyper, info = estimate_hypergradient(estimator, loss_at, meta_loss, self.theta, phi, self.pt_opt,
+                                             self.trainer_params)
+        return hyper, info, time.perf_counter() - start
+
+    def pt_step_seconds(self, repeats: int = 3) -> float:
+        """Seconds of one plain PT step (forward, backward, Adam update) at this state, best of ``repeats``."""
+        theta = {k: v.clone().requires_grad_(True) for k, v in self.theta.items()}
+        opt = torch.optim.Adam(list(theta.values()), lr=self.pt_lr)
+        phi = {k: v.detach() for k, v in self.phi.items()}
+        batch = self.problem.pretrain_batch(self.step)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            self.problem.pretrain_loss(theta, phi, batch).backward()
+            opt.step()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def hessian_spectrum(self, steps: int):
+        """Lanczos on H = ∂²L_PT/∂θ² at θ on the next PT batch."""
+        theta = {k: v.clone().requires_grad_(True) for k, v in self.theta.items()}
+        phi = {k: v.detach() for k, v in self.phi.items()}
+        self._crn()
+        with torch.enable_grad():
+            loss = self.pretrain_loss_at()(theta, phi, 0)
+            grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True, allow_unused=True)
+        live = [(k, g) for k, g in zip(theta, grads) if g is not None and g.requires_grad]
+
+        def hvp(v: Params) -> Params:
+            out = {k: torch.zeros_like(t) for k, t in theta.items()}
+            hv = torch.autograd.grad([g for _, g in live], [theta[k] for k, _ in live],
+                                     grad_outputs=[v[k] for k, _ in live], retain_graph=True, allow_unused=True)
+            for (k, _), h in zip(live, hv):
+                if h is not None:
+                    out[k] = h
+            return out
+
+        return lanczos(hvp, self.theta, steps, seed=self.seed)
+
+
+# ---- measurements -----------------------------------------------------------------------------
+
+def _random_directions(phi: Mapping[str, Tensor], n: int, seed: int) -> list[Params]:
+    g = torch.Generator().manual_seed(seed + 7919)
+    out = []
+    for _ in range(n):
+        d = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in phi.items()}
+        out.append(_unit(d))
+    return out
+
+
+def _unit(d: Mapping[str, Tensor]) -> Params:
+    n = tree_norm(d)
+    return {k: v / n for k, v in d.items()} if n > 0 else dict(d)
+
+
+def central_difference(probe: StateProbe, direction: Mapping[str, Tensor], horizon: int, epsilon: float) -> float:
+    """(f(φ + εd) − f(φ − εd)) / 2ε, f the meta-objective after ``horizon`` PT steps."""
+    plus = {k: v + epsilon * direction[k] for k, v in probe.phi.items()}
+    minus = {k: v - epsilon * direction[k] for k, v in probe.phi.items()}
+    return (probe.objective_after(plus, horizon) - probe.objective_after(minus, horizon)) / (2 * epsilon)
+
+
+def lookahead_agreement(
+    probe: StateProbe,
+    hypergrads: Mapping[str, Mapping[str, Tensor]],
+    *,
+    horizon: int,
+    directions: int,
+    epsilon: float,
+    seed: int = 0,
+    exact: Mapping[str, Tensor] | None = None,
+) -> dict[str, Any]:
+    """Each hypergradient against the T-step lookahead truth at one state.
+
+    For each name: the finite differences along its own unit direction and N shared random unit
+    directions are compared with ⟨ĥ, d⟩: ``sign_agreement`` (fraction of directions with the same
+    sign), ``correlation`` (Pearson, over the directions), ``own_fd`` and ``own_predicted`` (its own
+    direction: a right hypergradient has both positive), ``cos_exact`` (with the exact T-step
+    derivative, when ``exact`` is given).
+    """
+    dirs = _random_directions(probe.phi, directions, seed)
+    fd_random = [central_difference(probe, d, horizon, epsilon) for d in dirs]
+    out: dict[str, Any] = {"random_fd": fd_random}
+    for name, h in hypergrads.items():
+        own = _unit(h)
+        fd_own = central_difference(probe, own, horizon, epsilon)
+        preds = [float(tree_dot(h, d)) for d in dirs] + [tree_norm(h)]
+        truth = fd_random + [fd_own]
+        agree = [(p > 0) == (t > 0) for p, t in zip(preds, truth) if p != 0 and t != 0]
+        row = {
+            "sign_agreement": sum(agree) / len(agree) if agree else float("nan"),
+            "correlation": _pearson(preds, truth),
+            "own_fd": fd_own,
+            "own_predicted": tree_norm(h),
+            "norm": tree_norm(h),
+        }
+        if exact is not None:
+            row["cos_exact"] = _cos(h, exact)
+        out[name] = row
+    return out
+
+
+def signal_to_noise(probe: StateProbe, estimator: Estimator, samples: int) -> dict[str, float]:
+    """Independent hypergradients (other PT and FT/validation batches): their mean pairwise cosine
+    and ‖mean‖ / √(mean ‖h_i − mean‖²)."""
+    hs = [probe.estimate(estimator, sample=s)[0] for s in range(samples)]
+    if samples < 2:
+        return {"mean_pairwise_cos": float("nan"), "snr": float("nan")}
+    cosines = [_cos(hs[i], hs[j]) for i in range(samples) for j in range(i + 1, samples)]
+    mean = {k: sum(h[k] for h in hs) / samples for k in hs[0]}
+    spread = math.sqrt(sum(tree_norm({k: h[k] - mean[k] for k in h}) ** 2 for h in hs) / (samples - 1))
+    return {"mean_pairwise_cos": sum(cosines) / len(cosines), "snr": tree_norm(mean) / spread if spread > 0 else math.inf}
+
+
+def default_estimators(pt_lr: float, horizon: int) -> dict[str, Estimator]:
+    """The options the issue compares, by name."""
+    from .hypergrad import ConjugateGradient, Identity
+
+    return {
+        "neumann1_past (paper)": Estimator(),
+        "identity_past": Estimator(solver=Identity(pt_lr)),
+        "identity_next": Estimator(solver=Identity(pt_lr), upcoming_batches=1),
+        "identity_next_adam": Estimator(solver=Identity(pt_lr), upcoming_batches=1, adam_preconditioner=True),
+        "neumann1_next_adam": Estimator(solver=Neumann(1, pt_lr), upcoming_batches=1, adam_preconditioner=True),
+        "identity_next4_adam": Estimator(solver=Identity(pt_lr), upcoming_batches=4, adam_preconditioner=True),
+        "cg_spectral_next": Estimator(solver=ConjugateGradient(max_iter=10, tol=1e-6, spectrum_steps=10),
+                                      upcoming_batches=1),
+        f"unrolled_T{horizon}": Estimator(horizon=horizon),
+    }
+
+
+def diagnose(trainer: Any, estimators: Mapping[str, Estimator] | None = None,
+             options: DiagnoseOptions = DiagnoseOptions()) -> dict[str, Any]:
+    """Every measurement of this module at the trainer's current state, as a JSON-able dict.
+
+    The trainer is not modified. ``estimators`` default to :func:`default_estimators`.
+    """
+    probe = StateProbe(trainer, val_pairs=options.val_pairs, seed=options.seed)
+    if estimators is None:
+        estimators = default_estimators(probe.pt_lr, options.horizon)
+    pt_seconds = probe.pt_step_seconds()
+    exact = probe.exact_derivative(options.horizon)
+    hypergrads, rows = {}, {}
+    for name, est in estimators.items():
+        h, info, seconds = probe.estimate(est)
+        hypergrads[name] = h
+        rows[name] = {"cost_pt_steps": seconds / pt_seconds, "meta_loss": info.meta_loss,
+                      "solver_iterations": info.solver.iterations,
+                      "negative_curvature": bool(info.solver.negative_curvature),
+                      "usable": bool(info.usable)}
+    agreement = lookahead_agreement(probe, hypergrads, horizon=options.horizon, directions=options.directions,
+                                    epsilon=options.epsilon, seed=options.seed, exact=exact)
+    for name, est in estimators.items():
+        rows[name].update(agreement[name])
+        rows[name].update(signal_to_noise(probe, est, options.snr_samples))
+    spectrum = probe.hessian_spectrum(options.lanczos_steps) if options.lanczos_steps else None
+    return {
+        "step": probe.step,
+        "options": asdict(options),
+        "pt_step_seconds": pt_seconds,
+        "exact_norm": tree_norm(exact),
+        "random_fd": agreement["random_fd"],
+        "curvature": None if spectrum is None else {"lambda_max": spectrum.lambda_max,
+                                                     "lambda_min": spectrum.lambda_min,
+                                                     "hvps": spectrum.iterations},
+        "estimators": rows,
+    }
+
+
+def diagnose_state(problem: MetaProblem, state: Mapping[str, Any], *, pt_lr: float, meta: Any,
+                   estimators: Mapping[str, Estimator] | None = None,
+                   options: DiagnoseOptions = DiagnoseOptions()) -> dict[str, Any]:
+    """:func:`diagnose` at a trainer state dict (a checkpoint's ``MetaPretrainer.state_dict()``).
+
+    Args:
+        problem: the domain problem of the phase the state belongs to.
+        state: ``params``, ``head``, ``metaparams``, ``pt_opt``, ``meta_opt``, ``counters``.
+        pt_lr: the Adam learning rate of pre-training.
+        meta: the run's :class:`metapt.schema.MetaConfig` (schedule and FT inner learning rate).
+    """
+    from .trainer import MetaPretrainer
+
+    trainer = MetaPretrainer(
+        problem, state["params"], state["head"], state["metaparams"],
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=pt_lr),
+        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=max(meta.lr, 1e-12)),
+        inner_optimizer=sgd(meta.inner_lr),
+        schedule=meta.schedule(),
+    )
+    trainer.load_state_dict(state)
+    return diagnose(trainer, estimators, options)
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """A Markdown table of one :func:`diagnose` result."""
+    opts = result["options"]
+    lines = [f"state: PT step {result['step']}; lookahead T = {opts['horizon']}, {opts['directions']} random "
+             f"directions + own, ε = {opts['epsilon']}, {opts['val_pairs']} FT/val pairs; "
+             f"Hessian λmax ≈ {_fmt(result['curvature'] and result['curvature']['lambda_max'])}, "
+             f"λmin ≈ {_fmt(result['curvature'] and result['curvature']['lambda_min'])}",
+             "",
+             "| estimator | sign agreement | correlation | cos(exact T-step) | own-direction FD | SNR | mean pair cos | cost (PT steps) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in result["estimators"].items():
+        lines.append(f"| {name} | {_fmt(r['sign_agreement'])} | {_fmt(r['correlation'])} | {_fmt(r.get('cos_exact'))} | "
+                     f"{_fmt(r['own_fd'])} | {_fmt(r['snr'])} | {_fmt(r['mean_pairwise_cos'])} | {_fmt(r['cost_pt_steps'])} |")
+    return "\n".join(lines)
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _cos(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    na, nb = tree_norm(a), tree_norm(b)
+    return float(tree_dot(a, b)) / (na * nb) if na > 0 and nb > 0 else float("nan")
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def _part(params: Mapping[str, Tensor], prefix: str) -> Params:
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
