@@ -1,5 +1,38 @@
-"""Families of meta-parameters φ: how a raw tensor becomes a pre-training hyperparameter."""
+"""Families of meta-parameters φ: how raw tensors become pre-training hyperparameters.
 
-from .weights import weight_logits, weights_from_logits
+The four families of Raghu et al. (2021), each an object with the same surface:
+``init()`` → its entries of φ (a dict of tensors, the starting point), ``summary(phi)`` →
+a few readable numbers for logs and reports, ``row_sparse`` → whether a batch's hypergradient
+touches only a few rows (then :mod:`metapt.optim`'s lazy optimisers update only those).
 
-__all__ = ["weight_logits", "weights_from_logits"]
+* :class:`TaskWeights` — one weight per pre-training task, 2·sigmoid(logit);
+* :class:`ExampleWeights` — one weight per pre-training example, read with a row-sparse gradient;
+* :class:`AugmentationNetwork` — the parameters of an augmentation module;
+* noise models: :class:`GaussianNoiseScales` (additive, reparameterised) and
+  :class:`LabelFlipRates` (per-task label noise, exact expectation).
+"""
+
+from .augmentation import AugmentationNetwork
+from .noise import GaussianNoiseScales, LabelFlipRates
+from .weights import ExampleWeights, TaskWeights, gather_rows, weight_logits, weights_from_logits
+
+
+def summarize(families, phi) -> dict[str, float]:
+    """Every family's :meth:`summary` of ``phi``, merged (the families' keys must not collide)."""
+    out: dict[str, float] = {}
+    for family in families:
+        out.update(family.summary(phi))
+    return out
+
+
+__all__ = [
+    "AugmentationNetwork",
+    "ExampleWeights",
+    "GaussianNoiseScales",
+    "LabelFlipRates",
+    "TaskWeights",
+    "gather_rows",
+    "summarize",
+    "weight_logits",
+    "weights_from_logits",
+]
