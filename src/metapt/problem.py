@@ -1,9 +1,10 @@
-"""The small protocol through which a domain plugs into the trainer.
+"""The small protocol through which your pre-training problem plugs into the trainer.
 
-Batches are addressed by an integer index, not drawn from an iterator: a domain
-maps ``(index)`` to the same batch every time (a seeded permutation per epoch),
-so a run's data order is a pure function of its step counter. That makes exact
-resume and data-parallel sharding a matter of integers.
+Batches are addressed by an integer index, not drawn from an iterator: a problem
+maps ``index`` to the same batch every time it is asked (a seeded permutation per
+epoch, :class:`EpochShuffler`), so a run's data order is a pure function of its
+step counter. That makes exact resume and data-parallel sharding a matter of
+integers, and lets a meta-step look at exactly the batch the PT step before it used.
 """
 
 from __future__ import annotations
@@ -15,41 +16,119 @@ import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
+"""A flat dict of named tensors: θ, φ or ψ (e.g. ``dict(model.named_parameters())``)."""
 
 
 @runtime_checkable
 class MetaProblem(Protocol):
-    """What a domain provides to :class:`metapt.MetaPretrainer`.
+    """What your pre-training problem provides to [`MetaPretrainer`][metapt.MetaPretrainer].
 
-    ``params`` are the pre-training parameters θ (encoder and PT heads),
-    ``metaparams`` the meta-parameters φ, ``head`` the fine-tuning head ψ; all are
-    dicts of tensors used through ``torch.func.functional_call``.
+    Three dicts of tensors travel through it, each used through
+    ``torch.func.functional_call`` (or plain tensor code):
+
+    * ``params``, θ: what pre-training trains (encoder and pre-training heads);
+    * ``metaparams``, φ: the pre-training hyperparameters that are meta-learned
+      (task-weight logits, an augmentation network, a noise model);
+    * ``head``, ψ: the fine-tuning head, trained on top of θ downstream.
+
+    Subclass it (``class MyProblem(metapt.MetaProblem)``) or write a class with the
+    same methods; ``isinstance(obj, MetaProblem)`` checks that the methods exist.
+
+    **Batches are pure functions of their index.** The trainer asks for batches by
+    integer index, never iterates, and may ask for the same index more than once
+    (from different streams, or again after a resume): return the same batch every
+    time, including any random draws (augmentations, noise: seed them from the
+    index). Indices grow without bound; wrap them around your data
+    (:class:`EpochShuffler` does). Which index is asked for when, with
+    ``s`` = the PT steps taken so far and ``m`` = the meta-steps taken so far
+    (both counted from 0; schedule fields of [`MetaSchedule`][metapt.MetaSchedule]):
+
+    * ``pretrain_batch(s)`` for the PT step that follows, so PT batches are 0, 1, 2, ...
+      A meta-step after PT step ``n = s + 1`` uses ``pretrain_batch(n - 1)`` again
+      (the batch that step just used) for H and the mixed term, and, for its extra
+      samples ``j = 1 .. meta_batches - 1``, ``pretrain_batch(max(n - 1 - j, 0))``.
+    * ``finetune_batch`` serves three streams, which may ask for the same indices:
+      the warm-up head step after PT step ``n`` asks for ``n`` (so 1 .. ``warmup_steps``);
+      the ``head_steps`` catch-up steps of meta-step ``m`` ask for
+      ``m * head_steps + c``; the unrolled step ``k`` of sample ``j`` of meta-step ``m``
+      asks for ``(m * meta_batches + j) * max(unroll_steps, 1) + k``.
+    * ``metaval_batch(m * meta_batches + j)`` for sample ``j`` of meta-step ``m``.
+
+    Optional: ``state_dict()`` / ``load_state_dict(state)`` for state the problem keeps
+    outside θ (batch-norm running statistics). The trainer restores it after warm-up and
+    meta-steps, so only PT steps update it; the CLI's run folders checkpoint it.
     """
 
     def pretrain_loss(self, params: Params, metaparams: Params, batch: Any) -> Tensor:
-        """L_PT(θ, φ) on a pre-training batch; a scalar."""
+        """L_PT(θ, φ) on a pre-training batch.
+
+        Args:
+            params: θ. Compute the loss from these tensors (not from your module's own
+                parameters), e.g. ``torch.func.functional_call(model, params, x)``.
+            metaparams: φ. Use the entries from this dict: during a meta-step they are
+                the tensors the hypergradient is taken with respect to. Every entry
+                must reach the loss.
+            batch: what ``pretrain_batch`` returned.
+
+        Returns:
+            A scalar tensor, differentiable twice in θ and once in φ.
+        """
         ...
 
     def finetune_loss(self, params: Params, head: Params, batch: Any) -> Tensor:
-        """L_FT(θ, ψ) on a labelled batch (FT-train or MetaFT-validation); a scalar."""
+        """L_FT(θ, ψ) on a labelled batch: FT-train (unrolled steps) or MetaFT-validation (L_V).
+
+        Args:
+            params: θ, the pre-trained parameters (the encoder part is what matters).
+            head: ψ, the fine-tuning head.
+            batch: what ``finetune_batch`` or ``metaval_batch`` returned.
+
+        Returns:
+            A scalar tensor, differentiable twice in ψ (and in θ).
+        """
         ...
 
-    def pretrain_batch(self, index: int) -> Any: ...
+    def pretrain_batch(self, index: int) -> Any:
+        """Pre-training batch number ``index`` (>= 0); the same batch for the same index."""
+        ...
 
-    def finetune_batch(self, index: int) -> Any: ...
+    def finetune_batch(self, index: int) -> Any:
+        """FT-train batch number ``index`` (>= 0), for the head's steps and the unrolled ones."""
+        ...
 
-    def metaval_batch(self, index: int) -> Any: ...
+    def metaval_batch(self, index: int) -> Any:
+        """MetaFT-validation batch number ``index`` (>= 0), on which L_V is measured.
+
+        Keep this data apart from what you test on: φ is fitted to it.
+        """
+        ...
 
     def describe_metaparams(self, metaparams: Params) -> Mapping[str, float]:
-        """A few numbers that summarise φ for the step log (e.g. mean task weight)."""
-        ...
+        """A few numbers that summarise φ for the step log (e.g. mean task weight).
+
+        Logged after each meta-step as ``phi/NAME``. The default logs nothing.
+        """
+        return {}
 
 
 class EpochShuffler:
     """Index → batch of example indices, reshuffled each epoch by a seeded permutation.
 
     ``indices(i)`` is a pure function of ``(seed, i)``; the last partial batch of an
-    epoch is dropped so every batch has ``batch_size`` examples.
+    epoch is dropped so every batch has ``batch_size`` examples (``batch_size`` is
+    capped at ``num_examples``). Batch ``i`` lies in epoch ``i // batches_per_epoch``.
+
+    Example: index-addressed batches from a ``torch.utils.data.Dataset``::
+
+        order = EpochShuffler(len(dataset), batch_size=32, seed=0)
+
+        def pretrain_batch(index):
+            return default_collate([dataset[int(j)] for j in order.indices(index)])
+
+    Args:
+        num_examples: the number of examples to draw from (>= 1).
+        batch_size: examples per batch (>= 1).
+        seed: seeds the permutation of every epoch.
     """
 
     def __init__(self, num_examples: int, batch_size: int, seed: int = 0):
@@ -64,6 +143,7 @@ class EpochShuffler:
         self._cache: tuple[int, Tensor] | None = None
 
     def indices(self, index: int) -> Tensor:
+        """The example indices of batch ``index``: a ``[batch_size]`` int64 tensor."""
         epoch, within = divmod(index, self.batches_per_epoch)
         if self._cache is None or self._cache[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
