@@ -5,8 +5,8 @@ Both runs take the same PT steps on the same ChEMBL batches (B3DB setting, 35,63
 head-only FT step, M = 1 Neumann term (α = PT lr), φ = the 30 task weights. Everything is timed in
 one process, in chunks of 10 PT steps (the meta run's chunk holds its one meta-step), the plain,
 "before" and "after" trainers interleaved in rotating order on the same batch indices; ratios are
-medians of per-chunk ratios. "before" is the trainer with ``reuse_pt_graph = False`` (a second PT
-forward/backward inside the meta-step, as metapt did until this benchmark), "after" ``reuse_pt_graph=True``.
+medians of per-chunk ratios. "before" is the trainer with the default strategy (a second PT
+forward/backward inside the meta-step, as metapt did until this benchmark), "after" ``strategy=ReusePTGraph()``.
 
 The floor. A meta-step must compute, on batches of 64:
   g    = dL_V/dθ through the K = 1 unrolled FT step (FT forward + val forward, backward to θ),
@@ -40,6 +40,7 @@ import time
 import torch
 
 from metapt import MetaPretrainer, MetaSchedule
+from metapt.strategy import ReusePTGraph
 from metapt.domains.molecules.models import GINEncoder
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
 from metapt.hypergrad import Neumann, pretraining_hypergradient, sgd, unrolled_finetune
@@ -70,8 +71,8 @@ def make_trainer(data, size: str, *, meta: bool, reuse: bool = True, phi_kind: s
         inner_optimizer=sgd(0.1),
         solver=Neumann(steps=1, alpha=PT_LR),
         schedule=MetaSchedule(meta_interval=INTERVAL if meta else 10**9, unroll_steps=1),
+        strategy=ReusePTGraph() if reuse else None,
     )
-    trainer.reuse_pt_graph = reuse
     return trainer
 
 
@@ -293,7 +294,7 @@ def markdown(result: dict) -> str:
         "",
         "Ratio = meta-training time / plain PT time for the same PT steps; PT steps / meta-step = 10·(ratio − 1). "
         "Floor = g + HVP + mixed + create_graph extra, each primitive timed alone in PT-step units (see the "
-        "script's docstring); before = a second PT forward/backward in the meta-step (`reuse_pt_graph = False`), "
+        "script's docstring); before = a second PT forward/backward in the meta-step (the default strategy), "
         "after = H and the mixed term from the PT step's own gradient graph (the default). CPU time is this "
         "process's own: the machine was shared, so wall time carries other jobs' load.",
         "",

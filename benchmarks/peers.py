@@ -75,6 +75,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metapt import MetaPretrainer, MetaSchedule
+from metapt.strategy import ReusePTGraph, Strategy
 from metapt.hypergrad import (
     ConjugateGradient,
     Neumann,
@@ -240,8 +241,9 @@ class MetaptTrainer:
             meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=s.meta_lr),
             inner_optimizer=sgd(s.ft_lr), solver=_metapt_solver(s),
             schedule=MetaSchedule(meta_interval=1, unroll_steps=s.K),
-            reuse_pt_graph=reuse_pt_graph,
+            strategy=ReusePTGraph() if reuse_pt_graph else None,
         )
+        self.reuse = reuse_pt_graph
 
     def step(self):
         self.last = self.t.meta_step()
@@ -255,11 +257,11 @@ class MetaptTrainer:
 
     def pt_step(self):
         """A plain PT step (no graph kept: with meta_interval = 1 every step would keep one)."""
-        reuse, self.t.reuse_pt_graph = self.t.reuse_pt_graph, False
+        reuse, self.t.strategy = self.t.strategy, Strategy()
         try:
             self.t.pretrain_step()
         finally:
-            self.t.reuse_pt_graph = reuse
+            self.t.strategy = reuse
 
 
 class MetaptFn:

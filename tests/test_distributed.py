@@ -26,6 +26,7 @@ from metapt.domains.synthetic.problem import SyntheticConfig, SyntheticTaskWeigh
 from metapt.hypergrad import Neumann, sgd
 from metapt.runs import RunFolder, Session
 from metapt.schema import CheckpointConfig
+from metapt.strategy import MeanOverViews, Strategy
 from metapt.trainer import MetaPretrainer, MetaSchedule
 
 WORLD = 2
@@ -75,14 +76,14 @@ def _worker(rank, port, run_dir, harness_dir):
     base.initial_params = lambda seed: SyntheticTaskWeighting.initial_params(base, seed + rank)
     base.initial_metaparams = lambda: {k: v + rank for k, v in SyntheticTaskWeighting.initial_metaparams(base).items()}
     rec = Recorder()
-    trainer = _trainer(ctx.shard(base), base, loggers=[rec], **ctx.trainer_kwargs(check_every=1))
+    trainer = _trainer(ctx.shard(base), base, loggers=[rec], strategy=ctx.strategy(check_every=1))
     session = Session(RunFolder(run_dir), CheckpointConfig(every=SAVE_AT), dist=ctx)  # checkpoint at SAVE_AT
     session.train("pt", trainer, STEPS)
     session.close()
     out = {"rows": rec.rows, "final": _state(trainer)}
 
     # resume: a fresh trainer (and DDP module) on every process loads rank 0's checkpoint
-    resumed = _trainer(ctx.shard(base), base, **ctx.trainer_kwargs(check_every=1))
+    resumed = _trainer(ctx.shard(base), base, strategy=ctx.strategy(check_every=1))
     session = Session(RunFolder(run_dir), CheckpointConfig(every=SAVE_AT), dist=ctx, resume=True)
     session.train("pt", resumed, STEPS)
     session.close()
@@ -159,7 +160,7 @@ def _reference(per_shard_hypergradients=True):
     base = _problem()
     views = [_Shard(base, r) for r in range(WORLD)] if per_shard_hypergradients else None
     rec = Recorder()
-    t = _trainer(_Concatenated(base), base, loggers=[rec], meta_views=views)
+    t = _trainer(_Concatenated(base), base, loggers=[rec], strategy=MeanOverViews(views) if views else None)
     t.run(STEPS)
     return rec.rows, _state(t)
 
@@ -223,7 +224,7 @@ def test_without_torchrun_it_is_a_one_process_run():
     ctx = init_distributed(env={})
     assert not ctx.distributed and ctx.is_main and ctx.world_size == 1
     problem = _problem()
-    assert ctx.shard(problem) is problem and ctx.trainer_kwargs() == {}
+    assert ctx.shard(problem) is problem and type(ctx.strategy()) is Strategy
     ctx.check_replicas(None)  # no-ops
     ctx.barrier()
 

@@ -7,7 +7,18 @@ import torch
 
 from metapt.domains.synthetic.problem import SyntheticConfig, SyntheticTaskWeighting
 from metapt.hypergrad import ConjugateGradient, Identity, Neumann, sgd
+from metapt.strategy import Strategy
 from metapt.trainer import MetaPretrainer, MetaSchedule, NonFiniteLossError
+
+
+class _Mapped(Strategy):
+    """A strategy that changes every hypergradient before the φ update (test controls)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def reduce_hypergrad(self, h):
+        return self.fn(h)
 
 
 def _trainer(problem, meta_lr=0.1, schedule=MetaSchedule(meta_interval=5, warmup_steps=100), **kw):
@@ -44,7 +55,7 @@ def test_flipped_hypergradient_sign_learns_the_opposite():
     # The end-to-end test above must fail if the sign were wrong: negating the
     # hypergradient drives the weights the other way.
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
-    flipped = _trainer(problem, reduce_hypergrad=lambda h: {k: -v for k, v in h.items()})
+    flipped = _trainer(problem, strategy=_Mapped(lambda h: {k: -v for k, v in h.items()}))
     flipped.run(1000)
     w = problem.describe_metaparams(flipped.metaparams)
     assert w["noise_weight"] > w["helpful_weight"], w
@@ -77,7 +88,7 @@ def test_unroll_encoder_and_other_solvers_run():
 
 def test_unusable_hypergradient_skips_the_update():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
-    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1), reduce_hypergrad=lambda h: {k: v * float("nan") for k, v in h.items()})
+    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1), strategy=_Mapped(lambda h: {k: v * float("nan") for k, v in h.items()}))
     before = t.metaparams["task_logits"].clone()
     t.run(3)
     assert t.skipped == 3 and torch.equal(before, t.metaparams["task_logits"])

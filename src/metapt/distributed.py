@@ -17,12 +17,12 @@ One process per device; every process holds a full replica of θ, φ and the FT 
 * **Meta-steps**: every process computes the hypergradient on its own PT,
   MetaFT-validation and FT-train batches. DDP does not synchronise gradients of
   gradients (the hypergradient is computed on detached copies of θ), so it is
-  averaged explicitly with ``all_reduce`` (the trainer's ``reduce_hypergrad``), and
+  averaged explicitly with ``all_reduce`` (the strategy's ``reduce_hypergrad``), and
   the FT head after each update (``reduce_head``), so every process applies the
   same φ update and keeps the same head. The hypergradient is not linear in the
   batch (it multiplies H⁻¹, the mixed partial and dL_V/dθ), so a W-process
   meta-step equals a one-process meta-step that averages the W per-shard
-  hypergradients (``MetaPretrainer(meta_views=[ShardedProblem(p, r, W) for r ...])``),
+  hypergradients (``MetaPretrainer(strategy=MeanOverViews([ShardedProblem(p, r, W) for r ...]))``),
   not the hypergradient of the concatenated batches. A process whose
   hypergradient is unusable poisons the mean with NaN, so all skip alike.
 * **Replicas** stay bitwise identical (all-reduce results are the same on every
@@ -37,7 +37,7 @@ Usage (what a job does; without torchrun's environment it is a one-process run):
 
     ctx = init_distributed(debug=False)
     problem = ctx.shard(problem)                 # this process's batches
-    trainer = MetaPretrainer(problem, ..., **ctx.trainer_kwargs())
+    trainer = MetaPretrainer(problem, ..., strategy=ctx.strategy())
     session = Session(RunFolder(run_dir), dist=ctx)   # only rank 0 writes metrics and checkpoints
     session.train("pretrain", trainer, steps)
     ctx.close()
@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .problem import MetaProblem, Params
+from .strategy import Strategy
 
 #: the variables torchrun sets for every process
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -123,7 +124,7 @@ class DistributedContext:
         rank, world_size, local_rank: from torchrun's environment (0, 1, 0 alone).
         backend: ``"gloo"`` or ``"nccl"``; None when not distributed.
         device: where this process computes (``cuda:LOCAL_RANK`` with NCCL, else CPU).
-        debug: check that replicas agree every step (see :meth:`trainer_kwargs`).
+        debug: check that replicas agree every step (see :meth:`strategy`).
     """
 
     rank: int = 0
@@ -148,14 +149,15 @@ class DistributedContext:
         """This process's view of ``problem`` (the problem itself in a one-process run)."""
         return ShardedProblem(problem, self.rank, self.world_size) if self.distributed else problem
 
-    def trainer_kwargs(
+    def strategy(
         self,
         *,
         check_every: int | None = None,
         sync_buffers_of: nn.Module | None = None,
         find_unused_parameters: bool = False,
-    ) -> dict[str, Any]:
-        """Keyword arguments for :class:`metapt.MetaPretrainer` (empty in a one-process run).
+    ) -> Strategy:
+        """The trainer's strategy (``MetaPretrainer(strategy=...)``): :class:`DataParallel`
+        under torchrun, the plain one-process :class:`metapt.strategy.Strategy` otherwise.
 
         Args:
             check_every: verify that replicas agree every this many PT steps
@@ -167,12 +169,11 @@ class DistributedContext:
                 PT batches do not use.
         """
         if not self.distributed:
-            return {}
+            return Strategy()
         if check_every is None:
             check_every = 1 if self.debug else 0
-        hooks = DataParallel(self, check_every=check_every, sync_buffers_of=sync_buffers_of,
-                             find_unused_parameters=find_unused_parameters)
-        return {"data_parallel": hooks, "reduce_hypergrad": self.all_reduce_mean, "reduce_head": self.all_reduce_mean}
+        return DataParallel(self, check_every=check_every, sync_buffers_of=sync_buffers_of,
+                            find_unused_parameters=find_unused_parameters)
 
     # ---- collectives ------------------------------------------------------------------------
 
@@ -227,7 +228,7 @@ class DistributedContext:
             more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
             raise ReplicaMismatchError(
                 f"data-parallel replicas differ from rank 0 at step {getattr(trainer, 'step', '?')}: {lines}{more}. "
-                "Every process must apply the same updates: pass ctx.trainer_kwargs() to the trainer, and "
+                "Every process must apply the same updates: pass strategy=ctx.strategy() to the trainer, and "
                 "change θ, φ or the head only through it (or identically on every process)"
             )
 
@@ -266,7 +267,7 @@ def init_distributed(
     Args:
         backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available
             (the process's device is ``cuda:LOCAL_RANK``), else gloo on CPU.
-        debug: verify replicas every step (see :meth:`DistributedContext.trainer_kwargs`).
+        debug: verify replicas every step (see :meth:`DistributedContext.strategy`).
         timeout: for collectives (torch's default when None).
         env: the environment to read (``os.environ`` when None).
     """
@@ -338,12 +339,13 @@ class _Theta(nn.Module):
         return self.problem.pretrain_loss(self.theta(), phi, batch)
 
 
-class DataParallel:
-    """The hooks :class:`metapt.MetaPretrainer` calls in a data-parallel run (``data_parallel=``).
+class DataParallel(Strategy):
+    """Data-parallel execution of Algorithm 1 (build it with :meth:`DistributedContext.strategy`).
 
-    ``setup(trainer)`` before the optimisers are built; ``pretrain_loss`` for the
-    PT step's forward; ``end_step(trainer, metrics)`` after every step, on every
-    process. Build it with :meth:`DistributedContext.trainer_kwargs`.
+    The PT step runs through DistributedDataParallel (θ's gradient averaged over
+    processes); each meta-step's hypergradient and every update of the FT head are
+    averaged with an explicit all-reduce (DDP does not synchronise gradients of
+    gradients); metrics are averaged so rank 0 logs global numbers.
     """
 
     def __init__(self, ctx: DistributedContext, *, check_every: int = 0, sync_buffers_of: nn.Module | None = None,
@@ -356,7 +358,7 @@ class DataParallel:
     def setup(self, trainer: Any) -> None:
         """Make ``trainer.params`` the Parameters of a DDP module; start every replica from rank 0's θ, φ, ψ."""
         if self.module is not None:
-            raise RuntimeError("DataParallel hooks serve one trainer; call ctx.trainer_kwargs() for each")
+            raise RuntimeError("a DataParallel strategy serves one trainer; call ctx.strategy() for each")
         if self.ctx.device.type == "cuda":
             off = [k for k, v in {**trainer.params, **trainer.metaparams, **trainer.head}.items()
                    if v.device != self.ctx.device]
@@ -371,11 +373,21 @@ class DataParallel:
         self.ctx.broadcast_(trainer.metaparams)
         self.ctx.broadcast_(trainer.head)
 
-    def pretrain_loss(self, params: Params, metaparams: Params, batch: Any) -> Tensor:
+    def pretrain_backward(self, trainer: Any, batch: Any) -> Tensor:
         """L_PT through DDP, whose backward averages θ's gradient over processes."""
-        if params is not self._theta:
-            raise RuntimeError("DataParallel.pretrain_loss: θ must be the trainer's own dict (set up by setup())")
-        return self.module(metaparams, batch)
+        if trainer.params is not self._theta:
+            raise RuntimeError("DataParallel: θ must be the trainer's own dict (set up by setup())")
+        phi = {k: v.detach() for k, v in trainer.metaparams.items()}
+        loss = self.module(phi, batch)
+        if loss.isfinite():
+            loss.backward()
+        return loss.detach()
+
+    def reduce_hypergrad(self, hypergrad: Params) -> Params:
+        return self.ctx.all_reduce_mean(hypergrad)
+
+    def reduce_head(self, head: Params) -> Params:
+        return self.ctx.all_reduce_mean(head)
 
     def end_step(self, trainer: Any, metrics: Mapping[str, float]) -> dict[str, float]:
         """Metrics averaged over processes (so rank 0 logs the global step); replica check on schedule."""

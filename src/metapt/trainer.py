@@ -23,6 +23,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -32,12 +33,12 @@ from .hypergrad import (
     InnerOptimizer,
     Neumann,
     Solver,
-    pretrain_graph,
     pretraining_hypergradient,
     sgd,
     unrolled_finetune,
 )
 from .problem import MetaProblem, Params
+from .strategy import Strategy
 
 
 class MetricsLogger(Protocol):
@@ -66,6 +67,8 @@ class MetaSchedule:
             meta-step's unroll, so the persisted head keeps up with the moving
             encoder (paper: 0; a stale head makes L_V, and its gradient, about
             the head rather than the representation).
+        learn_phi: False runs plain pre-training with φ held at its initial value: no
+            warm-up head steps, no meta-steps (the frozen-φ baselines).
     """
 
     meta_interval: int = 10
@@ -74,6 +77,7 @@ class MetaSchedule:
     meta_batches: int = 1
     warmup_steps: int = 0
     head_steps: int = 0
+    learn_phi: bool = True
 
     def __post_init__(self):
         for name in ("meta_interval", "meta_batches"):
@@ -103,26 +107,15 @@ class MetaPretrainer:
         solver: the inverse-HVP solver (paper: ``Neumann(1, alpha=PT lr)``).
         schedule: :class:`MetaSchedule`.
         loggers: receive per-step metrics.
-        reduce_hypergrad: averages a hypergradient across processes in
-            data-parallel runs; identity by default.
-        reduce_head: averages the FT head across processes after each update
-            of it (warm-up, catch-up, unroll); identity by default.
-        data_parallel: the data-parallel hooks of :mod:`metapt.distributed`
-            (``DistributedContext.trainer_kwargs()`` supplies them and the two
-            reductions): θ becomes a DistributedDataParallel module's parameters,
-            replicas start from rank 0's values, metrics are averaged over processes.
-        meta_views: problems whose batches each meta-step averages over, one
-            sample (``meta_batches`` samples) each; the persisted head is the mean
-            of their first samples' heads. Default: the problem itself. A
-            one-process reference for W data-parallel processes passes the W
-            shard views (:class:`metapt.distributed.ShardedProblem`).
-        reuse_pt_graph: take H and ∂²L_PT/∂φ∂θ from the gradient graph of the PT
-            step right before each meta-step (at that step's θ, batch and dropout
-            mask) instead of a second PT forward/backward: the meta-step at its
-            floor cost (benchmarks/meta_overhead.py), but H is then one PT step
-            older than g. Off by default, so that every derivative is taken at the
-            same θ as in the paper (the molecules job could not tell them apart
-            beyond pre-training seed variation; README).
+        strategy: how the steps are executed (:mod:`metapt.strategy`): one process
+            (default), :class:`metapt.strategy.ReusePTGraph` (the meta-step takes H and the
+            mixed term from the PT step's own graph), or data-parallel
+            (:meth:`metapt.distributed.DistributedContext.strategy`). It never changes what
+            is computed.
+
+    Normalisation statistics (batch norm): only PT steps update a problem's buffers.
+    Warm-up head steps and meta-steps run with the problem's ``state_dict()`` (its buffers)
+    restored afterwards, so a meta-step's extra forwards do not count a batch twice.
     """
 
     def __init__(
@@ -138,33 +131,24 @@ class MetaPretrainer:
         solver: Solver | None = None,
         schedule: MetaSchedule = MetaSchedule(),
         loggers: Sequence[MetricsLogger] = (),
-        reduce_hypergrad: Callable[[Params], Params] = lambda h: h,
-        reduce_head: Callable[[Params], Params] = lambda h: h,
-        data_parallel: Any = None,
-        meta_views: Sequence[MetaProblem] | None = None,
-        reuse_pt_graph: bool = False,
+        strategy: Strategy | None = None,
     ):
         self.problem = problem
         self.params = _leaves(params)
         self.head = {k: v.detach().clone() for k, v in head.items()}
         self.metaparams = _leaves(metaparams)
-        self.data_parallel = data_parallel
-        if data_parallel is not None:  # θ becomes a DDP module's parameters; every process starts from rank 0's values
-            data_parallel.setup(self)
+        self.schedule = schedule
+        self.strategy = strategy if strategy is not None else Strategy()
+        self.strategy.setup(self)  # data-parallel: θ becomes a DDP module's parameters, replicas agree
         self.pt_opt = pt_optimizer(list(self.params.values()))
         self.meta_opt = meta_optimizer(list(self.metaparams.values()))
         self.inner = inner_optimizer if inner_optimizer is not None else sgd(0.1)
         self.solver = solver if solver is not None else Neumann(steps=1, alpha=_first_lr(self.pt_opt))
-        self.schedule = schedule
         self.loggers = list(loggers)
-        self.reduce_hypergrad = reduce_hypergrad
-        self.reduce_head = reduce_head
-        self.meta_views = list(meta_views) if meta_views is not None else [problem]
-        self.reuse_pt_graph = reuse_pt_graph
-        self._pt_graph = None  # (step, tensor versions, graph) kept by pretrain_step for the next meta-step
         self.step = 0  # PT steps taken
         self.meta_step_count = 0  # meta-steps attempted
         self.skipped = 0  # meta-steps whose hypergradient was unusable
+        self.rejected_heads = 0  # meta-steps whose unrolled head was non-finite (the previous one kept)
 
     # ---- Algorithm 1 --------------------------------------------------------------------------
 
@@ -172,84 +156,65 @@ class MetaPretrainer:
         """Take PT steps until ``self.step == steps``, with meta-steps on schedule."""
         while self.step < steps:
             metrics = self.pretrain_step()
-            if self.step <= self.schedule.warmup_steps:
+            if not self.schedule.learn_phi:
+                pass
+            elif self.step <= self.schedule.warmup_steps:
                 metrics.update(self.warmup_head_step())
-            elif self.step % self.schedule.meta_interval == 0:
+            elif self.meta_step_due(self.step):
                 metrics.update(self.meta_step())
-            if self.data_parallel is not None:  # every process: metrics averaged; replicas checked in debug mode
-                metrics = self.data_parallel.end_step(self, metrics)
+            metrics = self.strategy.end_step(self, metrics)
             self._log(metrics)
             if progress is not None:
                 progress(self.step)
 
-    def pretrain_step(self) -> dict[str, float]:
-        """θ ← PT optimiser step on L_PT(θ, φ) with φ held fixed.
+    def meta_step_due(self, step: int) -> bool:
+        """Whether a meta-step follows PT step number ``step`` (counted from 1)."""
+        sched = self.schedule
+        return sched.learn_phi and step > sched.warmup_steps and step % sched.meta_interval == 0
 
-        Right before a meta-step the step keeps the graph of its gradient (``pretrain_graph``),
-        and the meta-step takes H and ∂²L_PT/∂φ∂θ from it, at this step's θ and batch, instead
-        of running a second PT forward/backward, when ``reuse_pt_graph`` is on.
-        """
+    def pretrain_step(self) -> dict[str, float]:
+        """θ ← PT optimiser step on L_PT(θ, φ) with φ held fixed."""
         batch = self.problem.pretrain_batch(self.step)
         self.pt_opt.zero_grad(set_to_none=True)
-        self._pt_graph = None  # a kept graph that no meta-step took is stale now
-        sched, nxt = self.schedule, self.step + 1
-        keep_graph = (
-            self.reuse_pt_graph and self.data_parallel is None
-            and len(self.meta_views) == 1 and self.meta_views[0] is self.problem
-            and nxt > sched.warmup_steps and nxt % sched.meta_interval == 0
-        )
-        if keep_graph:
-            graph = pretrain_graph(lambda th, ph: self.problem.pretrain_loss(th, ph, batch), self.params, self.metaparams)
-            loss = graph.loss
-        else:
-            phi = {k: v.detach() for k, v in self.metaparams.items()}
-            pretrain_loss = self.problem.pretrain_loss if self.data_parallel is None else self.data_parallel.pretrain_loss
-            loss = pretrain_loss(self.params, phi, batch)
+        loss = self.strategy.pretrain_backward(self, batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"pre-training loss became {loss.item()} at step {self.step}; lower the PT learning rate "
                 "or the meta learning rate, then resume from the last checkpoint"
             )
-        if keep_graph:
-            for k, v in self.params.items():
-                v.grad = None if graph.grad[k] is None else graph.grad[k].detach()
-        else:
-            loss.backward()
         self.pt_opt.step()
         self.step += 1
-        if keep_graph:  # valid for the meta-step of this step only, while θ and φ stay as they are now
-            versions = [v._version for v in (*self.params.values(), *self.metaparams.values())]
-            self._pt_graph = (self.step, versions, graph)
-        return {"pt_loss": float(loss.detach())}
+        return {"pt_loss": float(loss)}
 
     def warmup_head_step(self) -> dict[str, float]:
         """One plain FT step of the head on the current θ (warm-up; nothing unrolled)."""
         theta = {k: v.detach() for k, v in self.params.items()}
         batch = self.problem.finetune_batch(self.step)
-        head, loss = self._finetune({**self.head}, theta, lambda _: batch, steps=1)
-        self.head = self.reduce_head({k: v.detach() for k, v in head.items()})
+        with _buffers_kept(self.problem):
+            head, loss = self._finetune({**self.head}, theta, lambda _: batch, steps=1)
+        self.head = self.strategy.reduce_head({k: v.detach() for k, v in head.items()})
         return {"warmup_ft_loss": loss}
 
     def meta_step(self) -> dict[str, float]:
         """One hypergradient step on φ (steps 1–5 of the module docstring)."""
+        with _buffers_kept(self.problem):
+            return self._meta_step()
+
+    def _meta_step(self) -> dict[str, float]:
         sched = self.schedule
         catch_up = {}
         if sched.head_steps:
             theta = {k: v.detach() for k, v in self.params.items()}
             first = self.meta_step_count * sched.head_steps
             head, loss = self._finetune(self.head, theta, lambda k: self.problem.finetune_batch(first + k), sched.head_steps)
-            self.head = self.reduce_head({k: v.detach() for k, v in head.items()})
+            self.head = self.strategy.reduce_head({k: v.detach() for k, v in head.items()})
             catch_up = {"head_ft_loss": loss}
         total: Params | None = None
         infos, heads = [], []
-        # the gradient graph of the PT step just taken (pretrain_step keeps it when a meta-step follows)
-        kept, self._pt_graph = self._pt_graph, None
-        versions = [v._version for v in (*self.params.values(), *self.metaparams.values())]
-        # None where θ or φ changed since (a load_state_dict, an update by hand): recompute then
-        pt_graph = kept[2] if kept is not None and kept[:2] == (self.step, versions) else None
-        for view, j in itertools.product(self.meta_views, range(sched.meta_batches)):  # view: batches only
+        kept = self.strategy.pt_graph(self)  # H and the mixed term at the PT step just taken, if kept
+        for view, j in itertools.product(self.strategy.meta_views(self), range(sched.meta_batches)):
             index = self.meta_step_count * sched.meta_batches + j
-            graph = pt_graph if j == 0 and view is self.problem else None  # H, mixed term: at that step's θ
+            graph = kept if j == 0 and view is self.problem else None
             pt_batch = None if graph is not None else view.pretrain_batch(self.step - 1 if j == 0 else _extra_index(self.step, j))
             val_batch = view.metaval_batch(index)
             ft_batches = lambda k, index=index, view=view: view.finetune_batch(index * max(sched.unroll_steps, 1) + k)
@@ -268,7 +233,7 @@ class MetaPretrainer:
                 self.solver,
                 graph=graph,
             )
-            pt_graph = graph = None  # free the PT graph before the next sample
+            kept = graph = None  # free the PT graph before the next sample
             infos.append(info)
             if j == 0:
                 heads.append({k: v.detach() for k, v in outcome["head"].items()})
@@ -282,7 +247,7 @@ class MetaPretrainer:
                 v.div_(len(infos))
         if not all(i.usable for i in infos):  # NaN survives the cross-process mean: every process skips alike
             total = {k: torch.full_like(v, math.nan) for k, v in total.items()}
-        hyper = self.reduce_hypergrad(total)
+        hyper = self.strategy.reduce_hypergrad(total)
         # one pass over φ: the norm is non-finite exactly when some entry is (or it overflows)
         norm = math.sqrt(sum(float(torch.dot(v.reshape(-1), v.reshape(-1))) for v in hyper.values()))
         usable = all(i.usable for i in infos) and math.isfinite(norm)
@@ -294,9 +259,11 @@ class MetaPretrainer:
             self.meta_opt.step()
         else:
             self.skipped += 1
-        new_head = self.reduce_head(_mean(heads))
+        new_head = self.strategy.reduce_head(_mean(heads))
         if all(bool(torch.isfinite(v).all()) for v in new_head.values()):  # a NaN head would poison later steps
             self.head = new_head
+        else:
+            self.rejected_heads += 1
 
         residuals = [i.solver.residual_norm for i in infos if i.solver.residual_norm is not None]
         metrics = {
@@ -306,6 +273,7 @@ class MetaPretrainer:
             "solver_residual": sum(residuals) / len(residuals) if residuals else float("nan"),
             "solver_diverged": float(any(i.solver.diverged for i in infos)),
             "meta_skipped": float(self.skipped),
+            "rejected_heads": float(self.rejected_heads),
             **catch_up,
         }
         metrics.update({f"phi/{k}": v for k, v in self.problem.describe_metaparams(self.metaparams).items()})
@@ -354,7 +322,8 @@ class MetaPretrainer:
             "metaparams": {k: v.detach().clone() for k, v in self.metaparams.items()},
             "pt_opt": copy.deepcopy(self.pt_opt.state_dict()),
             "meta_opt": copy.deepcopy(self.meta_opt.state_dict()),
-            "counters": {"step": self.step, "meta_step_count": self.meta_step_count, "skipped": self.skipped},
+            "counters": {"step": self.step, "meta_step_count": self.meta_step_count, "skipped": self.skipped,
+                         "rejected_heads": self.rejected_heads},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -369,6 +338,19 @@ class MetaPretrainer:
         self.step, self.meta_step_count, self.skipped = (
             int(counters["step"]), int(counters["meta_step_count"]), int(counters["skipped"])
         )
+        self.rejected_heads = int(counters.get("rejected_heads", 0))
+        self.strategy.reset()
+
+
+@contextmanager
+def _buffers_kept(problem: MetaProblem):
+    """Run a block, then put the problem's buffers (``state_dict()``) back as they were."""
+    saved = problem.state_dict() if hasattr(problem, "state_dict") else None
+    try:
+        yield
+    finally:
+        if saved:
+            problem.load_state_dict(saved)
 
 
 def _part(params: Mapping[str, Tensor], prefix: str) -> Params:

@@ -21,6 +21,7 @@ from metapt.hypergrad import (
     unrolled_finetune,
 )
 from metapt.trainer import MetaPretrainer, MetaSchedule
+from metapt.strategy import ReusePTGraph, Strategy
 from tests.hypergrad.test_core import _logistic_problem, _ridge_problem
 
 
@@ -121,25 +122,38 @@ def test_graph_built_with_other_phi_tensors_is_rejected():
 # ---- the trainer -------------------------------------------------------------------------------
 
 
-def _trainer(problem, *, reuse, pt_lr=0.01, schedule=MetaSchedule(meta_interval=3, warmup_steps=4), record=None):
-    t = MetaPretrainer(
+def _recording(base):
+    """A strategy that records every hypergradient it reduces."""
+
+    class Recording(base):
+        def __init__(self):
+            super().__init__()
+            self.record = []
+
+        def reduce_hypergrad(self, h):
+            self.record.append({k: v.clone() for k, v in h.items()})
+            return h
+
+    return Recording()
+
+
+def _trainer(problem, *, reuse, pt_lr=0.01, schedule=MetaSchedule(meta_interval=3, warmup_steps=4)):
+    return MetaPretrainer(
         problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=pt_lr),
         meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
         inner_optimizer=sgd(0.1), solver=Neumann(2, 0.01), schedule=schedule,
-        reduce_hypergrad=(lambda h: record.append({k: v.clone() for k, v in h.items()}) or h) if record is not None else (lambda h: h),
+        strategy=_recording(ReusePTGraph if reuse else Strategy),
     )
-    t.reuse_pt_graph = reuse  # the constructor argument, set after construction
-    return t
 
 
 def test_reusing_trainer_follows_the_plain_phi_trajectory_when_theta_stands_still():
     # With a PT learning rate of 0 the PT step's θ is the meta-step's θ: the reused graph and a
     # second PT forward/backward differentiate the same L_PT at the same point.
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1), dtype=torch.float64)
-    rec_a, rec_b = [], []
-    a = _trainer(problem, reuse=True, pt_lr=0.0, record=rec_a)
-    b = _trainer(problem, reuse=False, pt_lr=0.0, record=rec_b)
+    a = _trainer(problem, reuse=True, pt_lr=0.0)
+    b = _trainer(problem, reuse=False, pt_lr=0.0)
+    rec_a, rec_b = a.strategy.record, b.strategy.record
     a.run(25)
     b.run(25)
     assert len(rec_a) == len(rec_b) == 7
@@ -154,8 +168,8 @@ def test_reusing_trainer_takes_second_derivatives_at_the_pt_step_theta():
     # One meta-step after one PT step: g = dL_V/dθ at θ₁ (after the step), H and the mixed term at
     # θ₀ on batch 0 (the step's own point and batch).
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=2), dtype=torch.float64)
-    rec = []
-    t = _trainer(problem, reuse=True, schedule=MetaSchedule(meta_interval=1), record=rec)
+    t = _trainer(problem, reuse=True, schedule=MetaSchedule(meta_interval=1))
+    rec = t.strategy.record
     theta0 = {k: v.detach().clone() for k, v in t.params.items()}
     head0 = {k: v.clone() for k, v in t.head.items()}
     t.run(1)
@@ -175,19 +189,29 @@ def test_reusing_trainer_takes_second_derivatives_at_the_pt_step_theta():
     assert _rel(rec[0]["task_logits"], plain_at_theta1["task_logits"]) > 1e-8  # it is a different point
 
 
-def test_stale_graph_falls_back_to_a_fresh_pt_forward():
-    # θ changed between the PT step and the meta-step (here by hand, as load_state_dict would):
-    # the meta-step must not use the kept graph.
+def test_graph_is_dropped_when_the_trainer_state_is_replaced():
+    # load_state_dict between the PT step and the meta-step (θ replaced): the meta-step must not
+    # use the kept graph, and its hypergradient equals a plain trainer's at the loaded state.
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=3), dtype=torch.float64)
-    rec_a, rec_b = [], []
     sched = MetaSchedule(meta_interval=2)
-    a = _trainer(problem, reuse=True, schedule=sched, record=rec_a)
-    b = _trainer(problem, reuse=False, schedule=sched, record=rec_b)
+    a = _trainer(problem, reuse=True, schedule=sched)
+    b = _trainer(problem, reuse=False, schedule=sched)
     for t in (a, b):
         t.pretrain_step()
         t.pretrain_step()  # a keeps its graph here
-        with torch.no_grad():
-            t.params["encoder"].mul_(0.5)
+        state = t.state_dict()
+        state["params"]["encoder"] = state["params"]["encoder"] * 0.5
+        t.load_state_dict(state)
         t.meta_step()
-    assert _rel(rec_a[0]["task_logits"], rec_b[0]["task_logits"]) <= 1e-12
-    assert getattr(a, "_pt_graph", None) is None  # released
+    assert _rel(a.strategy.record[0]["task_logits"], b.strategy.record[0]["task_logits"]) <= 1e-12
+    assert a.strategy.pt_graph(a) is None  # released
+
+
+def test_graph_kept_only_before_a_meta_step():
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=4), dtype=torch.float64)
+    t = _trainer(problem, reuse=True, schedule=MetaSchedule(meta_interval=3))
+    t.pretrain_step()
+    assert t.strategy.pt_graph(t) is None  # step 1: no meta-step follows
+    t.pretrain_step()
+    t.pretrain_step()
+    assert t.strategy.pt_graph(t) is not None  # step 3: one does

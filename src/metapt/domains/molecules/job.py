@@ -25,6 +25,7 @@ from ...metrics import progress_bar, read_jsonl
 from ...plots import plot_bars, plot_curves
 from ...runs import RunFolder, Session, write_text_atomic
 from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, jsonable, schema
+from ...strategy import ReusePTGraph
 from ...trainer import MetaPretrainer
 from .models import GINEncoder
 from .problem import MoleculeData, MoleculesProblem, WeightingConfig, load_molecule_data
@@ -130,8 +131,8 @@ def _trainer(problem: MoleculesProblem, job: MoleculesJob, method: str, dist=Non
         inner_optimizer=sgd(job.meta.inner_lr),
         solver=job.meta.solver.build(job.pretrain.lr),
         schedule=schedule,
-        reuse_pt_graph=job.meta.reuse_pt_graph,
-        **(dist.trainer_kwargs(sync_buffers_of=problem.encoder) if dist is not None else {}),
+        strategy=(dist.strategy(sync_buffers_of=problem.encoder) if dist is not None and dist.distributed
+                  else ReusePTGraph() if job.meta.reuse_pt_graph else None),
     )
 
 

@@ -18,6 +18,7 @@ from ...metrics import progress_bar, read_jsonl
 from ...plots import plot_bars, plot_curves
 from ...runs import RunFolder, Session, write_text_atomic
 from ...schema import CheckpointConfig, MetaConfig, SolverConfig, jsonable, schema
+from ...strategy import ReusePTGraph
 from ...trainer import MetaPretrainer
 from .problem import SyntheticConfig, SyntheticTaskWeighting
 
@@ -69,7 +70,7 @@ def run_synthetic(folder: RunFolder | str | Path, job: SyntheticJob = SyntheticJ
                         inner_optimizer=sgd(job.meta.inner_lr),
                         solver=job.meta.solver.build(job.pt_lr),
                         schedule=job.meta.schedule(),
-                        reuse_pt_graph=job.meta.reuse_pt_graph,
+                        strategy=ReusePTGraph() if job.meta.reuse_pt_graph else None,
                     )
                     session.train(method, trainer, job.steps, progress=lambda s, task=task: bars.update(task, completed=s))
                     session.record(method, {"params": {k: v.detach() for k, v in trainer.params.items()},
