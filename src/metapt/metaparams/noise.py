@@ -121,7 +121,9 @@ class LabelFlipRates:
     def smooth(self, phi: Mapping[str, Tensor], labels: Tensor) -> Tensor:
         """ỹ = y(1 − ρ) + (1 − y)ρ for ``labels`` [B, T] (NaN, a missing label, stays NaN)."""
         rho = self.rates(phi).to(labels.dtype)
-        return labels + rho * (1 - 2 * labels)
+        missing = torch.isnan(labels)
+        known = labels.masked_fill(missing, 0.0)  # no NaN in the arithmetic: its gradient would be NaN too
+        return (known + rho * (1 - 2 * known)).masked_fill(missing, torch.nan)
 
     def summary(self, phi: Mapping[str, Tensor]) -> dict[str, float]:
         r = self.rates({self.key: phi[self.key].detach()}).double()

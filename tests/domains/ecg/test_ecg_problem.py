@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from metapt.domains.ecg.augment import WarpConfig
+from metapt.domains.ecg.augment import BandNoiseConfig, WarpConfig, band_split
 from metapt.domains.ecg.data import ECGDataset
 from metapt.domains.ecg.models import EncoderConfig
 from metapt.domains.ecg.problem import (
@@ -80,7 +80,16 @@ def _unflat(vec: torch.Tensor, like: dict) -> dict:
     return out
 
 
-def test_warp_hypergradient_matches_finite_differences_of_the_implicit_solution():
+NOISY = ECGProblemConfig(**{**TINY.__dict__, "use_noise": True, "noise": BandNoiseConfig(bands=3, init_amplitude=0.2)})
+NOISE_ONLY = ECGProblemConfig(**{**NOISY.__dict__, "use_warp": False})
+
+
+@pytest.mark.parametrize("config, coords", [
+    (TINY, [("log_magnitude", ()), ("scale_head.weight", (0, 1)), ("features.0.weight", (1, 0, 2))]),
+    (NOISE_ONLY, [("band_noise", (0,)), ("band_noise", (1,)), ("band_noise", (2,))]),
+    (NOISY, [("log_magnitude", ()), ("band_noise", (2,))]),
+], ids=["warp", "noise", "warp+noise"])
+def test_hypergradient_matches_finite_differences_of_the_implicit_solution(config, coords):
     """dL_V(θ*(φ))/dφ for θ*(φ) = argmin_θ L_PT(θ, φ) − ⟨c, θ⟩ + λ/2 ‖θ − θ₀‖², exactly.
 
     The tilt c = ∇θ L_PT(θ₀, φ₀) makes θ₀ the exact stationary point at φ₀, and λ makes the
@@ -93,7 +102,7 @@ def test_warp_hypergradient_matches_finite_differences_of_the_implicit_solution(
     MetaFT-validation. A sign flip anywhere fails this.
     """
     lam = 5.0
-    problem = tiny_problem()
+    problem = tiny_problem(config)
     batch = problem.pretrain_batch(0)
     theta0 = problem.initial_params(seed=1)
     phi = problem.initial_metaparams(seed=2)
@@ -133,7 +142,6 @@ def test_warp_hypergradient_matches_finite_differences_of_the_implicit_solution(
     assert info.usable and info.solver.residual_norm <= 1e-12 * info.solver.rhs_norm + 1e-15
 
     eps = 1e-5
-    coords = [("log_magnitude", ()), ("scale_head.weight", (0, 1)), ("features.0.weight", (1, 0, 2))]
     for name, idx in coords:
         values = []
         for sign in (1, -1):
@@ -259,3 +267,60 @@ def test_label_subset_is_seeded_sized_and_has_both_classes():
     assert len(label_subset(y, 1.0, seed=0)) == 1000
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         label_subset(y, 0.0, seed=0)
+
+
+# ---------------------------------------------------------------- the learned noise model
+
+
+def test_noise_gradient_matches_finite_differences_in_float64():
+    problem = tiny_problem(NOISY)
+    theta, batch = problem.initial_params(seed=1), problem.pretrain_batch(2)
+    phi = problem.initial_metaparams()
+    phi["band_noise"] = torch.tensor([-1.0, -2.0, -0.5], dtype=F64)
+    leaf = phi["band_noise"].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(problem.pretrain_loss(theta, {**phi, "band_noise": leaf}, batch), leaf)
+    h = 1e-6
+    for b in range(3):
+        e = torch.zeros(3, dtype=F64)
+        e[b] = h
+        fd = (problem.pretrain_loss(theta, {**phi, "band_noise": phi["band_noise"] + e}, batch)
+              - problem.pretrain_loss(theta, {**phi, "band_noise": phi["band_noise"] - e}, batch)) / (2 * h)
+        assert abs(float(fd)) > 1e-8
+        assert float(grad[b]) == pytest.approx(float(fd), rel=1e-6, abs=1e-11)
+
+
+def test_noise_lies_in_its_band_with_the_learned_amplitude():
+    # only band 1 on (a = 0.3, the others exp(−60)): the added noise has rFFT bins in band 1 only
+    # and variance a² · (lead variance) up to sampling error
+    length, bands = 64, 4
+    config = ECGProblemConfig(**{**NOISE_ONLY.__dict__, "noise": BandNoiseConfig(bands=bands)})
+    x = beats(400, length=length, seed=4, dtype=F64)
+    problem = ECGSimCLRProblem(x, (x[:6], labels(6)), (x[:6], labels(6)), config, F64)
+    white = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+    phi = {"band_noise": torch.tensor([-60.0, math.log(0.3), -60.0, -60.0], dtype=F64)}
+    added = problem.augment(phi, x, None, band_split(white, bands)) - x
+    lead_std = x.std(dim=-1, keepdim=True, unbiased=False)
+    spectrum = torch.fft.rfft(added / lead_std, dim=-1).abs()
+    bins = length // 2 + 1
+    in_band = (torch.arange(bins) * bands // bins) == 1
+    assert spectrum[..., ~in_band].max() < 1e-12 * spectrum[..., in_band].max()
+    assert float((added / lead_std).var()) == pytest.approx(0.09, rel=0.1)
+    # the bands of a draw are its spectrum cut in pieces: undo the unit-variance scaling and they sum back
+    which = torch.arange(bins) * bands // bins
+    scales = torch.tensor([(bins / int((which == b).sum())) ** 0.5 for b in range(bands)], dtype=F64)
+    torch.testing.assert_close((band_split(white, bands) / scales.view(1, -1, 1, 1)).sum(1), white, rtol=0, atol=1e-12)
+
+
+def test_noise_only_problem_learns_the_amplitudes_alone():
+    problem = tiny_problem(NOISE_ONLY)
+    phi = problem.initial_metaparams()
+    assert set(phi) == {"band_noise"} and problem.warp is None
+    torch.testing.assert_close(phi["band_noise"].exp(), torch.full((3,), 0.2, dtype=F64), rtol=1e-12, atol=0)
+    summary = problem.describe_metaparams(phi)
+    assert summary["band_noise/b0"] == pytest.approx(0.2) and "magnitude" not in summary
+    batch = problem.pretrain_batch(1)
+    assert batch.bands1.shape == (6, 3, 1, 32) and batch.noise1 is None
+    torch.testing.assert_close(problem.pretrain_batch(1).bands2, batch.bands2, rtol=0, atol=0)
+    # the clean views are the baseline's: only the learned noise differs
+    base = tiny_problem(ECGProblemConfig(**{**TINY.__dict__, "use_warp": False}))
+    torch.testing.assert_close(base.pretrain_batch(1).view1, batch.view1, rtol=0, atol=0)

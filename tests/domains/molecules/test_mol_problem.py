@@ -62,7 +62,9 @@ def test_batches_are_a_function_of_their_index(b3db_small):
 
 
 @pytest.mark.parametrize("weighting, key", [(WeightingConfig(True, False), "task_logits"),
-                                            (WeightingConfig(False, True), "example_logits")])
+                                            (WeightingConfig(False, True), "example_logits"),
+                                            (WeightingConfig(False, False, label_noise=True), "label_flip"),
+                                            (WeightingConfig(False, False, feature_noise=True), "feature_noise")])
 def test_hypergradient_matches_finite_differences_of_the_mixed_term(b3db_small, weighting, key):
     # With H⁻¹ ≈ α I the hypergradient is −α ∂/∂φ ⟨∇θ L_PT(θ, φ), g⟩, g = dL_V/dθ after one
     # unrolled head step; check it on the real GIN and losses by central differences in φ.
@@ -86,7 +88,10 @@ def test_hypergradient_matches_finite_differences_of_the_mixed_term(b3db_small, 
         grads = torch.autograd.grad(p.pretrain_loss(th2, ph, pt_batch), list(th2.values()), allow_unused=True)
         return sum((gg * gi).sum() for gg, gi in zip(grads, g) if gg is not None and gi is not None)
 
-    coords = pt_batch[1][:3].tolist() if key == "example_logits" else [0, 5, 29]
+    if hyper[key].is_sparse:  # example weights: only the batch's rows, as a sparse COO tensor
+        assert key == "example_logits" and hyper[key]._nnz() <= len(pt_batch[1])
+        hyper = {k: v.to_dense() for k, v in hyper.items()}
+    coords = pt_batch[1][:3].tolist() if key == "example_logits" else [0, 5, 7]
     eps = 1e-6
     for j in coords:
         plus = {k: v.clone() for k, v in phi.items()}
@@ -112,3 +117,58 @@ def test_test_preset_runs_end_to_end(tmp_path):
     weights = json.loads((tmp_path / "summary.json").read_text())["learned_task_weights"]["b3db"]
     assert set(weights["uniform weights"].values()) == {1.0}  # the baseline never moves φ
     assert len(weights["meta task weights"]) == 30 and set(weights["meta task weights"].values()) != {1.0}
+
+
+def test_label_noise_is_the_expected_bce_over_flips(b3db_small):
+    # ỹ = y(1 − ρ) + (1 − y)ρ: BCE(z, ỹ) = (1 − ρ)·BCE(z, y) + ρ·BCE(z, 1 − y), exactly
+    from metapt.losses import masked_bce
+
+    p, theta, _, phi = _problem(b3db_small, WeightingConfig(False, False, label_noise=True))
+    graphs, rows = p.pretrain_batch(2)
+    flips = p.families[0]
+    rho = flips.rates(phi)
+    z = p.embed(theta, graphs, train=True) @ theta["pt.weight"].T + theta["pt.bias"]
+    y = graphs.y.double()
+    observed = ~torch.isnan(y)
+    keep = lambda t: torch.where(observed, t, torch.nan)
+    mixture = masked_bce(z, keep(y), 1 - rho) + masked_bce(z, keep(1 - y), rho)
+    torch.testing.assert_close(p.pretrain_loss(theta, phi, (graphs, rows)), mixture, rtol=1e-12, atol=1e-12)
+    # sign: on labels the model already fits (z agrees with y), more flips cost more
+    leaf = phi["label_flip"].clone().requires_grad_(True)
+    fit = graphs.clone()
+    fit.y = torch.where(observed, (z.detach() > 0).double(), torch.nan)
+    (grad,) = torch.autograd.grad(p.pretrain_loss(theta, {"label_flip": leaf}, (fit, rows)), leaf)
+    measured = observed.any(0)
+    assert (grad[measured] > 0).all() and (grad[~measured] == 0).all()
+
+
+def test_feature_noise_is_reparameterised_and_seeded_by_the_batch(b3db_small):
+    p, theta, _, phi = _problem(b3db_small, WeightingConfig(False, False, feature_noise=True))
+    a, b = p.pretrain_batch(4), p.pretrain_batch(4)
+    assert torch.equal(a[0].embedding_noise, b[0].embedding_noise)
+    assert not torch.equal(a[0].embedding_noise, p.pretrain_batch(5)[0].embedding_noise)
+    leaf = phi["feature_noise"].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(p.pretrain_loss(theta, {"feature_noise": leaf}, a), leaf)
+    h = 1e-6
+    for j in (0, 3, 7):
+        e = torch.zeros_like(leaf)
+        e[j] = h
+        fd = (p.pretrain_loss(theta, {"feature_noise": phi["feature_noise"] + e}, a)
+              - p.pretrain_loss(theta, {"feature_noise": phi["feature_noise"] - e}, a)) / (2 * h)
+        assert grad[j].item() == pytest.approx(fd.item(), rel=1e-6, abs=1e-10)
+    # σ → 0 is the noiseless loss
+    zero = {"feature_noise": torch.full_like(leaf, -60.0)}
+    plain, *_ = _problem(b3db_small, WeightingConfig(True, False))
+    torch.testing.assert_close(p.pretrain_loss(theta, zero, a),
+                               plain.pretrain_loss(theta, {"task_logits": torch.zeros(30, dtype=torch.float64)}, a),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_summary_names_every_family(b3db_small):
+    p, _, _, phi = _problem(b3db_small, WeightingConfig(True, True, label_noise=True, feature_noise=True))
+    assert set(phi) == {"task_logits", "example_logits", "label_flip", "feature_noise"}
+    summary = p.describe_metaparams(phi)
+    for key in ("task_weight_min", "task_weight_std", "example_weight_max", "label_flip_mean", "feature_noise_mean"):
+        assert key in summary
+    with pytest.raises(ValueError, match="label_noise_init"):
+        WeightingConfig(label_noise_init=0.7)

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from ...schema import schema
 
 __all__ = [
+    "BandNoiseConfig",
+    "band_split",
     "default_augment",
     "WarpConfig",
     "LearnedWarp",
@@ -84,6 +86,49 @@ def default_augment(
     t = torch.arange(length, device=x.device, dtype=x.dtype)
     mask = (t >= start) & (t < start + mask_len)
     return out.masked_fill(mask, 0.0)
+
+
+@schema
+class BandNoiseConfig:
+    """The learned additive noise model: band-limited Gaussian noise with a learned amplitude per band.
+
+    ``bands`` equal-width frequency bands from 0 to the Nyquist frequency; band b's noise is white
+    Gaussian noise filtered to that band and scaled to unit variance per sample, then multiplied by
+    its learned amplitude a_b = exp(φ_b) and the lead's own std (as the default noise is).
+    ``init_amplitude``: a₀, every band.
+    """
+
+    bands: int = 4
+    init_amplitude: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.bands < 1:
+            raise ValueError(f"BandNoiseConfig: bands must be >= 1, got {self.bands}")
+        if not (self.init_amplitude > 0 and math.isfinite(self.init_amplitude)):
+            raise ValueError(f"BandNoiseConfig: init_amplitude must be finite and > 0, got {self.init_amplitude}")
+
+
+def band_split(noise: Tensor, bands: int) -> Tensor:
+    """White noise ``[N, C, L]`` split into ``bands`` equal-width frequency bands: ``[N, bands, C, L]``.
+
+    Band b keeps the rFFT bins ``k`` with ``floor(k · bands / (L//2 + 1)) == b`` and is scaled by
+    ``sqrt((L//2 + 1) / bins_b)``, so for unit white noise each band has about unit variance per
+    sample; the bands of one draw are independent (disjoint bins). Every band is empty-free: at
+    most ``L//2 + 1`` bands.
+    """
+    _check_signal(noise, "noise")
+    n, c, length = noise.shape
+    bins = length // 2 + 1
+    if not 1 <= bands <= bins:
+        raise ValueError(f"band_split: bands must be in [1, {bins}] for length {length}, got {bands}")
+    spectrum = torch.fft.rfft(noise, dim=-1)  # [N, C, bins]
+    which = torch.div(torch.arange(bins) * bands, bins, rounding_mode="floor")  # band of each bin
+    out = []
+    for b in range(bands):
+        mask = (which == b).to(noise.dtype)
+        scale = (bins / mask.sum()) ** 0.5
+        out.append(torch.fft.irfft(spectrum * mask, n=length, dim=-1) * scale)
+    return torch.stack(out, dim=1)
 
 
 @schema

@@ -1,14 +1,16 @@
 """SimCLR on ECG with a meta-learned augmentation (Raghu et al. 2021, section 4.2), as a MetaProblem.
 
 θ = the 1-D ResNet encoder and SimCLR's projection head; φ = the parameters of
-:class:`LearnedWarp` (its scale CNN and the global log-magnitude); ψ = a linear classifier on
-the encoder's embedding. The PT loss is NT-Xent between two views of each beat, each view the
-default SimCLR augmentations followed, in the meta-learned method, by the learned warp. φ
-reaches θ only through the warped views, so the hypergradient flows through ``grid_sample``
-into the warp network.
+:class:`LearnedWarp` (its scale CNN and the global log-magnitude) and/or a learned noise model,
+band-limited Gaussian noise with one log-amplitude per frequency band (``band_noise``);
+ψ = a linear classifier on the encoder's embedding. The PT loss is NT-Xent between two views of
+each beat, each view the default SimCLR augmentations followed, in the meta-learned methods, by
+the learned warp and then the learned noise. φ reaches θ only through the views, so the
+hypergradient flows through ``grid_sample`` into the warp network and through the
+(reparameterised) noise into its amplitudes.
 
 Everything random about a batch (which beats, the masks and noise of the default
-augmentations, the warp's Gaussian flow) is drawn from generators seeded by the batch index,
+augmentations, the warp's Gaussian flow, the learned noise's white-noise draw) is drawn from generators seeded by the batch index,
 so batch ``i`` is the same tensor every time it is asked for: the meta-step's PT batch is
 exactly the one the PT step used, and a run is a pure function of its step counter.
 
@@ -37,7 +39,8 @@ from torch.func import functional_call
 
 from ...problem import EpochShuffler, Params
 from ...schema import schema
-from .augment import LearnedWarp, WarpConfig, default_augment
+from ...metaparams import AugmentationNetwork, GaussianNoiseScales
+from .augment import BandNoiseConfig, LearnedWarp, WarpConfig, band_split, default_augment
 from .data import ECGDataset, _group_sizes, ptbxl_fold_indices
 from .losses import nt_xent
 from .models import EncoderConfig, ProjectionHead, ResNet1dEncoder
@@ -215,6 +218,9 @@ class ECGProblemConfig:
         use_warp: apply the meta-learned warp φ after the default augmentations. False is the
             clean baseline: default augmentations only, no warp network at all.
         warp: the warp network (``in_channels`` is set from the data).
+        use_noise: add the learned band-limited Gaussian noise (a noise model, φ entry
+            ``band_noise``: one log-amplitude per band) to each view, after the warp if any.
+        noise: the noise model's bands and initial amplitude.
         temperature: NT-Xent temperature (paper: 0.5).
         pretrain_batch_size: beats per PT batch (2x as many views).
         finetune_batch_size: beats per FT-train / MetaFT-validation batch.
@@ -226,6 +232,8 @@ class ECGProblemConfig:
     projection_dim: int = 64
     use_warp: bool = True
     warp: WarpConfig = WarpConfig()
+    use_noise: bool = False
+    noise: BandNoiseConfig = BandNoiseConfig()
     temperature: float = 0.5
     pretrain_batch_size: int = 64
     finetune_batch_size: int = 64
@@ -248,15 +256,19 @@ class ECGProblemConfig:
 
 
 class PretrainBatch(NamedTuple):
-    """Two default-augmented views of the same beats and the warp's Gaussian input for each.
+    """Two default-augmented views of the same beats and the learned augmentations' random inputs.
 
-    ``noise1``/``noise2`` are None in the baseline (no warp network to feed).
+    ``noise1``/``noise2``: the warp's Gaussian input, None without a warp network.
+    ``bands1``/``bands2``: white noise split into frequency bands ``[N, bands, leads, L]``
+    (:func:`band_split`), None without the learned noise model.
     """
 
     view1: Tensor
     view2: Tensor
     noise1: Tensor | None
     noise2: Tensor | None
+    bands1: Tensor | None = None
+    bands2: Tensor | None = None
 
 
 class SimCLRNet(nn.Module):
@@ -311,6 +323,12 @@ class ECGSimCLRProblem:
         self.net = SimCLRNet(encoder, ProjectionHead(encoder.embedding_dim, out_dim=config.projection_dim)).to(dtype)
         self.net.eval()  # no dropout, no batch statistics: train and eval mode are the same function
         self.warp: LearnedWarp | None = LearnedWarp(config.warp).to(dtype) if config.use_warp else None
+        self.noise_model = (GaussianNoiseScales(config.noise.bands, config.noise.init_amplitude, key="band_noise",
+                                                names=[f"b{b}" for b in range(config.noise.bands)])
+                            if config.use_noise else None)
+        if config.use_noise and config.noise.bands > pretrain_signals.shape[-1] // 2 + 1:
+            raise ValueError(f"noise.bands ({config.noise.bands}) exceeds the {pretrain_signals.shape[-1] // 2 + 1} "
+                             "frequency bins of a beat; use fewer bands")
         self._pt_order = EpochShuffler(len(self.pretrain_x), config.pretrain_batch_size, seed=config.seed)
         self._ft_order = EpochShuffler(len(self.ft_train[0]), config.finetune_batch_size, seed=config.seed + 1)
         self._val_order = EpochShuffler(len(self.metaval[0]), config.finetune_batch_size, seed=config.seed + 2)
@@ -351,13 +369,19 @@ class ECGSimCLRProblem:
                 "bias": torch.zeros(self.num_classes, dtype=self.dtype)}
 
     def initial_metaparams(self, seed: int = 0) -> Params:
-        """φ₀: the warp network's parameters (empty for the baseline, which has none)."""
-        if self.warp is None:
-            return {}
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            warp = LearnedWarp(self.config.warp).to(self.dtype)
-        return {k: v.detach() for k, v in warp.named_parameters()}
+        """φ₀: the warp network's parameters and the noise model's log-amplitudes (empty for the baseline)."""
+        phi: Params = {}
+        if self.warp is not None:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                warp = LearnedWarp(self.config.warp).to(self.dtype)
+            phi.update(AugmentationNetwork(warp).init())
+        if self.noise_model is not None:
+            phi.update(self.noise_model.init(self.dtype))
+        return phi
+
+    def _warp_phi(self, metaparams: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in metaparams.items() if k != "band_noise"}
 
     def encoder_module(self, params: Mapping[str, Tensor]) -> ResNet1dEncoder:
         """A standalone encoder holding θ's encoder weights (for evaluation and export)."""
@@ -368,23 +392,37 @@ class ECGSimCLRProblem:
 
     # ---- MetaProblem ----------------------------------------------------------------------
 
-    def augment(self, metaparams: Mapping[str, Tensor], x: Tensor, noise: Tensor | None) -> Tensor:
-        """The learned warp with parameters φ on top of a default-augmented view (identity in the baseline)."""
-        if self.warp is None:
+    def augment(self, metaparams: Mapping[str, Tensor], x: Tensor, noise: Tensor | None,
+                bands: Tensor | None = None) -> Tensor:
+        """The learned warp, then the learned noise, with parameters φ on top of a default-augmented view.
+
+        The noise adds Σ_b a_b · std(x) · bands[:, b] with a_b = exp(φ_b) and std(x) the std over time
+        of each lead of the view *before* the warp (a constant in φ, so the noise is linear in a:
+        reparameterised). Identity in the baseline.
+        """
+        view = x
+        if self.warp is None and self.noise_model is None:
             if metaparams:
                 raise ValueError(
-                    "this ECGSimCLRProblem is the baseline (use_warp=False) and has no meta-parameters; pass {} "
-                    "or build the problem with use_warp=True"
+                    "this ECGSimCLRProblem is the baseline (use_warp=False, use_noise=False) and has no "
+                    "meta-parameters; pass {} or build the problem with use_warp=True or use_noise=True"
                 )
             return x
-        if noise is None:
-            raise ValueError("the warp needs its Gaussian input: build batches with this problem's pretrain_batch")
-        return functional_call(self.warp, dict(metaparams), (x, noise))
+        if self.warp is not None:
+            if noise is None:
+                raise ValueError("the warp needs its Gaussian input: build batches with this problem's pretrain_batch")
+            x = functional_call(self.warp, self._warp_phi(metaparams), (x, noise))
+        if self.noise_model is not None:
+            if bands is None:
+                raise ValueError("the noise model needs its band noise: build batches with this problem's pretrain_batch")
+            lead_std = view.std(dim=-1, keepdim=True, unbiased=False)  # [N, C, 1], the view before the warp
+            x = x + lead_std * self.noise_model.noise(metaparams, bands.to(x.dtype), dim=1).sum(dim=1)
+        return x
 
     def pretrain_loss(self, params: Params, metaparams: Params, batch: PretrainBatch) -> Tensor:
         """NT-Xent (temperature 0.5) between the two (warped) views; both go through θ in one forward."""
-        v1 = self.augment(metaparams, batch.view1, batch.noise1)
-        v2 = self.augment(metaparams, batch.view2, batch.noise2)
+        v1 = self.augment(metaparams, batch.view1, batch.noise1, batch.bands1)
+        v2 = self.augment(metaparams, batch.view2, batch.noise2, batch.bands2)
         z = functional_call(self.net, params, (torch.cat([v1, v2]),))
         return nt_xent(z[: len(v1)], z[len(v1):], self.config.temperature)
 
@@ -405,11 +443,15 @@ class ECGSimCLRProblem:
         g = _index_generator(c.seed, index, 0)
         views = [default_augment(x, g, max_mask_fraction=c.max_mask_fraction, max_noise_std=c.max_noise_std)
                  for _ in range(2)]
-        if self.warp is None:
-            return PretrainBatch(views[0], views[1], None, None)
-        gn = _index_generator(c.seed, index, 1)  # its own stream: the views match the baseline's exactly
-        n1, n2 = (self.warp.sample_noise(len(x), gn, dtype=self.dtype) for _ in range(2))
-        return PretrainBatch(views[0], views[1], n1, n2)
+        n1 = n2 = b1 = b2 = None
+        if self.warp is not None:
+            gn = _index_generator(c.seed, index, 1)  # its own stream: the views match the baseline's exactly
+            n1, n2 = (self.warp.sample_noise(len(x), gn, dtype=self.dtype) for _ in range(2))
+        if self.noise_model is not None:
+            gb = _index_generator(c.seed, index, 2)
+            b1, b2 = (band_split(torch.randn(x.shape, generator=gb, dtype=torch.float64), c.noise.bands).to(self.dtype)
+                      for _ in range(2))
+        return PretrainBatch(views[0], views[1], n1, n2, b1, b2)
 
     def finetune_batch(self, index: int) -> tuple[Tensor, Tensor]:
         i = self._ft_order.indices(index)
@@ -424,19 +466,23 @@ class ECGSimCLRProblem:
         if self.warp is None:
             raise ValueError("the baseline problem (use_warp=False) has no warp; build it with use_warp=True")
         warp = LearnedWarp(self.config.warp).to(self.dtype)
-        warp.load_state_dict({k: v.detach() for k, v in metaparams.items()})
+        warp.load_state_dict({k: v.detach() for k, v in self._warp_phi(metaparams).items()})
         return warp.eval()
 
     @torch.no_grad()
     def describe_metaparams(self, metaparams: Params) -> Mapping[str, float]:
-        """The global magnitude, and on 32 fixed PT beats the mean per-example scale and |displacement| in samples."""
-        if self.warp is None:
-            return {}
-        warp = self.warp_module(metaparams)
-        pos = warp.sampling_positions(self._probe, self._probe_noise)
-        shift = float((pos - torch.arange(pos.shape[-1], dtype=pos.dtype)).abs().mean())
-        return {"magnitude": float(warp.magnitude), "mean_scale": float(warp.scale(self._probe).mean()),
-                "mean_abs_shift": shift}
+        """The warp's global magnitude, and on 32 fixed PT beats its mean per-example scale and |displacement|
+        in samples; the noise model's amplitude per band (``band_noise/b0`` is the lowest band)."""
+        out: dict[str, float] = {}
+        if self.warp is not None:
+            warp = self.warp_module(metaparams)
+            pos = warp.sampling_positions(self._probe, self._probe_noise)
+            shift = float((pos - torch.arange(pos.shape[-1], dtype=pos.dtype)).abs().mean())
+            out.update({"magnitude": float(warp.magnitude), "mean_scale": float(warp.scale(self._probe).mean()),
+                        "mean_abs_shift": shift})
+        if self.noise_model is not None:
+            out.update(self.noise_model.summary(metaparams))
+        return out
 
     @torch.no_grad()
     def warp_examples(self, metaparams: Params, count: int = 4, seed: int = 0) -> dict[str, Tensor]:

@@ -1,8 +1,11 @@
-"""Multitask GIN pre-training on ChEMBL with meta-learned task and example weights.
+"""Multitask GIN pre-training on ChEMBL with meta-learned task weights, example weights and noise.
 
-θ = the GIN encoder and the multitask PT head; φ = per-task weight logits
-(the paper's task weighting, w = 2·sigmoid) and/or per-molecule weight logits
-(data reweighting, one per pre-training molecule); ψ = the downstream head.
+θ = the GIN encoder and the multitask PT head; φ = any of: per-task weight logits
+(the paper's task weighting, w = 2·sigmoid), per-molecule weight logits (data
+reweighting, one per pre-training molecule, read with a row-sparse gradient), and a
+noise model — per-task label-flip rates (the PT loss is the expected BCE over the
+flips) and per-feature Gaussian noise on the graph embedding that feeds the PT head
+(reparameterised: the noise draw is part of the batch); ψ = the downstream head.
 The encoder is one ``nn.Module`` driven through ``torch.func.functional_call``
 with whatever θ the trainer hands over; it is put in train mode for pre-training
 and in eval mode for fine-tuning, as in the paper.
@@ -19,8 +22,9 @@ from torch import Tensor
 from torch.func import functional_call
 from torch_geometric.data import Batch
 
-from ...metaparams import weight_logits, weights_from_logits
+from ...metaparams import ExampleWeights, GaussianNoiseScales, LabelFlipRates, TaskWeights, summarize
 from ...problem import EpochShuffler, Params
+from ...schema import schema
 from .data import held_out_split, load_b3db, load_chembl_pretraining, scaffold_split
 from .featurize import MoleculeGraphs, featurize_smiles
 from .models import GINEncoder, masked_bce
@@ -169,17 +173,33 @@ def load_molecule_data(
     )
 
 
-@dataclass(frozen=True)
+@schema
 class WeightingConfig:
     """Which meta-parameters φ to learn.
 
     Attributes:
         task_weights: one weight per pre-training task (the paper's setting).
         example_weights: one weight per pre-training molecule (data reweighting).
+        label_noise: per-task label-flip rates ρ_t = 0.5·sigmoid(φ_t) (a noise model; the PT
+            loss is the expected BCE over the flips, i.e. label smoothing by ρ_t).
+        label_noise_init: ρ₀, every task.
+        feature_noise: per-feature Gaussian noise σ_j = exp(φ_j) on the graph embedding fed
+            to the PT head (a noise model; the standard normal draw is part of the batch).
+        feature_noise_init: σ₀, every feature (the embeddings are layer-normed: about unit scale).
     """
 
     task_weights: bool = True
     example_weights: bool = False
+    label_noise: bool = False
+    label_noise_init: float = 0.05
+    feature_noise: bool = False
+    feature_noise_init: float = 0.1
+
+    def __post_init__(self):
+        if not 0 < self.label_noise_init < 0.5:
+            raise ValueError(f"WeightingConfig: label_noise_init must be in (0, 0.5), got {self.label_noise_init}")
+        if not self.feature_noise_init > 0:
+            raise ValueError(f"WeightingConfig: feature_noise_init must be > 0, got {self.feature_noise_init}")
 
 
 class MoleculesProblem:
@@ -202,6 +222,18 @@ class MoleculesProblem:
         split = data.split
         self._ft_order = EpochShuffler(len(split["ft_train"]), ft_batch_size, seed + 1)
         self._val_order = EpochShuffler(len(split["metaval"]), ft_batch_size, seed + 2)
+        self.seed = seed
+        names = data.pretrain_task_names
+        w = weighting
+        #: the families of φ this problem learns, in φ's key order
+        self.families = [f for f, on in (
+            (TaskWeights(self.num_pt_tasks, names=names), w.task_weights),
+            (ExampleWeights(len(data.pretrain_positions)), w.example_weights),
+            (LabelFlipRates(self.num_pt_tasks, w.label_noise_init, names=names), w.label_noise),
+            (GaussianNoiseScales(encoder.emb_dim, w.feature_noise_init, key="feature_noise"), w.feature_noise),
+        ) if on]
+        if not self.families:
+            raise ValueError("WeightingConfig: enable task_weights, example_weights, label_noise or feature_noise")
 
     # ---- initial values -------------------------------------------------------------------
 
@@ -220,14 +252,14 @@ class MoleculesProblem:
         }
 
     def initial_metaparams(self) -> Params:
+        """φ₀: weights 1, flip rates and embedding noise at their configured starting values."""
         phi: Params = {}
-        if self.weighting.task_weights:
-            phi["task_logits"] = weight_logits(self.num_pt_tasks)
-        if self.weighting.example_weights:
-            phi["example_logits"] = weight_logits(len(self.data.pretrain_positions))
-        if not phi:
-            raise ValueError("WeightingConfig: enable task_weights or example_weights (or both)")
+        for family in self.families:
+            phi.update(family.init())
         return phi
+
+    def _family(self, kind: type):
+        return next((f for f in self.families if isinstance(f, kind)), None)
 
     # ---- MetaProblem ----------------------------------------------------------------------
 
@@ -238,19 +270,32 @@ class MoleculesProblem:
         return functional_call(self.encoder, enc, (graphs,))
 
     def pretrain_loss(self, params: Params, metaparams: Params, batch: tuple[Batch, Tensor]) -> Tensor:
+        """Masked multitask BCE, weighted by task and example weights, with the noise models applied:
+        z + σ ⊙ ε for the embedding, ỹ = y(1 − ρ) + (1 − y)ρ for the labels."""
         graphs, rows = batch
-        logits = self.embed(params, graphs, train=True) @ params["pt.weight"].T + params["pt.bias"]
-        task_w = weights_from_logits(metaparams["task_logits"]) if "task_logits" in metaparams else None
-        example_w = weights_from_logits(metaparams["example_logits"][rows]) if "example_logits" in metaparams else None
-        return masked_bce(logits, graphs.y, task_w, example_w)
+        z = self.embed(params, graphs, train=True)
+        noise = self._family(GaussianNoiseScales)
+        if noise is not None:
+            z = z + noise.noise(metaparams, graphs.embedding_noise.to(z.dtype))
+        logits = z @ params["pt.weight"].T + params["pt.bias"]
+        tasks, examples, flips = self._family(TaskWeights), self._family(ExampleWeights), self._family(LabelFlipRates)
+        labels = graphs.y if flips is None else flips.smooth(metaparams, graphs.y.to(logits.dtype))
+        task_w = tasks.weights(metaparams) if tasks is not None else None
+        example_w = examples.weights(metaparams, rows) if examples is not None else None
+        return masked_bce(logits, labels, task_w, example_w)
 
     def finetune_loss(self, params: Params, head: Params, batch: Batch) -> Tensor:
         logits = self.embed(params, batch, train=False) @ head["weight"].T + head["bias"]
         return masked_bce(logits, batch.y)
 
     def pretrain_batch(self, index: int) -> tuple[Batch, Tensor]:
+        """(graphs, rows); with feature noise, ``graphs.embedding_noise`` [B, emb_dim] ~ N(0, I) seeded by ``index``."""
         rows = self._pt_order.indices(index)
-        return self.data.pretrain_batch(rows), rows
+        graphs = self.data.pretrain_batch(rows)
+        if self.weighting.feature_noise:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + index) * 2 + 1)
+            graphs.embedding_noise = torch.randn(len(rows), self.encoder.emb_dim, generator=g)
+        return graphs, rows
 
     def finetune_batch(self, index: int) -> Batch:
         return self.data.downstream_batch(self.data.split["ft_train"][self._ft_order.indices(index)])
@@ -259,12 +304,8 @@ class MoleculesProblem:
         return self.data.downstream_batch(self.data.split["metaval"][self._val_order.indices(index)])
 
     def describe_metaparams(self, metaparams: Params) -> Mapping[str, float]:
-        out = {}
-        for key, name in (("task_logits", "task_weight"), ("example_logits", "example_weight")):
-            if key in metaparams:
-                w = weights_from_logits(metaparams[key].detach())
-                out.update({f"{name}_min": float(w.min()), f"{name}_max": float(w.max()), f"{name}_std": float(w.std())})
-        return out
+        """Every family's summary (min/max/std of the weights, mean/min/max flip rate and noise σ)."""
+        return {k: v for k, v in summarize(self.families, metaparams).items() if "/" not in k}
 
     # ---- state outside θ --------------------------------------------------------------------
 
