@@ -127,9 +127,11 @@ def test_ecg_job_needs_an_existing_data_folder(tmp_path):
 def test_ecg_data_errors_are_one_line(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "100.hea").write_text("this is not a WFDB header\n")
-    _one_line_error(runner.invoke(app, ["run", "ecg-quick", "--data", str(tmp_path / "data"),
-                                        "--out", str(tmp_path / "r")]))
-    assert (tmp_path / "r" / "config.yaml").is_file()  # the run folder is kept to fix and resume
+    for _ in range(2):  # a failed start leaves no folder behind, so the same command can be rerun
+        out = _one_line_error(runner.invoke(app, ["run", "ecg-quick", "--data", str(tmp_path / "data"),
+                                                  "--out", str(tmp_path / "r")]))
+        assert "no ECG layout recognised" in out and "already exists" not in out
+        assert not (tmp_path / "r").exists()
 
 
 def test_non_finite_pretraining_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

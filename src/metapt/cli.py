@@ -1,20 +1,25 @@
 """The ``metapt`` command line.
 
-Every user error (bad config, missing data, existing run folder, a run that
-cannot go on) is one line on stderr and a non-zero exit status; ``--debug``
-shows the traceback instead.
+Every user error (:class:`metapt.errors.UserError`: bad config, missing data, an
+existing or busy run folder, a run that cannot go on) is one line on stderr and
+exit status 2; ``--debug`` shows its traceback instead. Anything else is a bug:
+traceback and exit status 1. Ctrl-C exits with 130, SIGTERM with 143, a
+non-finite pre-training loss with 3.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Meta-learn pre-training hyperparameters by gradient (Raghu et al., NeurIPS 2021).")
@@ -33,8 +38,8 @@ ThreadsOption = Annotated[Optional[int], typer.Option(
                              "oversubscribed cores.")]
 
 
-class _UserError(Exception):
-    """A failure whose message is the whole story (no traceback needed)."""
+class _UserError(UserError):
+    """A failure of the command line itself whose message is the whole story."""
 
 
 def _fail(message: str, code: int = 2):
@@ -42,11 +47,35 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _guarded(debug: bool, action):
-    """Run ``action``; turn the errors a user can fix into one line and an exit status."""
-    from .distributed import DistributedSetupError
-    from .runs import RunFolderError
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminated()
+
+
+def _guarded(debug: bool, action, folder_of=lambda: None):
+    """Run ``action``; a :class:`metapt.errors.UserError` (and a full disk, a permission problem)
+    becomes one line and exit status 2; anything else is a crash: traceback, status 1.
+
+    ``folder_of()``: the run folder in use, if any, for advice on how to go on.
+    """
+    import errno
+    import signal
+
     from .trainer import NonFiniteLossError
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+    def resume_hint() -> str:
+        folder = folder_of()
+        if folder is None or not folder.path.is_dir():
+            return "nothing was kept"
+        if not folder.checkpoints():
+            return f"no checkpoint was written in {folder.path}"
+        return f"the newest checkpoint is kept: `metapt resume {folder.path}` continues the run"
 
     try:
         return action()
@@ -55,13 +84,30 @@ def _guarded(debug: bool, action):
     except NonFiniteLossError as err:
         if debug:
             raise
-        _fail(f"{err}. The last good checkpoint is kept; after changing the config, `metapt resume RUN_DIR`.", 3)
-    except (ValueError, RunFolderError, FileNotFoundError, PermissionError, DistributedSetupError, _UserError) as err:
+        folder = folder_of()
+        kept = (f"The last good checkpoint is kept; after changing the config, `metapt resume {folder.path}`"
+                if folder is not None and folder.checkpoints() else "No checkpoint had been written")
+        _fail(f"{err}. {kept}.", 3)
+    except UserError as err:
         if debug:
             raise
-        _fail(str(err).replace("\n", " "))
-    except KeyboardInterrupt:
-        _fail("interrupted; the newest checkpoint is kept: `metapt resume RUN_DIR` continues the run", 130)
+        _fail(_one_line(str(err)))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS) or debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        _fail(_one_line(f"{err.strerror}{where}; {resume_hint()}"))
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        if isinstance(err, _Terminated):
+            _fail(f"terminated (SIGTERM); {resume_hint()}", 143)
+        _fail(f"interrupted; {resume_hint()}", 130)
+
+
+def _one_line(message: str, limit: int = 2000) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[: limit - 30] + f" … ({len(message):,} characters)"
 
 
 def _distributed(debug: bool):
@@ -76,27 +122,38 @@ def _distributed(debug: bool):
 
 
 def _on_main(ctx, fn):
-    """``fn()`` on rank 0 only; every process gets its result, or raises its error."""
+    """``fn()`` on rank 0 only; every process gets its result, or raises its error (rank 0 the
+    error itself; the others a :class:`UserError` with its message, or a RuntimeError for a crash)."""
     if not ctx.distributed:
         return fn()
     import torch.distributed as torch_dist
 
-    box: list = [None, None]
+    box: list = [None, None, False]
+    error = None
     if ctx.is_main:
         try:
-            box = [fn(), None]
+            box = [fn(), None, False]
         except Exception as err:  # noqa: BLE001 (re-raised on every process below)
-            box = [None, str(err)]
+            error, box = err, [None, str(err), isinstance(err, UserError)]
     torch_dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
     if box[1] is not None:
-        raise _UserError(box[1])
+        raise (_UserError if box[2] else RuntimeError)(box[1] if box[2] else f"rank 0 failed: {box[1]}")
     return box[0]
 
 
 def _threads(threads: int | None) -> None:
+    """Set torch's CPU threads, at most the machine's CPUs (more oversubscribes, or crashes OpenMP)."""
     if threads:
+        import os
+
         import torch
 
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if threads > cpus:
+            err_console.print(f"--threads {threads}: this machine has {cpus} CPU(s) for this process; using {cpus}")
+            threads = cpus
         torch.set_num_threads(threads)
 
 
@@ -129,46 +186,70 @@ def run(
     reason continues with `metapt resume RUN_DIR`.
     """
 
+    holder: dict = {}
+
     def action():
         from .config import load_config
         from .jobs import execute, start
         from .runs import RunFolder
 
-        extra = [f"data_dir={data}"] if data is not None else []
+        extra = [f"data_dir={data.expanduser().resolve()}"] if data is not None else []  # eval may run elsewhere
         resolved = load_config(config, [*overrides, *extra])
         _threads(threads)
         with _distributed(debug) as ctx:
             default = Path("runs") / f"{resolved.job}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-            folder = RunFolder(_on_main(ctx, lambda: str(start(resolved, out or default, overwrite=overwrite).path)))
+
+            def create():
+                holder["folder"] = start(resolved, out or default, overwrite=overwrite)
+                return str(holder["folder"].path)
+
+            path = _on_main(ctx, create)
+            folder = holder.get("folder") or RunFolder(path)
             if ctx.is_main:
                 err_console.print(f"run folder: {folder.path}")
-            execute(folder, resolved, console=err_console, dist=ctx)
+            try:
+                execute(folder, resolved, console=err_console, dist=ctx)
+            except BaseException:
+                folder.rollback()  # failed before its first checkpoint: as if it never started
+                raise
+            folder.commit()
             _finish(folder, ctx.is_main)
+            folder.unlock()
 
-    _guarded(debug, action)
+    _guarded(debug, action, lambda: holder.get("folder"))
 
 
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="The folder of a run that was stopped or killed.")],
+    allow_change: Annotated[list[str], typer.Option(
+        "--allow-change", metavar="KEY",
+        help="A config key (or section, e.g. evaluation) that may differ from the one the checkpoint was made "
+             "with (repeatable).")] = [],  # noqa: B006
     threads: ThreadsOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Continue a run from its newest checkpoint; the results are those of an uninterrupted run."""
+    """Continue a run from its newest checkpoint; the results are those of an uninterrupted run.
+
+    A run whose config.yaml was edited since its checkpoint is refused, naming the keys,
+    unless each changed key is allowed with --allow-change.
+    """
+    holder: dict = {}
 
     def action():
         from .config import load_config
         from .jobs import execute
         from .runs import RunFolder
 
-        folder = RunFolder.open(run_dir)
+        folder = holder["folder"] = RunFolder.open(run_dir)
+        folder.allow_changes = tuple(allow_change)
         resolved = load_config(folder.config_file)
         _threads(threads)
         with _distributed(debug) as ctx:
             execute(folder, resolved, resume=True, console=err_console, dist=ctx)
             _finish(folder, ctx.is_main)
 
-    _guarded(debug, action)
+    _guarded(debug, action, lambda: holder.get("folder"))
 
 
 @app.command("eval")
@@ -184,13 +265,15 @@ def evaluate(
     updated config is saved in the run folder.
     """
 
+    holder: dict = {}
+
     def action():
         from .config import apply_override, load_config, to_yaml, validate
-        from .jobs import execute, load_summary
+        from .jobs import execute
         from .runs import RunFolder, write_text_atomic
 
-        folder = RunFolder.open(run_dir)
-        load_summary(folder)  # the run must have finished
+        folder = holder["folder"] = RunFolder.open(run_dir)
+        _finished_summary(folder)
         resolved = load_config(folder.config_file)
         if resolved.job == "synthetic":
             raise _UserError("the synthetic job has no separate evaluation step")
@@ -203,12 +286,31 @@ def evaluate(
         for item in overrides:
             apply_override(raw, item)
         resolved = validate(raw, str(folder.config_file))
-        write_text_atomic(folder.config_file, to_yaml(resolved))
+        folder.config_text = to_yaml(resolved)  # config.yaml changes only once the evaluation succeeded
+        folder.allow_changes = ("evaluation",)
         _threads(threads)
         execute(folder, resolved, resume=True, console=err_console, reevaluate=True)
+        write_text_atomic(folder.config_file, folder.config_text)
         _finish(folder)
 
-    _guarded(debug, action)
+    _guarded(debug, action, lambda: holder.get("folder"))
+
+
+def _finished_summary(folder, config=None) -> dict:
+    """The run's summary.json, checked: it exists (the run finished), is JSON, is a mapping, and
+    belongs to the run's job."""
+    from .runs import read_json
+
+    path = folder.path / "summary.json"
+    if not path.is_file():
+        raise _UserError(f"{folder.path} has no summary.json: the run has not finished (`metapt resume {folder.path}`)")
+    summary = read_json(path)
+    if not isinstance(summary, dict):
+        raise _UserError(f"{path} is not a metapt summary (a JSON {type(summary).__name__}, not an object)")
+    job = (summary.get("config") or {}).get("job") if isinstance(summary.get("config"), dict) else None
+    if config is not None and job is not None and job != config.job:
+        raise _UserError(f"{path} is the summary of a {job!r} run, but {folder.config_file} is a {config.job!r} job")
+    return summary
 
 
 @app.command()
@@ -220,12 +322,13 @@ def report(
 
     def action():
         from .config import load_config
-        from .jobs import load_summary, write_plots
+        from .jobs import write_plots
         from .report import write_report
         from .runs import RunFolder
 
         folder = RunFolder.open(run_dir)
-        write_plots(folder, load_config(folder.config_file), load_summary(folder))
+        config = load_config(folder.config_file)
+        write_plots(folder, config, _finished_summary(folder, config))
         console.print(f"report: {write_report(folder)}")
 
     _guarded(debug, action)
@@ -257,7 +360,11 @@ def compare(
                 table.add_row(label, *cells)
             console.print(table)
         if out is not None:
-            out.write_text(compare_markdown(folders), encoding="utf-8")
+            if out.is_dir():
+                raise _UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'compare.md'}")
+            from .runs import write_text_atomic
+
+            write_text_atomic(out, compare_markdown(folders))
             console.print(f"written: {out}")
 
     _guarded(debug, action)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import asdict
 from importlib import resources
@@ -24,6 +25,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from .domains.ecg.job import ECGJobConfig
 from .domains.molecules.job import MoleculesJob
 from .domains.synthetic.job import SyntheticJob
+from .errors import ConfigError
 from .schema import jsonable
 
 RunConfig = Union[MoleculesJob, ECGJobConfig, SyntheticJob]
@@ -31,8 +33,7 @@ JOBS: dict[str, type] = {"molecules": MoleculesJob, "ecg": ECGJobConfig, "synthe
 _ADAPTER = TypeAdapter(Annotated[RunConfig, Field(discriminator="job")])
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and what is allowed."""
+# ConfigError lives in metapt.errors (every user error derives from UserError); re-exported here.
 
 
 # ---- presets --------------------------------------------------------------------------------
@@ -50,67 +51,242 @@ def _preset_text(name: str) -> str:
 
 # ---- loading --------------------------------------------------------------------------------
 
+#: Bounds on what a config may cost to read: its size, its nodes after YAML alias expansion,
+#: its nesting, and the length of one error message.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_DEPTH = 64
+MAX_MESSAGE_CHARS = 2_000
+_FLOAT32_MAX = 3.4028234663852886e38
+
 
 def load_config(source: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """A validated run configuration from a YAML file or a preset name, with ``key.path=value`` overrides."""
+    """A validated run configuration from a YAML file or a preset name, with ``key.path=value`` overrides.
+
+    The file or preset is laid over the job's fully resolved default configuration (so a
+    section it names only in part keeps the job's defaults for the rest), then each override
+    changes exactly the key it names.
+    """
     path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
-        where = str(path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        text, where = _read_config_file(path), str(path)
     elif str(source) in presets():
         text, where = _preset_text(str(source)), f"preset {source}"
     else:
         near = difflib.get_close_matches(str(source), presets(), n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"no config file or preset named {str(source)!r}{hint} (presets: {', '.join(presets())})")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where} is not valid YAML: {err}") from err
+        raise ConfigError(_bounded(f"no config file or preset named {str(source)!r}{hint} "
+                                   f"(presets: {', '.join(presets())})"))
+    raw = parse_yaml(text, where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}")
+    cls = _job_class(raw.get("job"), where)
+    raw = _merge(cls, jsonable(asdict(cls())), raw)
     for item in overrides:
-        apply_override(raw, item)
+        apply_override(raw, item, cls)
     return validate(raw, where)
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Set ``a.b.c=value`` in the raw config; the value is read as YAML (``3``, ``1e-3``, ``[a, b]``, ``null``)."""
+def _read_config_file(path: Path) -> str:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():  # a folder, a FIFO, a device: reading it could block or mean nothing
+        raise ConfigError(f"config file {path} is not a regular file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})") from None
+
+
+def parse_yaml(text: str, where: str = "config") -> Any:
+    """``yaml.safe_load`` with bounds: size, nodes after alias expansion, nesting; duplicate keys are errors."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is {len(text):,} characters; a config is at most {MAX_CONFIG_BYTES:,}")
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(_bounded(f"{where} is not valid YAML: {err}")) from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """The safe loader, refusing duplicate keys (YAML says they are an error; PyYAML lets the last win)."""
+
+
+def _construct_mapping(loader: _BoundedLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first at line {seen[key].line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        except TypeError:  # an unhashable key: the base constructor explains it
+            break
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep=deep)
+
+
+_BoundedLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _check_expanded_size(root: yaml.Node, where: str) -> None:
+    """Refuse a document whose nodes, with every alias expanded, exceed the bounds (a "billion
+    laughs" alias bomb is a few hundred bytes). Counted without expanding: shared nodes are memoised."""
+    size: dict[int, int] = {}
+    active: set[int] = set()
+
+    def count(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in size:
+            return size[key]
+        if key in active:
+            raise ConfigError(f"{where}: a YAML alias refers to a node that contains it")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where} is nested more than {MAX_CONFIG_DEPTH} levels deep")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(count(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(count(k, depth + 1) + count(v, depth + 1) for k, v in node.value)
+        active.discard(key)
+        if total > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where} expands to more than {MAX_CONFIG_NODES:,} YAML nodes "
+                              "(YAML aliases repeat what they refer to)")
+        size[key] = total
+        return total
+
+    count(root, 0)
+
+
+def _job_class(job: Any, where: str) -> type:
+    if not isinstance(job, str) or job not in JOBS:
+        near = difflib.get_close_matches(str(job), JOBS, n=1) if job is not None else []
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(_bounded(f"{where}: 'job' must be one of {', '.join(JOBS)}, got {job!r}{hint}"))
+    return JOBS[job]
+
+
+def _merge(cls: Any, base: Any, update: Any) -> Any:
+    """``update`` laid over ``base``: sections (config classes) merge key by key, anything else is replaced."""
+    if not (dataclasses.is_dataclass(cls) and isinstance(update, dict)):
+        return update
+    if not isinstance(base, dict):
+        base = {}
+    out = dict(base)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in update.items():
+        section = _section_type(cls, key) if key in names else None
+        value = _shorthand(section, value)
+        out[key] = _merge(section, base.get(key), value) if dataclasses.is_dataclass(section) else value
+    return out
+
+
+def _shorthand(section: Any, value: Any) -> Any:
+    """``solver: cg`` is short for ``solver: {kind: cg}`` (a section with a ``kind`` key, given by name)."""
+    if isinstance(value, str) and dataclasses.is_dataclass(section) and \
+            "kind" in {f.name for f in dataclasses.fields(section)}:
+        return {"kind": value}
+    return value
+
+
+def apply_override(raw: dict, item: str, cls: type | None = None) -> None:
+    """Set ``a.b.c=value`` in the raw config, changing that key only; the value is read as YAML
+    (``3``, ``1e-3``, ``[a, b]``, ``null``). ``cls``: the job's config class (default: from ``raw['job']``)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} must look like key.path=value (e.g. meta.solver=cg)")
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
+        raise ConfigError(_bounded(f"override {item!r} must look like key.path=value (e.g. meta.solver=cg)"))
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(_bounded(f"override {item!r}: {key.strip()!r} has an empty key between dots"))
+    if cls is None:
+        cls = JOBS.get(raw.get("job")) if isinstance(raw.get("job"), str) else None
+    parsed = parse_yaml(value, f"override {item!r}")
+    node: dict = raw
+    section: Any = cls
+    for depth, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else set()
+        child_type = _section_type(section, part) if part in names else None
+        if depth == len(parts) - 1:  # a section given as a mapping (or by name) merges into the one there
+            node[part] = _merge(child_type, node.get(part), _shorthand(child_type, parsed))
+            return
+        child = _shorthand(child_type, node.get(part))
         if child is None:
-            child = node[part] = {}
-        elif isinstance(child, str) and part == "solver":  # `solver: cg` is short for `solver: {kind: cg}`
-            child = node[part] = {"kind": child}
+            child = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from err
+            raise ConfigError(_bounded(f"override {item!r}: {'.'.join(parts[:depth + 1])!r} is a value, not a section"))
+        node[part] = child
+        node, section = child, child_type
 
 
 def validate(raw: dict, where: str = "config") -> RunConfig:
-    job = raw.get("job")
-    if job not in JOBS:
-        near = difflib.get_close_matches(str(job), JOBS, n=1) if job is not None else []
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"{where}: 'job' must be one of {', '.join(JOBS)}, got {job!r}{hint}")
+    """The run configuration ``raw`` describes (a dict as read from YAML), or a :class:`ConfigError`."""
+    cls = _job_class(raw.get("job"), where)
+    problems = _scalar_problems(cls, raw, [])
+    if problems:
+        raise ConfigError(_bounded(f"{where}: " + "; ".join(problems)))
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as err:
-        raise ConfigError(f"{where}: " + "; ".join(_explain(e, JOBS[job]) for e in err.errors())) from None
+        raise ConfigError(_bounded(f"{where}: " + "; ".join(_explain(e, cls) for e in err.errors()))) from None
+
+
+def _scalar_problems(cls: Any, raw: Any, path: list[str]) -> list[str]:
+    """What pydantic lets through: a non-finite or float32-overflowing number anywhere, and
+    ``true``/``false`` for a key that is not a switch (pydantic reads them as 1 and 0)."""
+    problems = []
+    if isinstance(raw, dict):
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        for key, value in raw.items():
+            hint = typing.get_type_hints(cls).get(key) if key in names else None
+            child = _section_type(cls, key) if key in names else None
+            dotted = [*path, str(key)]
+            if isinstance(value, bool) and hint is not None and _numeric(hint) and not _admits_bool(hint):
+                problems.append(f"{'.'.join(dotted)}: expected {_kind(hint)}, got {str(value).lower()}")
+            else:
+                problems += _scalar_problems(child, value, dotted)
+    elif isinstance(raw, list):
+        for value in raw:
+            problems += _scalar_problems(None, value, path)
+    elif isinstance(raw, float) and not (math.isfinite(raw) and abs(raw) <= _FLOAT32_MAX):
+        problems.append(f"{'.'.join(path) or 'config'}: must be a finite number that fits in float32 "
+                        f"(|x| <= 3.4e38), got {raw!r}")
+    return problems
+
+
+def _admits_bool(hint: Any) -> bool:
+    if hint is bool or hint is Any:
+        return True
+    if typing.get_origin(hint) is typing.Literal:
+        return any(isinstance(a, bool) for a in typing.get_args(hint))
+    return any(_admits_bool(a) for a in typing.get_args(hint))
+
+
+def _numeric(hint: Any) -> bool:
+    return hint in (int, float) or any(_numeric(a) for a in typing.get_args(hint))
+
+
+def _kind(hint: Any) -> str:
+    return "a number" if _numeric(float) and float in (hint, *typing.get_args(hint)) else "an integer"
 
 
 def to_yaml(config: RunConfig) -> str:
@@ -119,6 +295,17 @@ def to_yaml(config: RunConfig) -> str:
 
 
 # ---- error messages -------------------------------------------------------------------------
+
+
+def _bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """One line of at most ``limit`` characters (what a user can read; a 300 MB line is not)."""
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[: limit - 30] + f" … ({len(message):,} characters)"
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _explain(error: dict, root: type) -> str:
@@ -132,11 +319,11 @@ def _explain(error: dict, root: type) -> str:
         prefix = ".".join(str(p) for p in loc[:-1])
         full = lambda name: f"{prefix}.{name}" if prefix else name  # noqa: E731
         hint = f"; did you mean {full(near[0])!r}?" if near else ""
-        return f"unknown key {dotted!r}{hint} (valid keys{' under ' + prefix if prefix else ''}: {', '.join(valid)})"
+        return f"unknown key {_short_repr(dotted)}{hint} (valid keys{' under ' + prefix if prefix else ''}: {', '.join(valid)})"
     got = error.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) else f" (got {_short_repr(got)})"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{dotted or 'config'}: {message}{shown}"
+    return f"{dotted or 'config'}: {_bounded(message, 300)}{shown}"
 
 
 def _field_names(cls: Any, path: list) -> list[str]:

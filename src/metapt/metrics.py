@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from .errors import UserError
 
 
 class JsonlLogger:
@@ -38,8 +41,10 @@ class JsonlLogger:
         self._file.write(json.dumps(row) + "\n")
 
     def flush(self) -> None:
-        """Push rows to the OS, so the file's size counts every row logged so far."""
+        """Push rows to the disk (flush and fsync), so the file's size counts every row logged so far
+        and a checkpoint that records that size never outlives the rows it counts."""
         self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.flush()
@@ -72,9 +77,22 @@ class TensorBoardLogger:
         self._writer.close()
 
 
+class MetricsFileError(UserError, ValueError):
+    """A step log that is not JSON lines; the message names the file and the line."""
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a JSON-lines file; a damaged line is an error naming the file and line."""
+    rows = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise MetricsFileError(f"{path}, line {number}: not valid JSON ({err}); the file is damaged") from None
+    return rows
 
 
 def progress_bar(console: Console | None = None) -> Progress:

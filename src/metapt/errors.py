@@ -1,0 +1,35 @@
+"""The errors a user can fix, told apart from bugs.
+
+Every exception metapt raises because of what it was given — a config, a run folder, a
+data folder, a launch — derives from :class:`UserError`. The ``metapt`` command prints
+such an error as one line on stderr and exits with status 2; anything else (a bug, an
+internal ``ValueError`` included) is a crash: traceback and exit status 1. ``--debug``
+shows the traceback of user errors too.
+
+The subclasses also derive from ``ValueError``, so library code that caught the
+``ValueError`` these used to be keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "DataError", "LaunchError", "RunFolderError", "UserError"]
+
+
+class UserError(Exception):
+    """A failure whose message is the whole story: what was wrong and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run; the message names the key and what is allowed."""
+
+
+class RunFolderError(UserError, ValueError):
+    """The run folder cannot be used as asked (exists, missing, not a run, in use, damaged)."""
+
+
+class DataError(UserError, ValueError):
+    """A data folder or file that cannot be read as the job needs it."""
+
+
+class LaunchError(UserError, ValueError):
+    """The process cannot run as launched (thread count, process count, torchrun setup)."""
