@@ -56,6 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .errors import LaunchError
 from .problem import MetaProblem, Params
 from .strategy import Strategy
 
@@ -63,7 +64,7 @@ from .strategy import Strategy
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(LaunchError, RuntimeError):
     """The torch.distributed environment is incomplete or inconsistent."""
 
 

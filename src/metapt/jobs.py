@@ -9,16 +9,17 @@ from typing import Any
 from rich.console import Console
 
 from .config import RunConfig, to_yaml
+from .errors import DataError, LaunchError
 from .runs import RunFolder
 
 
 def start(config: RunConfig, out: str | Path, *, overwrite: bool = False) -> RunFolder:
     """A fresh run folder holding the resolved ``config`` (refused if it exists, unless ``overwrite``)."""
     if config.job == "ecg" and not config.data_dir:
-        raise ValueError("the ecg job needs a data folder: --data DIR or data_dir in the config "
+        raise DataError("the ecg job needs a data folder: --data DIR or data_dir in the config "
                          "(a folder of WFDB records, e.g. ../shared/data/mitbih)")
     if config.job == "ecg" and not Path(config.data_dir).is_dir():
-        raise ValueError(f"data folder {config.data_dir} does not exist or is not a folder")
+        raise DataError(f"data folder {config.data_dir} does not exist or is not a folder")
     return RunFolder.create(out, to_yaml(config), overwrite=overwrite)
 
 
@@ -31,7 +32,7 @@ def execute(folder: RunFolder, config: RunConfig, *, resume: bool = False, conso
     """
     console = console or Console(stderr=True)
     if dist is not None and dist.distributed and config.job != "molecules":
-        raise ValueError(f"the {config.job} job runs in one process; launch it without torchrun "
+        raise LaunchError(f"the {config.job} job runs in one process; launch it without torchrun "
                          "(data-parallel runs are implemented for the molecules job)")
     if config.job == "molecules":
         from .domains.molecules.job import run_molecules

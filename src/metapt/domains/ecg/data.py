@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ...errors import DataError
+
 with warnings.catch_warnings():  # wfdb 4.x trips pandas deprecation warnings at import time
     warnings.simplefilter("ignore")
     import wfdb
@@ -65,7 +67,7 @@ _FORMAT_BYTES = {"8": 1.0, "16": 2.0, "24": 3.0, "32": 4.0, "61": 2.0, "80": 1.0
                  "212": 1.5, "310": 4 / 3, "311": 4 / 3}
 
 
-class ECGDataError(ValueError):
+class ECGDataError(DataError):
     """A data file is missing, corrupt or inconsistent; ``path`` is the file at fault."""
 
     def __init__(self, path: str | os.PathLike[str], problem: str, fix: str = "") -> None:
