@@ -76,10 +76,10 @@ def worker(args) -> None:
         )
 
     def rate(t: MetaPretrainer, steps: int) -> float:
-        t.run(args.warmup)  # first steps: allocations, DDP bucket rebuild
+        t.run_until(args.warmup)  # first steps: allocations, DDP bucket rebuild
         ctx.barrier()
         start = time.perf_counter()
-        t.run(args.warmup + steps)
+        t.run_until(args.warmup + steps)
         ctx.barrier()
         return steps / (time.perf_counter() - start)
 

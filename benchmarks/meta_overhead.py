@@ -90,7 +90,7 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
 def chunk(trainer) -> tuple[float, float]:
     """(wall, CPU) time of the next INTERVAL PT steps of ``trainer.run`` (with its meta-step, if any)."""
     start = _now()
-    trainer.run(trainer.step + INTERVAL)
+    trainer.run_until(trainer.step + INTERVAL)
     return _since(start)
 
 
@@ -205,7 +205,7 @@ def agreement(data, size: str, trials: int = 5) -> dict | None:
     from metapt.hypergrad import pretrain_graph
 
     t = make_trainer(data, size, meta=True)
-    t.run(30)  # a few meta-steps in, so φ is not uniform
+    t.run_until(30)  # a few meta-steps in, so φ is not uniform
     p = t.problem
     cos = torch.nn.functional.cosine_similarity
     rows = []

@@ -161,7 +161,7 @@ def _reference(per_shard_hypergradients=True):
     views = [_Shard(base, r) for r in range(WORLD)] if per_shard_hypergradients else None
     rec = Recorder()
     t = _trainer(_Concatenated(base), base, loggers=[rec], strategy=MeanOverViews(views) if views else None)
-    t.run(STEPS)
+    t.run_until(STEPS)
     return rec.rows, _state(t)
 
 

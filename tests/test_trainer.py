@@ -42,12 +42,12 @@ class Recorder:
 def test_noise_tasks_are_down_weighted_and_transfer_improves(seed):
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=seed))
     meta = _trainer(problem)
-    meta.run(1000)
+    meta.run_until(1000)
     w = problem.describe_metaparams(meta.metaparams)
     assert w["noise_weight"] < 0.8 and w["helpful_weight"] > 1.0 and w["helpful_weight"] - w["noise_weight"] > 0.4, w
 
     uniform = _trainer(problem, meta_lr=1e-12)
-    uniform.run(1000)
+    uniform.run_until(1000)
     assert problem.probe_test_mse(meta.params) < 0.5 * problem.probe_test_mse(uniform.params)
 
 
@@ -56,7 +56,7 @@ def test_flipped_hypergradient_sign_learns_the_opposite():
     # hypergradient drives the weights the other way.
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
     flipped = _trainer(problem, strategy=_Mapped(lambda h: {k: -v for k, v in h.items()}))
-    flipped.run(1000)
+    flipped.run_until(1000)
     w = problem.describe_metaparams(flipped.metaparams)
     assert w["noise_weight"] > w["helpful_weight"], w
 
@@ -65,7 +65,7 @@ def test_schedule_and_metrics():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
     rec = Recorder()
     t = _trainer(problem, schedule=MetaSchedule(meta_interval=4, warmup_steps=8, meta_batches=2), loggers=[rec])
-    t.run(24)
+    t.run_until(24)
     assert [s for s, _ in rec.rows] == list(range(1, 25))
     meta_steps = [s for s, m in rec.rows if "meta_loss" in m]
     assert meta_steps == [12, 16, 20, 24]  # none during warm-up
@@ -81,7 +81,7 @@ def test_unroll_encoder_and_other_solvers_run():
     for solver in (Identity(0.01), ConjugateGradient(5, damping=1.0)):
         t = _trainer(problem, solver=solver, schedule=MetaSchedule(meta_interval=2, unroll_steps=2, unroll_encoder=True))
         before = t.metaparams["task_logits"].clone()
-        t.run(6)
+        t.run_until(6)
         assert t.skipped == 0, solver
         assert t.meta_step_count == 3 and not torch.equal(before, t.metaparams["task_logits"])
 
@@ -90,7 +90,7 @@ def test_unusable_hypergradient_skips_the_update():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
     t = _trainer(problem, schedule=MetaSchedule(meta_interval=1), strategy=_Mapped(lambda h: {k: v * float("nan") for k, v in h.items()}))
     before = t.metaparams["task_logits"].clone()
-    t.run(3)
+    t.run_until(3)
     assert t.skipped == 3 and torch.equal(before, t.metaparams["task_logits"])
 
 
@@ -100,18 +100,18 @@ def test_non_finite_pretraining_loss_stops_the_run():
     with torch.no_grad():
         t.params["encoder"].fill_(float("inf"))
     with pytest.raises(NonFiniteLossError, match="step 0"):
-        t.run(2)
+        t.run_until(2)
 
 
 def test_state_dict_round_trip_continues_identically():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
     sched = MetaSchedule(meta_interval=3, warmup_steps=2)
     a = _trainer(problem, schedule=sched)
-    a.run(7)
+    a.run_until(7)
     b = _trainer(problem, schedule=sched)
     b.load_state_dict(a.state_dict())
-    a.run(20)
-    b.run(20)
+    a.run_until(20)
+    b.run_until(20)
     for k in a.params:
         assert torch.equal(a.params[k], b.params[k])
     assert torch.equal(a.metaparams["task_logits"], b.metaparams["task_logits"])
@@ -123,7 +123,7 @@ def test_head_catch_up_steps_then_unroll_give_the_persisted_head():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
     t = _trainer(problem, schedule=MetaSchedule(meta_interval=1, unroll_steps=1, head_steps=2))
     head0 = {k: v.clone() for k, v in t.head.items()}
-    t.run(1)
+    t.run_until(1)
     theta = {k: v.detach() for k, v in t.params.items()}
     head = head0
     for index in (0, 1, 0):  # catch-up batches 0, 1; the unroll's batch 0
@@ -141,7 +141,7 @@ def test_non_finite_unrolled_head_is_not_kept():
     head0 = {k: v.clone() for k, v in t.head.items()}
     clean = problem.finetune_loss
     problem.finetune_loss = lambda params, head, batch: clean(params, head, batch) * float("nan")
-    t.run(2)
+    t.run_until(2)
     assert t.skipped == 2
     for k in head0:
         assert torch.equal(t.head[k], head0[k])

@@ -19,8 +19,11 @@ enters through :class:`metapt.problem.MetaProblem`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from contextlib import contextmanager
@@ -30,15 +33,21 @@ import torch
 from torch import Tensor
 
 from .hypergrad import (
+    Estimator,
     InnerOptimizer,
     Neumann,
     Solver,
+    adam_preconditioner,
+    estimate_hypergradient,
     pretraining_hypergradient,
     sgd,
     unrolled_finetune,
 )
+from .optim import accepts_sparse_grad
 from .problem import MetaProblem, Params
 from .strategy import Strategy
+
+log = logging.getLogger(__name__)  # "metapt.trainer": configure "metapt" to route or silence it
 
 
 class MetricsLogger(Protocol):
@@ -48,7 +57,12 @@ class MetricsLogger(Protocol):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The pre-training loss stopped being finite; the run cannot continue."""
+    """The pre-training loss stopped being finite; the run cannot continue.
+
+    Raised by :meth:`MetaPretrainer.pretrain_step` before θ is updated, so the trainer's
+    state is that of the last good step (``state_dict()`` still gives it). Usual causes: a PT
+    learning rate too high, or a meta learning rate that lets φ grow without bound.
+    """
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,34 @@ def _leaves(params: Mapping[str, Tensor]) -> Params:
 class MetaPretrainer:
     """Online meta-learning of φ interleaved with pre-training of θ.
 
+    ``run_until(n)`` pre-trains until ``step == n``; after PT step number ``s`` (counted
+    from 1) it takes a warm-up head step if ``s <= warmup_steps``, else a meta-step when
+    ``s % meta_interval == 0``. Which batch index each step asks the problem for is stated
+    in :class:`metapt.MetaProblem`.
+
+    **What is copied.** θ, ψ and φ are copied at construction: the trainer owns its copies
+    (``params``, ``head``, ``metaparams``) and never writes to the tensors you passed in, so
+    your ``nn.Module`` is not updated; load the result back, e.g.
+    ``model.load_state_dict(trainer.snapshot().params)``.
+
+    **Reading results back.** :meth:`snapshot` returns detached copies of θ, ψ and φ with the
+    counters. The attributes are live: ``params`` and ``metaparams`` are the leaf tensors
+    the optimisers update (they require grad; ``.detach()`` them before use), ``head`` the
+    current head; ``step`` counts PT steps, ``meta_step_count`` meta-steps attempted,
+    ``skipped`` meta-steps whose update was skipped (non-finite hypergradient or diverged
+    solve), ``rejected_heads`` meta-steps whose fine-tuned head was not finite (the previous
+    head was kept). The per-step numbers go to ``loggers``.
+
+    **Logging.** Skipped meta-steps and rejected heads are reported through the standard
+    :mod:`logging` module (logger ``metapt.trainer``, a child of ``metapt``) at WARNING on
+    their 1st, 2nd, 4th, 8th, ... occurrence and at DEBUG otherwise. With no logging
+    configured, Python prints warnings to stderr; ``logging.getLogger("metapt")`` routes or
+    silences them.
+
+    **Checked at construction.** Unless ``schedule.learn_phi`` is False, L_PT is evaluated
+    once on ``pretrain_batch(0)`` and every entry of φ must reach it (ValueError naming the
+    entries that do not); the torch CPU RNG and the problem's buffers are restored after.
+
     Args:
         problem: the domain (losses and batches).
         params: initial θ (encoder and PT heads).
@@ -102,9 +144,26 @@ class MetaPretrainer:
         metaparams: initial φ.
         pt_optimizer: builds the PT optimiser from θ's tensors, e.g.
             ``lambda ps: torch.optim.Adam(ps, lr=1e-3)``.
-        meta_optimizer: builds φ's optimiser (paper: Adam).
+        meta_optimizer: builds φ's optimiser (paper: Adam), e.g.
+            ``lambda ps: torch.optim.Adam(ps, lr=0.05)``. The hypergradient is about as
+            small as the solver's α (the PT learning rate by default): norms of 1e-7 to 1e-5
+            are common, so plain SGD on φ at lr 1 moves nothing; Adam (scale-free) or SGD
+            with a learning rate of the order of 1/‖hypergradient‖ does. For the control
+            that runs the meta-objective backwards (φ ascends L_V), pass an optimiser that
+            takes ``maximize=True``, e.g. ``torch.optim.Adam(ps, lr=0.05, maximize=True)``.
+            A row-sparse hypergradient (example weights read with
+            :func:`metapt.metaparams.gather_rows`) reaches the optimiser as a sparse tensor when it
+            takes one (:class:`metapt.optim.LazyAdam`, :class:`metapt.optim.LazySGD`: only the
+            rows a meta-step touched move, at a cost independent of |φ|), else made dense.
         inner_optimizer: the differentiable FT optimiser that is unrolled.
-        solver: the inverse-HVP solver (paper: ``Neumann(1, alpha=PT lr)``).
+        solver: the inverse-HVP solver (paper: ``Neumann(1, alpha=PT lr)``); short for
+            ``estimator=Estimator(solver=solver)``.
+        estimator: which hypergradient each meta-step estimates
+            (:class:`metapt.hypergrad.Estimator`): the solver, the PT batches H and the mixed
+            term are taken on (the one just taken, as the paper, or the upcoming ones), Adam's
+            preconditioner, or reverse-mode through T unrolled PT steps. Default: the paper's.
+            ``benchmarks/results/hypergrad_quality.md`` measures how well each agrees with the
+            lookahead truth per domain.
         schedule: :class:`MetaSchedule`.
         loggers: receive per-step metrics.
         strategy: how the steps are executed (:mod:`metapt.strategy`): one process
@@ -132,6 +191,7 @@ class MetaPretrainer:
         schedule: MetaSchedule = MetaSchedule(),
         loggers: Sequence[MetricsLogger] = (),
         strategy: Strategy | None = None,
+        estimator: Estimator | None = None,
     ):
         self.problem = problem
         self.params = _leaves(params)
@@ -140,10 +200,18 @@ class MetaPretrainer:
         self.schedule = schedule
         self.strategy = strategy if strategy is not None else Strategy()
         self.strategy.setup(self)  # data-parallel: θ becomes a DDP module's parameters, replicas agree
+        if schedule.learn_phi:
+            _check_metaparams_reach_loss(problem, self.params, self.metaparams)
         self.pt_opt = pt_optimizer(list(self.params.values()))
         self.meta_opt = meta_optimizer(list(self.metaparams.values()))
         self.inner = inner_optimizer if inner_optimizer is not None else sgd(0.1)
-        self.solver = solver if solver is not None else Neumann(steps=1, alpha=_first_lr(self.pt_opt))
+        if estimator is not None and solver is not None:
+            raise ValueError("MetaPretrainer: pass the solver inside the estimator, estimator=Estimator(solver=...), "
+                             "not both solver= and estimator=")
+        if estimator is None:
+            estimator = Estimator(solver=solver)
+        self.solver = estimator.solver if estimator.solver is not None else Neumann(steps=1, alpha=_first_lr(self.pt_opt))
+        self.estimator = estimator if estimator.horizon else dataclasses.replace(estimator, solver=self.solver)
         self.loggers = list(loggers)
         self.step = 0  # PT steps taken
         self.meta_step_count = 0  # meta-steps attempted
@@ -152,9 +220,14 @@ class MetaPretrainer:
 
     # ---- Algorithm 1 --------------------------------------------------------------------------
 
-    def run(self, steps: int, progress: Callable[[int], None] | None = None) -> None:
-        """Take PT steps until ``self.step == steps``, with meta-steps on schedule."""
-        while self.step < steps:
+    def run_until(self, step: int, progress: Callable[[int], None] | None = None) -> None:
+        """Pre-train until ``self.step == step``, with meta-steps on schedule.
+
+        ``step`` is a total, not a count of more steps: ``run_until(100)`` twice takes 100
+        PT steps; to take ``n`` more, ``run_until(trainer.step + n)``. Nothing happens if
+        ``self.step >= step``. ``progress(step)`` is called after every step.
+        """
+        while self.step < step:
             metrics = self.pretrain_step()
             if not self.schedule.learn_phi:
                 pass
@@ -166,6 +239,12 @@ class MetaPretrainer:
             self._log(metrics)
             if progress is not None:
                 progress(self.step)
+
+    def run(self, steps: int, progress: Callable[[int], None] | None = None) -> None:
+        """Deprecated name of :meth:`run_until` (``steps`` is the total to reach, not a count)."""
+        warnings.warn("MetaPretrainer.run(steps) is run_until(step): it pre-trains until trainer.step == steps; "
+                      "call run_until", DeprecationWarning, stacklevel=2)
+        self.run_until(steps, progress)
 
     def meta_step_due(self, step: int) -> bool:
         """Whether a meta-step follows PT step number ``step`` (counted from 1)."""
@@ -180,7 +259,7 @@ class MetaPretrainer:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"pre-training loss became {loss.item()} at step {self.step}; lower the PT learning rate "
-                "or the meta learning rate, then resume from the last checkpoint"
+                "or the meta learning rate"
             )
         self.pt_opt.step()
         self.step += 1
@@ -225,14 +304,22 @@ class MetaPretrainer:
                 outcome["head"] = head
                 return self.problem.finetune_loss(theta_ft, head, val_batch)
 
-            hyper, info = pretraining_hypergradient(
-                lambda th, ph: self.problem.pretrain_loss(th, ph, pt_batch),
-                meta_loss,
-                self.params,
-                self.metaparams,
-                self.solver,
-                graph=graph,
-            )
+            if self.estimator.uses_past_batch:  # the paper's: H and the mixed term on the PT batch just taken
+                hyper, info = pretraining_hypergradient(
+                    lambda th, ph: self.problem.pretrain_loss(th, ph, pt_batch),
+                    meta_loss,
+                    self.params,
+                    self.metaparams,
+                    self.solver,
+                    graph=graph,
+                    preconditioner=adam_preconditioner(self.pt_opt, self.params)
+                    if self.estimator.adam_preconditioner else None,
+                )
+            else:  # other PT batches (upcoming, several) or reverse-mode through T PT steps
+                hyper, info = estimate_hypergradient(
+                    self.estimator, _pt_loss_at(self.problem, view, self.step, j, len(self.estimator.batch_offsets())),
+                    meta_loss, self.params, self.metaparams, self.pt_opt, self.params,
+                )
             kept = graph = None  # free the PT graph before the next sample
             infos.append(info)
             if j == 0:
@@ -246,24 +333,39 @@ class MetaPretrainer:
             for v in total.values():
                 v.div_(len(infos))
         if not all(i.usable for i in infos):  # NaN survives the cross-process mean: every process skips alike
-            total = {k: torch.full_like(v, math.nan) for k, v in total.items()}
+            total = {k: torch.full(v.shape, math.nan, dtype=v.dtype) for k, v in total.items()}
+        if type(self.strategy).reduce_hypergrad is not Strategy.reduce_hypergrad:  # collectives take dense tensors
+            total = {k: v.to_dense() if v.is_sparse else v for k, v in total.items()}
         hyper = self.strategy.reduce_hypergrad(total)
+        # a row-sparse hypergradient (example weights read by gather_rows) stays sparse: O(batch), not O(|φ|)
+        hyper = {k: v.coalesce() if v.is_sparse else v for k, v in hyper.items()}
         # one pass over φ: the norm is non-finite exactly when some entry is (or it overflows)
-        norm = math.sqrt(sum(float(torch.dot(v.reshape(-1), v.reshape(-1))) for v in hyper.values()))
+        norm = math.sqrt(sum(float(torch.dot(e, e)) for e in (
+            (v.values() if v.is_sparse else v).reshape(-1) for v in hyper.values())))
         usable = all(i.usable for i in infos) and math.isfinite(norm)
         self.meta_step_count += 1
         if usable:
             self.meta_opt.zero_grad(set_to_none=True)
+            sparse_ok = accepts_sparse_grad(self.meta_opt)  # LazyAdam, LazySGD: only the touched rows move
             for k, v in self.metaparams.items():
-                v.grad = hyper[k].to(v.dtype)
+                g = hyper[k].to(v.dtype)
+                v.grad = g.to_dense() if g.is_sparse and not sparse_ok else g
             self.meta_opt.step()
         else:
             self.skipped += 1
+            reason = ("the inverse-HVP solve diverged" if any(i.solver.diverged for i in infos)
+                      else "the hypergradient is not finite")
+            _log_doubling(self.skipped, "meta-step %d (after PT step %d) skipped: %s; %d skipped so far. If it "
+                          "keeps happening, lower the solver's alpha, add damping or use ConjugateGradient",
+                          self.meta_step_count, self.step, reason, self.skipped)
         new_head = self.strategy.reduce_head(_mean(heads))
         if all(bool(torch.isfinite(v).all()) for v in new_head.values()):  # a NaN head would poison later steps
             self.head = new_head
         else:
             self.rejected_heads += 1
+            _log_doubling(self.rejected_heads, "meta-step %d (after PT step %d): the fine-tuned head is not finite "
+                          "and was not kept; %d rejected so far. Lower the fine-tuning (inner) learning rate",
+                          self.meta_step_count, self.step, self.rejected_heads)
 
         residuals = [i.solver.residual_norm for i in infos if i.solver.residual_norm is not None]
         metrics = {
@@ -276,7 +378,8 @@ class MetaPretrainer:
             "rejected_heads": float(self.rejected_heads),
             **catch_up,
         }
-        metrics.update({f"phi/{k}": v for k, v in self.problem.describe_metaparams(self.metaparams).items()})
+        phi = {k: v.detach() for k, v in self.metaparams.items()}
+        metrics.update({f"phi/{k}": v for k, v in self.problem.describe_metaparams(phi).items()})
         return metrics
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -314,6 +417,18 @@ class MetaPretrainer:
 
     # ---- state --------------------------------------------------------------------------------
 
+    def snapshot(self) -> TrainerSnapshot:
+        """Detached copies of θ, ψ and φ and the counters: the results, safe to keep and use."""
+        return TrainerSnapshot(
+            step=self.step,
+            meta_step_count=self.meta_step_count,
+            skipped=self.skipped,
+            rejected_heads=self.rejected_heads,
+            params={k: v.detach().clone() for k, v in self.params.items()},
+            head={k: v.detach().clone() for k, v in self.head.items()},
+            metaparams={k: v.detach().clone() for k, v in self.metaparams.items()},
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """Everything the run needs to continue exactly: tensors, optimiser states, counters."""
         return {
@@ -342,6 +457,51 @@ class MetaPretrainer:
         self.strategy.reset()
 
 
+@dataclass(frozen=True)
+class TrainerSnapshot:
+    """What :meth:`MetaPretrainer.snapshot` returns: copies, detached from every graph.
+
+    Attributes:
+        step: PT steps taken.
+        meta_step_count: meta-steps attempted (skipped ones included).
+        skipped: meta-steps whose φ update was skipped (non-finite hypergradient or diverged solve).
+        rejected_heads: meta-steps whose fine-tuned head was not finite (the previous head was kept).
+        params: θ, with the keys it was given.
+        head: ψ, the fine-tuning head kept by the last meta-step (or warm-up step).
+        metaparams: φ, raw (e.g. logits; apply your family's transform to read weights).
+    """
+
+    step: int
+    meta_step_count: int
+    skipped: int
+    rejected_heads: int
+    params: Params
+    head: Params
+    metaparams: Params
+
+
+def _log_doubling(count: int, message: str, *args: Any) -> None:
+    """WARNING on the 1st, 2nd, 4th, 8th, ... occurrence, DEBUG in between: heard, not flooding."""
+    log.log(logging.WARNING if count & (count - 1) == 0 else logging.DEBUG, message, *args)
+
+
+def _check_metaparams_reach_loss(problem: MetaProblem, params: Params, metaparams: Params) -> None:
+    """ValueError naming every entry of φ that L_PT on ``pretrain_batch(0)`` does not depend on."""
+    with torch.random.fork_rng(devices=[]), _buffers_kept(problem), torch.enable_grad():
+        loss = problem.pretrain_loss({k: v.detach() for k, v in params.items()}, metaparams, problem.pretrain_batch(0))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError(f"pretrain_loss must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
+        keys = list(metaparams)
+        grads = (torch.autograd.grad(loss, [metaparams[k] for k in keys], allow_unused=True)
+                 if loss.requires_grad else [None] * len(keys))
+    unused = [k for k, g in zip(keys, grads) if g is None]
+    if unused:
+        raise ValueError(
+            f"meta-parameter(s) {unused} do not reach the pre-training loss (checked on pretrain_batch(0)): "
+            "compute pretrain_loss from the metaparams dict it is given, or drop those entries from φ"
+        )
+
+
 @contextmanager
 def _buffers_kept(problem: MetaProblem):
     """Run a block, then put the problem's buffers (``state_dict()``) back as they were."""
@@ -359,6 +519,16 @@ def _part(params: Mapping[str, Tensor], prefix: str) -> Params:
 
 def _mean(trees: Sequence[Params]) -> Params:
     return trees[0] if len(trees) == 1 else {k: sum(t[k] for t in trees) / len(trees) for k in trees[0]}
+
+
+def _pt_loss_at(problem: MetaProblem, view: MetaProblem, step: int, sample: int, stride: int):
+    """(θ, φ, t) ↦ L_PT on PT batch step + t (t ≥ 0: upcoming; t < 0: just taken), sample j shifted by j·stride."""
+
+    def loss(theta, phi, t):
+        index = step + t + sample * stride if t >= 0 else max(step + t - sample * stride, 0)
+        return problem.pretrain_loss(theta, phi, view.pretrain_batch(index))
+
+    return loss
 
 
 def _extra_index(step: int, j: int) -> int:

@@ -154,8 +154,8 @@ def test_reusing_trainer_follows_the_plain_phi_trajectory_when_theta_stands_stil
     a = _trainer(problem, reuse=True, pt_lr=0.0)
     b = _trainer(problem, reuse=False, pt_lr=0.0)
     rec_a, rec_b = a.strategy.record, b.strategy.record
-    a.run(25)
-    b.run(25)
+    a.run_until(25)
+    b.run_until(25)
     assert len(rec_a) == len(rec_b) == 7
     for ha, hb in zip(rec_a, rec_b):
         assert _rel(ha["task_logits"], hb["task_logits"]) <= 1e-10
@@ -172,7 +172,7 @@ def test_reusing_trainer_takes_second_derivatives_at_the_pt_step_theta():
     rec = t.strategy.record
     theta0 = {k: v.detach().clone() for k, v in t.params.items()}
     head0 = {k: v.clone() for k, v in t.head.items()}
-    t.run(1)
+    t.run_until(1)
     theta1 = {k: v.detach().clone() for k, v in t.params.items()}
     assert not torch.equal(theta0["encoder"], theta1["encoder"])
 

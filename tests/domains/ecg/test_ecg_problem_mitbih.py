@@ -49,7 +49,7 @@ def test_meta_steps_on_real_beats_are_finite_and_move_the_warp(mitbih):
         inner_optimizer=sgd(0.1), solver=Neumann(1, alpha=1e-3),
         schedule=MetaSchedule(meta_interval=2, warmup_steps=2),
     )
-    trainer.run(6)
+    trainer.run_until(6)
     assert trainer.meta_step_count == 2 and trainer.skipped == 0
     moved = {k: float((trainer.metaparams[k].detach() - phi0[k]).abs().max()) for k in phi0}
     assert moved["log_magnitude"] > 1e-3 and all(np.isfinite(list(moved.values())))

@@ -35,7 +35,7 @@ def _train(problem, steps=250, meta_lr=0.05, frozen=False):
         inner_optimizer=sgd(0.1), solver=Neumann(steps=5, alpha=0.01),
         schedule=MetaSchedule(meta_interval=5, warmup_steps=50),
     )
-    trainer.run(steps)
+    trainer.run_until(steps)
     return base.describe_metaparams(trainer.metaparams), trainer.params
 
 
