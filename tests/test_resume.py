@@ -58,9 +58,18 @@ def _finish(cmd: list[str]) -> None:
 
 
 def _final_state(folder: Path) -> dict:
-    state = RunFolder(folder).latest_checkpoint()
+    run = RunFolder(folder)
+    state = run.latest_checkpoint()
     assert state is not None and state["phase"] is None  # the last checkpoint closes the run
-    return state["results"]
+    results = run.load_results(state["results"])
+    assert results.keys() == state["results"].keys()  # every indexed result file is there and intact
+    return results
+
+
+def _newest_state(folder: Path) -> dict:
+    state = RunFolder(folder).latest_checkpoint()
+    assert state is not None
+    return state
 
 
 def _summary(folder: Path) -> dict:
@@ -87,16 +96,29 @@ def test_synthetic_run_killed_four_times_resumes_bitwise(tmp_path):
     _finish(_cli("run", "synthetic", "--out", str(ref), *overrides))
     total = _lines(ref / "metrics.jsonl")
     assert total == 240
+    # the preset's meta-learning settings with only the overridden key changed (an override used to
+    # rebuild the whole meta section from the class defaults: interval 10, lr 0.05, solver M=1)
+    import yaml
 
-    # before the first checkpoint, just after one (mid-phase), in the second phase, right at the end
-    kills = [lambda: _lines(run / "metrics.jsonl") >= 10,
-             lambda: _newest_checkpoint(run) >= 2 and _lines(run / "metrics.jsonl") >= 60,
-             lambda: _lines(run / "metrics.jsonl") >= 170,
-             lambda: _lines(run / "metrics.jsonl") >= total - 3]
-    killed = _run_and_kill(_cli("run", "synthetic", "--out", str(run), *overrides), kills[0])
-    assert killed, "the run finished before the first kill point"
-    for when in kills[1:]:
-        _run_and_kill(_cli("resume", str(run)), when)
+    from metapt.config import load_config, to_yaml
+
+    ran, preset = yaml.safe_load((ref / "config.yaml").read_text()), yaml.safe_load(to_yaml(load_config("synthetic")))
+    assert ran["meta"] == {**preset["meta"], "warmup_steps": 20} and ran["meta"]["interval"] == 5
+    assert ran["checkpoint"] == {**preset["checkpoint"], "every": 25}
+
+    # before the first checkpoint, just after one (mid-phase), in the second phase, right at the end;
+    # each kill must happen (a run that finished first would make the test vacuous) and where meant
+    lines = lambda: _lines(run / "metrics.jsonl")  # noqa: E731
+    assert _run_and_kill(_cli("run", "synthetic", "--out", str(run), *overrides), lambda: lines() >= 10), \
+        "the run finished before the first kill point"
+    assert _newest_checkpoint(run) == 0  # killed before its first checkpoint
+    assert _run_and_kill(_cli("resume", str(run)), lambda: _newest_checkpoint(run) >= 2 and lines() >= 60), \
+        "kill 2 did not happen"
+    assert _newest_state(run)["phase"] == "uniform"  # mid-phase
+    assert _run_and_kill(_cli("resume", str(run)), lambda: lines() >= 170), "kill 3 did not happen"
+    assert _newest_state(run)["phase"] == "meta-learned"  # in the second phase
+    assert _run_and_kill(_cli("resume", str(run)), lambda: lines() >= total - 3), "kill 4 did not happen"
+    assert not (run / "summary.json").exists()  # before the run could finish
     _finish(_cli("resume", str(run)))
     _assert_same_run(ref, run)
     assert len(list((run / "checkpoints").glob("ckpt-*.pt"))) <= 3  # checkpoint.keep
@@ -107,13 +129,20 @@ def test_molecules_run_killed_in_pretraining_and_in_evaluation_resumes_bitwise(t
     ref, run = tmp_path / "reference", tmp_path / "killed"
     dropout = ["--set", "model.dropout=0.2"]  # dropout draws from torch's RNG: its state must be restored
     _finish(_cli("run", "molecules-test", "--out", str(ref), *dropout))
+    import yaml
+
+    model = yaml.safe_load((ref / "config.yaml").read_text())["model"]  # the preset's tiny GIN, not the default 3x64
+    assert (model["num_layers"], model["emb_dim"], model["dropout"]) == (2, 16, 0.2)
     pt_rows = _lines(ref / "metrics.jsonl")
     # mid-way through the second method's pre-training, then during the fine-tuning evaluations
     assert _run_and_kill(_cli("run", "molecules-test", "--out", str(run), *dropout),
-                         lambda: _lines(run / "metrics.jsonl") >= 45)
+                         lambda: _lines(run / "metrics.jsonl") >= 45), "the pre-training kill did not happen"
+    assert _newest_state(run)["phase"] is not None  # killed mid-phase
     evaluations_started = _newest_checkpoint(ref)  # every evaluation unit is one checkpoint
-    _run_and_kill(_cli("resume", str(run)),
-                  lambda: _lines(run / "metrics.jsonl") >= pt_rows and _newest_checkpoint(run) >= evaluations_started - 4)
+    assert _run_and_kill(_cli("resume", str(run)), lambda: _lines(run / "metrics.jsonl") >= pt_rows
+                         and _newest_checkpoint(run) >= evaluations_started - 4), "the evaluation kill did not happen"
+    assert any(k.startswith("eval/") for k in _newest_state(run)["results"])  # during the evaluations
+    assert not (run / "summary.json").exists()
     _finish(_cli("resume", str(run)))
     _assert_same_run(ref, run)
 
@@ -164,6 +193,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     newest.write_bytes(newest.read_bytes()[:20])  # a disk fault: truncated file
     state = folder.latest_checkpoint()
     assert set(state["results"]) == {"a"}
+    assert torch.equal(folder.load_results(state["results"])["a"]["x"], torch.ones(2))
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path):
