@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,docs]"
 	touch $@
 
 .PHONY: venv run test bench
@@ -23,6 +23,12 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/hypergrad_cost.py
+
+# The documentation site (mkdocs + mkdocstrings), built from docs/ and the docstrings into
+# build/docs; any warning is an error.
+.PHONY: docs
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
 
 # Side by side with Betty and TorchOpt (issue 7), in a venv of its own: peers are not dependencies.
 PEERS_VENV ?= benchmarks/.peers-venv

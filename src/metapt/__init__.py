@@ -9,7 +9,7 @@ curvature), :mod:`metapt.metaparams` (families of φ), :mod:`metapt.optim` (opti
 row-sparse φ).
 
 Warnings about skipped meta-steps, diverged solves and rejected fine-tuning heads go to
-the standard :mod:`logging` logger ``"metapt"`` (see the guide, "Logging").
+the standard :mod:`logging` logger ``"metapt"``.
 """
 
 from .hypergrad import (
@@ -33,7 +33,8 @@ from .metaparams import (
     weights_from_logits,
 )
 from .problem import EpochShuffler, MetaProblem, Params
-from .trainer import MetaPretrainer, MetaSchedule, MetricsLogger, NonFiniteLossError
+from .strategy import ReusePTGraph, Strategy
+from .trainer import MetaPretrainer, MetaSchedule, MetricsLogger, NonFiniteLossError, TrainerSnapshot
 
 __version__ = "0.1.0"
 
@@ -53,8 +54,11 @@ __all__ = [
     "Neumann",
     "NonFiniteLossError",
     "Params",
+    "ReusePTGraph",
     "SolverInfo",
+    "Strategy",
     "TaskWeights",
+    "TrainerSnapshot",
     "adam",
     "pretraining_hypergradient",
     "sgd",
