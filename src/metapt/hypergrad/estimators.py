@@ -170,9 +170,10 @@ def unrolled_pretraining_hypergradient(
     Args:
         pretrain_loss_at: ``(θ, φ, t) -> scalar``, L_PT on the t-th upcoming batch.
         meta_loss: ``θ -> scalar``, L_V of the fine-tuned model (may close over φ: direct term).
-        theta, phi: the current θ and the meta-parameters (leaf tensors).
-        optimizer, state: the differentiable PT optimiser and its state
-            (:func:`differentiable_pt_optimizer`).
+        theta: the current θ (leaf tensors).
+        phi: the meta-parameters φ (leaf tensors).
+        optimizer: the differentiable PT optimiser (:func:`differentiable_pt_optimizer`).
+        state: its state.
         steps: T ≥ 1.
 
     Returns:
@@ -226,7 +227,8 @@ def estimate_hypergradient(
         pretrain_loss_at: ``(θ, φ, t) -> scalar``: L_PT on the PT batch just taken (t = −1) or on
             the t-th upcoming one (t = 0, 1, …).
         meta_loss: ``θ -> scalar``, L_V.
-        theta, phi: the current θ and φ.
+        theta: the current θ.
+        phi: the meta-parameters φ.
         pt_opt: the torch PT optimiser (its learning rate is the default α; its state gives
             Adam's preconditioner and the differentiable twin of the truncated estimator).
         opt_params: the tensors ``pt_opt`` holds state for, keyed like θ.
