@@ -118,7 +118,7 @@ class EpochShuffler:
     epoch is dropped so every batch has ``batch_size`` examples (``batch_size`` is
     capped at ``num_examples``). Batch ``i`` lies in epoch ``i // batches_per_epoch``.
 
-    Example: index-addressed batches from a ``torch.utils.data.Dataset``::
+    Index-addressed batches from a ``torch.utils.data.Dataset``:
 
         order = EpochShuffler(len(dataset), batch_size=32, seed=0)
 
