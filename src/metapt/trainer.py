@@ -146,8 +146,9 @@ class MetaPretrainer:
             ``lambda ps: torch.optim.Adam(ps, lr=1e-3)``.
         meta_optimizer: builds φ's optimiser (paper: Adam), e.g.
             ``lambda ps: torch.optim.Adam(ps, lr=0.05)``. The hypergradient is about as
-            small as the solver's α (the PT learning rate by default): norms of 1e-7 to 1e-5
-            are common, so plain SGD on φ at lr 1 moves nothing; Adam (scale-free) or SGD
+            small as the solver's α (the PT learning rate by default): norms of 1e-5 to 1e-4
+            in metapt's examples (PT lr 1e-2), smaller with a smaller PT lr, so plain SGD on φ
+            at lr 1 moves nothing; Adam (scale-free) or SGD
             with a learning rate of the order of 1/‖hypergradient‖ does. For the control
             that runs the meta-objective backwards (φ ascends L_V), pass an optimiser that
             takes ``maximize=True``, e.g. ``torch.optim.Adam(ps, lr=0.05, maximize=True)``.
