@@ -73,3 +73,14 @@ def test_examples_use_only_the_public_api(name):
     # a user copies these without opening metapt's source: no private names, no domains
     text = (EXAMPLES / name).read_text()
     assert "metapt._" not in text and "metapt.domains" not in text and ".run(" not in text
+
+
+def test_task_weighting_control_backwards_raises_the_coin_flip():
+    # the control the guide documents: the same script with maximize=True on φ's optimiser
+    source = (EXAMPLES / "task_weighting.py").read_text()
+    original = "torch.optim.Adam(φ, lr=0.05)"
+    assert source.count(original) == 1
+    ns = {"__name__": "__main__"}
+    exec(compile(source.replace(original, "torch.optim.Adam(φ, lr=0.05, maximize=True)"), "control", "exec"), ns)
+    w = dict(zip(ns["tasks"].names, ns["weights"].tolist()))
+    assert w["coin"] > 1.2 > 0.8 > max(w["a"], w["b"]), w
