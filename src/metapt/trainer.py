@@ -443,6 +443,12 @@ class MetaPretrainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`: θ and φ are copied into the trainer's own tensors.
+
+        The trainer must be built like the one that made ``state`` (same keys and shapes, same
+        kinds of optimiser); since batches are functions of their index, it then goes on exactly
+        as the original would have.
+        """
         with torch.no_grad():
             for group in ("params", "metaparams"):
                 for k, v in getattr(self, group).items():
