@@ -454,8 +454,10 @@ class MetaPretrainer:
                 for k, v in getattr(self, group).items():
                     v.copy_(state[group][k])
         self.head = {k: v.clone() for k, v in state["head"].items()}
-        self.pt_opt.load_state_dict(state["pt_opt"])
-        self.meta_opt.load_state_dict(state["meta_opt"])
+        # torch's Optimizer.load_state_dict keeps the given moment tensors: copy, so that training
+        # after a load never writes into ``state`` (or a checkpoint object still holding it)
+        self.pt_opt.load_state_dict(copy.deepcopy(state["pt_opt"]))
+        self.meta_opt.load_state_dict(copy.deepcopy(state["meta_opt"]))
         counters = state["counters"]
         self.step, self.meta_step_count, self.skipped = (
             int(counters["step"]), int(counters["meta_step_count"]), int(counters["skipped"])
