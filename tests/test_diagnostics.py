@@ -75,7 +75,7 @@ def test_lookahead_finite_difference_equals_exact_hypergradient_on_converged_rid
     probe = StateProbe(trainer, val_pairs=1)
     exact = {"logits": problem.exact_hypergradient(logits)}
     # the implicit estimator with an exact solve on the (only) batch is the converged hypergradient
-    ift, info, _ = probe.estimate(Estimator(solver=ConjugateGradient(max_iter=50, tol=1e-14), upcoming_batches=1))
+    ift, info, _ = probe.estimate(Estimator(solver=ConjugateGradient(max_iter=50, tol=1e-14), upcoming=True))
     torch.testing.assert_close(ift["logits"], exact["logits"], rtol=1e-9, atol=1e-14)
     result = lookahead_agreement(probe, {"exact": exact, "negated": {"logits": -exact["logits"]}},
                                  horizon=400, directions=6, epsilon=1e-4, seed=3)
@@ -110,7 +110,7 @@ def test_diagnose_reports_every_estimator_with_finite_numbers():
     logits = torch.zeros(N, dtype=torch.float64)
     trainer = _trainer(problem, logits, lr=0.1)
     # the PT optimiser is SGD here; Adam-only estimators are left out
-    ests = {"identity_next": Estimator(solver=Identity(0.1), upcoming_batches=1), "unrolled_T3": Estimator(horizon=3)}
+    ests = {"identity_next": Estimator(solver=Identity(0.1), upcoming=True), "unrolled_T3": Estimator(horizon=3)}
     result = diagnose(trainer, ests, DiagnoseOptions(horizon=3, directions=3, epsilon=1e-4, val_pairs=1,
                                                      snr_samples=2, lanczos_steps=4))
     assert set(result["estimators"]) == set(ests)

@@ -61,7 +61,8 @@ class DiagnoseOptions:
     Attributes:
         horizon: T, PT steps of the lookahead (the meta-interval is the natural choice).
         directions: N random unit directions in φ, besides each estimator's own.
-        epsilon: the step ε of the central difference, along unit directions.
+        epsilon: the step ε of the central difference, along unit directions in φ (large enough
+            that the change of L_V stands above float32 rounding, ~1e-6).
         val_pairs: FT/MetaFT-validation batch pairs the meta-objective averages (the meta-step
             uses one; more make the truth less noisy). The estimators see the same average.
         snr_samples: independent hypergradients per estimator for the signal-to-noise figures.
@@ -71,7 +72,7 @@ class DiagnoseOptions:
 
     horizon: int = 10
     directions: int = 8
-    epsilon: float = 1e-2
+    epsilon: float = 0.5
     val_pairs: int = 4
     snr_samples: int = 4
     lanczos_steps: int = 20
@@ -115,9 +116,9 @@ class StateProbe:
     # ---- the pieces ----------------------------------------------------------------------------
 
     def pt_batch_index(self, t: int, sample: int = 0, stride: int = 1) -> int:
-        """t ≥ 0: the t-th upcoming PT batch (of sample ``sample``); t = −1: the batch just taken."""
+        """t ≥ 0: the t-th upcoming PT batch; t < 0: the (−t)-th just taken; sample s shifts by s·stride."""
         if t < 0:
-            return max(self.step - 1 - sample, 0)
+            return max(self.step + t - sample * stride, 0)
         return self.step + t + sample * stride
 
     def pretrain_loss_at(self, sample: int = 0, stride: int = 1) -> Callable[[Params, Mapping[str, Tensor], int], Tensor]:
@@ -183,7 +184,7 @@ class StateProbe:
     def estimate(self, estimator: Estimator, sample: int = 0) -> tuple[Params, Any, float]:
         """(hypergradient, info, seconds) of ``estimator`` at this state on sample ``sample``."""
         phi = {k: v.clone() for k, v in self.phi.items()}
-        stride = max(estimator.horizon, estimator.upcoming_batches, 1)
+        stride = len(estimator.batch_offsets())
         loss_at = self.pretrain_loss_at(sample, stride)
         meta_loss = self.meta_loss(sample)
         self._crn()
@@ -265,31 +266,47 @@ def lookahead_agreement(
     """Each hypergradient against the T-step lookahead truth at one state.
 
     For each name: the finite differences along its own unit direction and N shared random unit
-    directions are compared with ⟨ĥ, d⟩: ``sign_agreement`` (fraction of directions with the same
-    sign), ``correlation`` (Pearson, over the directions), ``own_fd`` and ``own_predicted`` (its own
-    direction: a right hypergradient has both positive), ``cos_exact`` (with the exact T-step
-    derivative, when ``exact`` is given).
+    directions are compared with ⟨ĥ, d⟩: ``sign_agreement_fd`` (fraction of directions with the
+    same sign), ``correlation_fd`` (Pearson, over the directions), ``own_fd`` (the change along its
+    own direction: positive when stepping against ĥ lowers L_V). With ``exact`` (the exact T-step
+    derivative, noise-free where finite differences in float32 are not) the same against
+    ⟨exact, d⟩: ``sign_agreement_exact``, ``correlation_exact``, and ``cos_exact``.
+    ``sign_agreement`` and ``correlation`` are the exact-based figures when ``exact`` is given,
+    else the finite-difference ones. ``truth`` checks the two truths against each other.
     """
     dirs = _random_directions(probe.phi, directions, seed)
     fd_random = [central_difference(probe, d, horizon, epsilon) for d in dirs]
     out: dict[str, Any] = {"random_fd": fd_random}
+    if exact is not None:
+        exact_random = [float(tree_dot(exact, d)) for d in dirs]
+        out["random_exact"] = exact_random
+        out["truth"] = {"fd_vs_exact_correlation": _pearson(fd_random, exact_random),
+                        "fd_vs_exact_sign_agreement": _agreement(exact_random, fd_random)}
     for name, h in hypergrads.items():
         own = _unit(h)
         fd_own = central_difference(probe, own, horizon, epsilon)
         preds = [float(tree_dot(h, d)) for d in dirs] + [tree_norm(h)]
         truth = fd_random + [fd_own]
-        agree = [(p > 0) == (t > 0) for p, t in zip(preds, truth) if p != 0 and t != 0]
         row = {
-            "sign_agreement": sum(agree) / len(agree) if agree else float("nan"),
-            "correlation": _pearson(preds, truth),
+            "sign_agreement_fd": _agreement(preds, truth),
+            "correlation_fd": _pearson(preds, truth),
             "own_fd": fd_own,
-            "own_predicted": tree_norm(h),
             "norm": tree_norm(h),
         }
+        row["sign_agreement"], row["correlation"] = row["sign_agreement_fd"], row["correlation_fd"]
         if exact is not None:
+            exact_truth = exact_random + [float(tree_dot(exact, own))]
+            row["sign_agreement_exact"] = _agreement(preds, exact_truth)
+            row["correlation_exact"] = _pearson(preds, exact_truth)
             row["cos_exact"] = _cos(h, exact)
+            row["sign_agreement"], row["correlation"] = row["sign_agreement_exact"], row["correlation_exact"]
         out[name] = row
     return out
+
+
+def _agreement(preds: Sequence[float], truth: Sequence[float]) -> float:
+    agree = [(p > 0) == (t > 0) for p, t in zip(preds, truth) if p != 0 and t != 0]
+    return sum(agree) / len(agree) if agree else float("nan")
 
 
 def signal_to_noise(probe: StateProbe, estimator: Estimator, samples: int) -> dict[str, float]:
@@ -311,12 +328,12 @@ def default_estimators(pt_lr: float, horizon: int) -> dict[str, Estimator]:
     return {
         "neumann1_past (paper)": Estimator(),
         "identity_past": Estimator(solver=Identity(pt_lr)),
-        "identity_next": Estimator(solver=Identity(pt_lr), upcoming_batches=1),
-        "identity_next_adam": Estimator(solver=Identity(pt_lr), upcoming_batches=1, adam_preconditioner=True),
-        "neumann1_next_adam": Estimator(solver=Neumann(1, pt_lr), upcoming_batches=1, adam_preconditioner=True),
-        "identity_next4_adam": Estimator(solver=Identity(pt_lr), upcoming_batches=4, adam_preconditioner=True),
+        "identity_next": Estimator(solver=Identity(pt_lr), upcoming=True),
+        "identity_next_adam": Estimator(solver=Identity(pt_lr), upcoming=True, adam_preconditioner=True),
+        "neumann1_next_adam": Estimator(solver=Neumann(1, pt_lr), upcoming=True, adam_preconditioner=True),
+        "identity_next4_adam": Estimator(solver=Identity(pt_lr), pt_batches=4, upcoming=True, adam_preconditioner=True),
         "cg_spectral_next": Estimator(solver=ConjugateGradient(max_iter=10, tol=1e-6, spectrum_steps=10),
-                                      upcoming_batches=1),
+                                      upcoming=True),
         f"unrolled_T{horizon}": Estimator(horizon=horizon),
     }
 
@@ -332,10 +349,12 @@ def diagnose(trainer: Any, estimators: Mapping[str, Estimator] | None = None,
         estimators = default_estimators(probe.pt_lr, options.horizon)
     pt_seconds = probe.pt_step_seconds()
     exact = probe.exact_derivative(options.horizon)
+    timing = StateProbe(trainer, val_pairs=1, seed=options.seed)  # the cost of a meta-step's single estimate
     hypergrads, rows = {}, {}
     for name, est in estimators.items():
-        h, info, seconds = probe.estimate(est)
+        h, info, _ = probe.estimate(est)
         hypergrads[name] = h
+        seconds = min(timing.estimate(est)[2] for _ in range(2))
         rows[name] = {"cost_pt_steps": seconds / pt_seconds, "meta_loss": info.meta_loss,
                       "solver_iterations": info.solver.iterations,
                       "negative_curvature": bool(info.solver.negative_curvature),
@@ -352,6 +371,7 @@ def diagnose(trainer: Any, estimators: Mapping[str, Estimator] | None = None,
         "pt_step_seconds": pt_seconds,
         "exact_norm": tree_norm(exact),
         "random_fd": agreement["random_fd"],
+        "truth": agreement.get("truth"),
         "curvature": None if spectrum is None else {"lambda_max": spectrum.lambda_max,
                                                      "lambda_min": spectrum.lambda_min,
                                                      "hvps": spectrum.iterations},
@@ -391,11 +411,16 @@ def format_table(result: Mapping[str, Any]) -> str:
              f"Hessian λmax ≈ {_fmt(result['curvature'] and result['curvature']['lambda_max'])}, "
              f"λmin ≈ {_fmt(result['curvature'] and result['curvature']['lambda_min'])}",
              "",
-             "| estimator | sign agreement | correlation | cos(exact T-step) | own-direction FD | SNR | mean pair cos | cost (PT steps) |",
+             "| estimator | sign agreement (exact) | sign agreement (FD) | cos(exact T-step) | own-direction FD | SNR | mean pair cos | cost (PT steps) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in result["estimators"].items():
-        lines.append(f"| {name} | {_fmt(r['sign_agreement'])} | {_fmt(r['correlation'])} | {_fmt(r.get('cos_exact'))} | "
-                     f"{_fmt(r['own_fd'])} | {_fmt(r['snr'])} | {_fmt(r['mean_pairwise_cos'])} | {_fmt(r['cost_pt_steps'])} |")
+        lines.append(f"| {name} | {_fmt(r.get('sign_agreement_exact'))} | {_fmt(r['sign_agreement_fd'])} | "
+                     f"{_fmt(r.get('cos_exact'))} | {_fmt(r['own_fd'])} | {_fmt(r['snr'])} | "
+                     f"{_fmt(r['mean_pairwise_cos'])} | {_fmt(r['cost_pt_steps'])} |")
+    if result.get("truth"):
+        t = result["truth"]
+        lines += ["", f"truth check (random directions): FD vs exact T-step derivative correlation "
+                      f"{_fmt(t['fd_vs_exact_correlation'])}, sign agreement {_fmt(t['fd_vs_exact_sign_agreement'])}"]
     return "\n".join(lines)
 
 

@@ -170,9 +170,9 @@ def test_estimate_takes_the_batches_the_estimator_names():
 
     opt = torch.optim.Adam([theta["w"].clone().requires_grad_(True)], lr=0.1)
     params = {"w": opt.param_groups[0]["params"][0]}
-    for est, expect in ((Estimator(), [-1]), (Estimator(upcoming_batches=3), [0, 1, 2]), (Estimator(horizon=2), [0, 1])):
+    for est, expect in ((Estimator(), [-1]), (Estimator(pt_batches=3, upcoming=True), [0, 1, 2]), (Estimator(pt_batches=2), [-1, -2]), (Estimator(horizon=2), [0, 1])):
         seen.clear()
         estimate_hypergradient(est, loss_at, lv, theta, phi, opt, params)
         assert seen == expect
     with pytest.raises(ValueError, match="horizon"):
-        Estimator(horizon=2, upcoming_batches=1)
+        Estimator(horizon=2, upcoming=True)

@@ -3,8 +3,9 @@
 Every estimator answers "how does L_V move if φ moves?" for some horizon of pre-training:
 
 - implicit (IFT) with an inverse-HVP solver: the converged answer, from the mixed term
-  ∂²L_PT/∂φ∂θ on one PT batch (the paper: the PT batch just taken) or on the batches
-  pre-training will take next (``upcoming_batches``), optionally in the PT optimiser's own
+  ∂²L_PT/∂φ∂θ on one PT batch (the paper: the PT batch just taken), on the mean L_PT of several
+  (``pt_batches``), or on the batches pre-training will take next (``upcoming``), optionally in
+  the PT optimiser's own
   geometry (``adam_preconditioner``: Identity(α) is then the exact one-step derivative of Adam
   with its moments frozen);
 - truncated horizon (``horizon`` T > 0): reverse-mode through T unrolled PT optimiser steps on
@@ -35,9 +36,10 @@ class Estimator:
     Attributes:
         solver: the inverse-HVP solver of the implicit estimators; None: the paper's
             ``Neumann(1, α = PT learning rate)``. Unused when ``horizon`` > 0.
-        upcoming_batches: n; 0 takes H and the mixed term on the PT batch just trained on (the
-            paper); n ≥ 1 on the mean L_PT of the next n PT batches, where pre-training goes
-            next (same cost as the paper's at n = 1).
+        pt_batches: n, the PT batches whose mean L_PT gives H and the mixed term (the paper: 1);
+            each costs a PT forward/backward with its graph.
+        upcoming: take them among the batches pre-training takes next (where it goes) instead of
+            the ones it just took (the paper's; only the latter can come from a kept PT graph).
         adam_preconditioner: solve in the PT optimiser's geometry P = 1/(√v̂ + ε) read from
             torch.optim.Adam's state (the formula otherwise assumes SGD).
         horizon: T > 0: reverse-mode through T differentiable PT optimiser steps on the
@@ -46,23 +48,31 @@ class Estimator:
     """
 
     solver: Solver | None = None
-    upcoming_batches: int = 0
+    pt_batches: int = 1
+    upcoming: bool = False
     adam_preconditioner: bool = False
     horizon: int = 0
 
     def __post_init__(self):
-        if self.upcoming_batches < 0:
-            raise ValueError(f"Estimator: upcoming_batches must be >= 0, got {self.upcoming_batches}")
+        if self.pt_batches < 1:
+            raise ValueError(f"Estimator: pt_batches must be >= 1, got {self.pt_batches}")
         if self.horizon < 0:
             raise ValueError(f"Estimator: horizon must be >= 0, got {self.horizon}")
-        if self.horizon and (self.solver is not None or self.adam_preconditioner or self.upcoming_batches):
-            raise ValueError("Estimator: horizon > 0 differentiates through the PT optimiser itself; "
-                             "leave solver, adam_preconditioner and upcoming_batches at their defaults")
+        if self.horizon and (self.solver is not None or self.adam_preconditioner or self.pt_batches != 1
+                             or self.upcoming):
+            raise ValueError("Estimator: horizon > 0 differentiates through the PT optimiser on the upcoming "
+                             "batches; leave solver, pt_batches, upcoming and adam_preconditioner at their defaults")
 
     @property
     def uses_past_batch(self) -> bool:
-        """H and the mixed term come from the PT batch just taken (so a kept PT graph applies)."""
-        return self.horizon == 0 and self.upcoming_batches == 0
+        """H and the mixed term come from the one PT batch just taken (so a kept PT graph applies)."""
+        return self.horizon == 0 and self.pt_batches == 1 and not self.upcoming
+
+    def batch_offsets(self) -> list[int]:
+        """Which PT batches L_PT is taken on: t = 0, 1, … upcoming; t = −1, −2, … just taken."""
+        if self.horizon:
+            return list(range(self.horizon))
+        return list(range(self.pt_batches)) if self.upcoming else [-1 - i for i in range(self.pt_batches)]
 
 
 def differentiable_pt_optimizer(opt: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> tuple[InnerOptimizer, tuple]:
@@ -224,8 +234,8 @@ def estimate_hypergradient(
 
     Args:
         estimator: the :class:`Estimator`.
-        pretrain_loss_at: ``(θ, φ, t) -> scalar``: L_PT on the PT batch just taken (t = −1) or on
-            the t-th upcoming one (t = 0, 1, …).
+        pretrain_loss_at: ``(θ, φ, t) -> scalar``: L_PT on the (−t)-th PT batch just taken
+            (t = −1, −2, …) or on the t-th upcoming one (t = 0, 1, …).
         meta_loss: ``θ -> scalar``, L_V.
         theta: the current θ.
         phi: the meta-parameters φ.
@@ -240,7 +250,7 @@ def estimate_hypergradient(
         return unrolled_pretraining_hypergradient(pretrain_loss_at, meta_loss, theta, phi, optimizer, state,
                                                   estimator.horizon)
     solver = estimator.solver if estimator.solver is not None else Neumann(steps=1, alpha=float(pt_opt.param_groups[0]["lr"]))
-    ts = [-1] if estimator.upcoming_batches == 0 else list(range(estimator.upcoming_batches))
+    ts = estimator.batch_offsets()
     pretrain_loss = (lambda th, ph: pretrain_loss_at(th, ph, ts[0])) if len(ts) == 1 else (
         lambda th, ph: sum(pretrain_loss_at(th, ph, t) for t in ts) / len(ts))
     precond = adam_preconditioner(pt_opt, opt_params) if estimator.adam_preconditioner else None
