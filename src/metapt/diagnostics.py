@@ -21,10 +21,12 @@ layer. Everything here is on demand: nothing runs during training.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +49,7 @@ __all__ = [
     "StateProbe",
     "default_estimators",
     "diagnose",
+    "diagnose_run",
     "diagnose_state",
     "format_table",
     "lookahead_agreement",
@@ -322,18 +325,20 @@ def signal_to_noise(probe: StateProbe, estimator: Estimator, samples: int) -> di
 
 
 def default_estimators(pt_lr: float, horizon: int) -> dict[str, Estimator]:
-    """The options the issue compares, by name."""
+    """The options benchmarks/hypergrad_quality.py compares, by name (the paper's first)."""
     from .hypergrad import ConjugateGradient, Identity
 
     return {
-        "neumann1_past (paper)": Estimator(),
-        "identity_past": Estimator(solver=Identity(pt_lr)),
+        "neumann1_past (paper)": Estimator(solver=Neumann(1, pt_lr)),
+        "identity_past (T1-T2)": Estimator(solver=Identity(pt_lr)),
+        "identity_past_adam": Estimator(solver=Identity(pt_lr), adam_preconditioner=True),
         "identity_next": Estimator(solver=Identity(pt_lr), upcoming=True),
         "identity_next_adam": Estimator(solver=Identity(pt_lr), upcoming=True, adam_preconditioner=True),
         "neumann1_next_adam": Estimator(solver=Neumann(1, pt_lr), upcoming=True, adam_preconditioner=True),
         "identity_next4_adam": Estimator(solver=Identity(pt_lr), pt_batches=4, upcoming=True, adam_preconditioner=True),
-        "cg_spectral_next": Estimator(solver=ConjugateGradient(max_iter=10, tol=1e-6, spectrum_steps=10),
-                                      upcoming=True),
+        "cg5_spectral_damped_next": Estimator(solver=ConjugateGradient(max_iter=5, tol=1e-6, spectrum_steps=5),
+                                              upcoming=True),
+        "unrolled_T1": Estimator(horizon=1),
         f"unrolled_T{horizon}": Estimator(horizon=horizon),
     }
 
@@ -448,3 +453,97 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 def _part(params: Mapping[str, Tensor], prefix: str) -> Params:
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+# ---- a run folder ------------------------------------------------------------------------------
+
+def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: DiagnoseOptions | None = None,
+                 warm_steps: int = 50, console: Any = None) -> dict[str, Any]:
+    """:func:`diagnose` at a checkpointed state of a run folder; writes ``RUN/diagnostics.json``.
+
+    The state is the newest checkpoint that holds a pre-training phase's trainer (of ``phase``,
+    ``SETTING/METHOD``, if given). A finished run keeps only each phase's θ and φ: the trainer is
+    then rebuilt from the recorded θ and φ of the newest learned phase (or ``phase``), and
+    ``warm_steps`` PT steps with φ fixed, the head trained alongside, re-estimate Adam's moments
+    and the head before measuring. The problem is rebuilt through the job's domain
+    (:func:`metapt.domains.domain`), the lookahead horizon is the run's ``meta.interval``.
+
+    Raises:
+        metapt.errors.UserError: no usable state in the folder.
+    """
+    from .config import load_config
+    from .domains import domain as domain_of
+    from .errors import UserError
+    from .runs import RunFolder, _CKPT, _load_verified, write_text_atomic
+
+    folder = RunFolder.open(run_dir)
+    config = load_config(folder.config_file)
+    dom = domain_of(config.job)
+    state, recorded = None, None
+    for path in reversed(folder.checkpoints()):
+        match = _CKPT.match(path.name)
+        try:
+            ckpt = _load_verified(path, match.group(2))
+        except Exception:  # noqa: BLE001 (a damaged checkpoint: try the previous one)
+            continue
+        if ckpt.get("trainer") is not None and (phase is None or ckpt.get("phase") == phase):
+            state, phase = ckpt, ckpt["phase"]
+            break
+        if recorded is None:
+            recorded = ckpt
+    if state is None:
+        if recorded is None:
+            raise UserError(f"{folder.path} has no readable checkpoint to diagnose")
+        results = folder.load_results(recorded.get("results", {}))
+        learned = [k for k, v in results.items() if isinstance(v, dict) and v.get("metaparams")
+                   and (phase is None or k == phase)]
+        if not learned:
+            raise UserError(f"{folder.path} holds no pre-training phase with meta-parameters"
+                            + (f" named {phase!r}" if phase else ""))
+        phase = learned[-1]
+    setting, _, method_name = phase.rpartition("/")
+    if method_name not in dom.methods:
+        raise UserError(f"phase {phase!r} of {folder.path} is not a method of the {config.job} job")
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    data = dom.load(config, setting or dom.settings(config)[0], console)
+    built = dom.pretraining(config, data, dom.methods[method_name], config.pretrain.seed)
+    meta = config.meta
+    from .trainer import MetaPretrainer
+
+    trainer = MetaPretrainer(
+        built.problem, built.params, built.head, built.metaparams,
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.pretrain.lr),
+        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=max(meta.lr, 1e-12)),
+        inner_optimizer=sgd(meta.inner_lr),
+        estimator=meta.solver.estimator(config.pretrain.lr),
+        schedule=meta.schedule(),
+    )
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        if state.get("problem") is not None and hasattr(built.problem, "load_state_dict"):
+            built.problem.load_state_dict(state["problem"])
+        source = f"checkpoint of phase {phase!r} at PT step {trainer.step}"
+    else:
+        value = results[phase]
+        with torch.no_grad():
+            for k, v in trainer.params.items():
+                v.copy_(value["params"][k])
+            for k, v in trainer.metaparams.items():
+                v.copy_(value["metaparams"][k])
+        if value.get("problem") is not None and hasattr(built.problem, "load_state_dict"):
+            built.problem.load_state_dict(value["problem"])
+        for _ in range(warm_steps):
+            trainer.pretrain_step()
+            trainer.warmup_head_step()
+        source = f"recorded end of phase {phase!r} + {warm_steps} PT steps re-estimating Adam's moments and the head"
+    if options is None:
+        options = DiagnoseOptions(horizon=meta.interval)
+    result = diagnose(trainer, default_estimators(config.pretrain.lr, options.horizon), options)
+    result.update({"phase": phase, "source": source, "run": str(folder.path)})
+    from .schema import jsonable
+
+    write_text_atomic(folder.path / "diagnostics.json", json.dumps(jsonable(result), indent=1) + "\n")
+    return result
