@@ -359,6 +359,9 @@ class RunFolder:
         """The new run failed before its first checkpoint: remove what it created, put back what it replaced."""
         if self._committed:
             return
+        if self.checkpoints():  # a checkpoint landed (a signal can arrive just before commit()): keep the run
+            self.commit()
+            return
         self._committed = True
         self.unlock()
         if self._created:

@@ -1,0 +1,458 @@
+"""Nothing lost, nothing silently wrong: run-folder safety and every bad input a clear error.
+
+Processes, locks and signals are tested with real ``metapt`` processes on the synthetic preset
+with a few steps; the rest through the CLI in-process or the run-folder API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from metapt import cli
+from metapt.cli import app
+from metapt.config import ConfigError, load_config
+from metapt.errors import RunFolderError, UserError
+from metapt.metrics import JsonlLogger, read_jsonl
+from metapt.runs import MARKER, RunFolder, Session, write_json_atomic
+
+runner = CliRunner()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+FAST = ["--set", "pretrain.steps=60", "--set", "checkpoint.every=20", "--set", "meta.warmup_steps=10", "--threads", "1"]
+
+
+def _one_line_error(res, code: int = 2) -> str:
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    assert len([line for line in res.output.splitlines() if line.startswith("error:")]) == 1, res.output
+    return res.output
+
+
+def _run(out: Path, *extra: str):
+    return runner.invoke(app, ["run", "synthetic", "--out", str(out), *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("safety") / "done"
+    res = _run(out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _copy(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    (to / ".metapt-lock").unlink(missing_ok=True)
+    return to
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+            and p.name != ".metapt-lock"}
+
+
+# ---- --overwrite deletes only run folders, and only once the new run is under way -----------------
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    out = _one_line_error(_run(tmp_path / "mine", "--overwrite"))
+    assert "not a metapt run folder" in out
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file.txt").write_text("keep")
+    assert "not a folder" in _one_line_error(_run(tmp_path / "file.txt", "--overwrite"))
+    assert (tmp_path / "file.txt").read_text() == "keep"
+
+
+def test_overwrite_of_the_working_directory_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("keep")
+    (tmp_path / MARKER).write_text("a run folder, even")
+    monkeypatch.chdir(tmp_path)
+    assert "working directory" in _one_line_error(_run(Path("."), "--overwrite"))
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
+def test_overwrite_through_a_symlink_is_refused(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    (tmp_path / "link").symlink_to(run)
+    before = _tree(run)
+    assert "symbolic link" in _one_line_error(_run(tmp_path / "link", "--overwrite"))
+    assert _tree(run) == before
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    before = _tree(run)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "100.hea").write_text("not a WFDB header\n")
+    res = runner.invoke(app, ["run", "ecg-quick", "--data", str(tmp_path / "data"), "--out", str(run), "--overwrite"])
+    _one_line_error(res)
+    assert _tree(run) == before  # the finished run is back, untouched
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left aside
+    res = _run(run, "--overwrite")  # a new run that starts does replace it
+    assert res.exit_code == 0, res.output
+    assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+
+
+# ---- one process owns a run folder ---------------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "metapt", *args]
+
+
+def _wait_for(cond, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_second_process_is_refused_while_a_run_owns_the_folder(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(_cli("run", "synthetic", "--out", str(out), "--set", "pretrain.steps=1000000",
+                                  "--set", "checkpoint.every=50", "--threads", "1"),
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(RunFolder(out).checkpoints()) >= 1, first)
+        for args in (["resume", str(out)], ["run", "synthetic", "--out", str(out), "--overwrite"]):
+            second = subprocess.run(_cli(*args, "--threads", "1"), env=ENV, capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stdout + second.stderr
+            assert "in use by another metapt process" in second.stderr and f"pid {first.pid}" in second.stderr
+            assert first.poll() is None  # the first run was left alone
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 143, err
+    rows = read_jsonl(out / "metrics.jsonl")  # one writer: every (phase, step) once
+    assert len(rows) == len({(r["phase"], r["step"]) for r in rows}) > 0
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli("run", "synthetic", "--out", str(out), "--set", "pretrain.steps=3000",
+                                 "--set", "checkpoint.every=50", "--threads", "1"),
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: len(RunFolder(out).checkpoints()) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and f"metapt resume {out}" in err
+    state = RunFolder(out).latest_checkpoint()
+    assert state is not None and state["phase"] is not None  # mid-phase: resumable from there
+
+
+# ---- resume refuses what it cannot continue exactly -------------------------------------------
+
+
+def test_resume_refuses_an_edited_config_naming_the_keys(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["pretrain"]["steps"], config["checkpoint"]["keep"] = 50, 7
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    before = _tree(run)
+    out = _one_line_error(runner.invoke(app, ["resume", str(run)]))
+    assert "checkpoint.keep (3 → 7)" in out and "pretrain.steps (60 → 50)" in out and "--allow-change" in out
+    assert _tree(run) == before
+    out = _one_line_error(runner.invoke(app, ["resume", str(run), "--allow-change", "pretrain.steps"]))
+    assert "checkpoint.keep" in out and "pretrain.steps (" not in out
+
+
+def test_resume_after_a_shape_changing_edit_is_one_line(tmp_path):
+    out = tmp_path / "run"  # stops mid-phase (non-finite loss) with a good checkpoint
+    _one_line_error(runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.lr=1e30",
+                                        "--set", "checkpoint.every=1", "--threads", "1"]), code=3)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["problem"]["dim"] = 16
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    text = _one_line_error(runner.invoke(app, ["resume", str(out), "--allow-change", "problem.dim"]))
+    assert "does not fit this run's model" in text
+
+
+def test_resume_with_no_readable_checkpoint_refuses_and_deletes_nothing(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    for path in RunFolder(run).checkpoints():
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    before = _tree(run)
+    out = _one_line_error(runner.invoke(app, ["resume", str(run)]))
+    assert "can be read" in out and "refusing" in out
+    assert _tree(run) == before
+
+
+def test_a_foreign_checkpoint_file_is_skipped_not_a_traceback(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    for path in RunFolder(run).checkpoints():
+        path.unlink()
+    torch.save([1, 2, 3], run / "checkpoints" / "ckpt-000099.pt")  # loadable, not metapt's
+    res = runner.invoke(app, ["resume", str(run)])
+    assert "refusing" in _one_line_error(res) and "skipping checkpoint" in res.output
+
+
+def test_a_flipped_bit_is_caught_by_the_checksum(tmp_path):
+    folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
+    session = Session(folder)
+    session.record("a", {"x": torch.ones(4)})
+    session.record("b", {"x": torch.full((1000,), 2.0)})
+    session.close()
+    newest = folder.checkpoints()[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, inside the file
+    newest.write_bytes(bytes(data))
+    state = folder.latest_checkpoint()
+    assert set(state["results"]) == {"a"}  # the previous checkpoint, not the damaged one
+    result = folder.results_dir / state["results"]["a"][0]
+    raw = bytearray(result.read_bytes())
+    raw[-30] ^= 0x01
+    result.write_bytes(bytes(raw))
+    assert folder.load_results(state["results"]) == {}  # a damaged result is recomputed, not used
+
+
+def test_resume_refuses_a_different_process_count_between_phases(tmp_path):
+    folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
+    session = Session(folder)
+    session.record("phase-1", {"x": torch.ones(2)})  # the newest checkpoint falls between phases
+    session.close()
+    path = folder.checkpoints()[-1]
+    state = torch.load(path, weights_only=True)
+    state["rng"] = state["rng"] * 2  # written by 2 processes
+    path.unlink()
+    folder.save_checkpoint(state, state["number"], 3)
+    with pytest.raises(RunFolderError, match="written by 2 process"):
+        Session(folder, resume=True)
+
+
+def test_resume_refuses_a_metrics_file_shorter_than_recorded(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    metrics = run / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes()[:1000])
+    out = _one_line_error(runner.invoke(app, ["resume", str(run)]))
+    assert "metrics.jsonl" in out and "cut short" in out
+    assert b"\0" not in metrics.read_bytes() and len(metrics.read_bytes()) == 1000
+
+
+def test_metrics_are_fsynced_before_a_checkpoint_records_their_length(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    log = JsonlLogger(tmp_path / "metrics.jsonl")
+    log.log(1, {"loss": 1.0})
+    log.flush()
+    assert log._file.fileno() in synced
+    log.close()
+
+
+def test_a_fresh_session_never_prunes_checkpoints_it_did_not_write(tmp_path):
+    folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
+    first = Session(folder)
+    for i in range(3):
+        first.record(f"r{i}", i)
+    first.close()
+    kept = folder.checkpoints()
+    with pytest.raises(RunFolderError, match="already has checkpoints"):
+        Session(folder)
+    assert folder.checkpoints() == kept
+
+
+def test_checkpoints_hold_only_finite_states(tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.lr=1e30",
+                              "--set", "checkpoint.every=1", "--set", "checkpoint.keep=1000", "--threads", "1"])
+    assert res.exit_code == 3, res.output
+    from metapt.runs import _finite
+
+    states = [torch.load(p, weights_only=True) for p in RunFolder(out).checkpoints()]
+    assert states and all(_finite(s["trainer"]) for s in states)
+
+
+def test_non_finite_loss_without_a_checkpoint_does_not_promise_one(tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.lr=1e30", "--threads", "1"])
+    text = _one_line_error(res, code=3)
+    assert "No checkpoint had been written" in text and "last good checkpoint" not in text
+
+
+# ---- results are written once, apart from the live checkpoint ---------------------------------
+
+
+def test_each_result_is_written_once_to_its_own_file(tmp_path):
+    folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
+    session = Session(folder)
+    big = torch.zeros(200_000)
+    session.record("pretrain/a", {"params": big})
+    first = next(folder.results_dir.iterdir())
+    stamp = first.stat().st_mtime_ns, first.stat().st_ino
+    for i in range(5):
+        session.record(f"eval/{i}", {"auroc": 0.5 + i / 100})
+    session.close()
+    assert (first.stat().st_mtime_ns, first.stat().st_ino) == stamp  # never rewritten
+    assert len(list(folder.results_dir.iterdir())) == 6
+    assert all(p.stat().st_size < 100_000 for p in folder.checkpoints())  # the checkpoint indexes, not copies
+    resumed = Session(folder, resume=True)
+    assert torch.equal(resumed["pretrain/a"]["params"], big) and resumed["eval/4"] == {"auroc": 0.54}
+    resumed.close()
+
+
+def test_wall_seconds_count_every_session(tmp_path):
+    folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
+    session = Session(folder)
+    time.sleep(0.3)
+    session.record("a", 1)
+    session.close()
+    resumed = Session(folder, resume=True)
+    assert resumed.wall_seconds >= 0.3
+    resumed.close()
+
+
+def test_summaries_are_strict_json(tmp_path):
+    write_json_atomic(tmp_path / "summary.json", {"auroc": float("nan"), "scores": [1.0, float("inf")]})
+    assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=pytest.fail) == \
+        {"auroc": None, "scores": [1.0, None]}
+
+
+# ---- user errors are one line; bugs are crashes -----------------------------------------------
+
+
+def test_an_internal_value_error_is_a_crash_not_a_user_error(monkeypatch, tmp_path):
+    import metapt.config
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug inside metapt")
+
+    monkeypatch.setattr(metapt.config, "load_config", broken)
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and isinstance(res.exception, ValueError)
+    assert "error:" not in res.output
+
+
+def test_debug_keeps_the_type_of_a_user_error(tmp_path):
+    res = runner.invoke(app, ["run", "synthetic", "--set", "stepz=1", "--debug", "--out", str(tmp_path / "r")])
+    assert isinstance(res.exception, ConfigError) and isinstance(res.exception, UserError)
+
+
+def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import metapt.runs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "results" / "x.pt"))
+
+    monkeypatch.setattr(metapt.runs, "_save_bytes", full)
+    text = _one_line_error(_run(tmp_path / "run"))
+    assert "No space left on device" in text
+
+
+def test_threads_are_capped_at_the_machines_cpus(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    cli._threads(100_000)
+    assert asked and asked[0] <= (os.cpu_count() or 1)
+
+
+def test_run_folder_messages_say_what_is_wrong(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "is not a folder" in _one_line_error(runner.invoke(app, ["resume", str(tmp_path / "file")]))
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _one_line_error(runner.invoke(app, ["config", str(fifo)]))  # and no hang
+
+
+def test_compare_out_a_folder_and_report_on_a_foreign_summary(finished, tmp_path):
+    assert "is a folder" in _one_line_error(runner.invoke(app, ["compare", str(finished), str(finished),
+                                                                "--out", str(tmp_path)]))
+    run = _copy(finished, tmp_path / "run")
+    (run / "summary.json").write_text("[1, 2]")
+    assert "not a metapt summary" in _one_line_error(runner.invoke(app, ["report", str(run)]))
+    (run / "summary.json").write_text(json.dumps({"config": {"job": "molecules"}}))
+    assert "summary of a 'molecules' run" in _one_line_error(runner.invoke(app, ["report", str(run)]))
+    (run / "summary.json").write_text("{not json")
+    assert "summary.json is not valid JSON" in _one_line_error(runner.invoke(app, ["report", str(run)]))
+
+
+def test_a_damaged_metrics_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n\0\0\0\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl, line 2: not valid JSON"):
+        read_jsonl(path)
+
+
+# ---- eval and stored paths --------------------------------------------------------------------
+
+
+def _fake_molecules_run(tmp_path) -> Path:
+    from metapt.config import to_yaml
+
+    run = RunFolder.create(tmp_path / "mol", to_yaml(load_config("molecules-test")))
+    run.unlock()
+    (run.path / "summary.json").write_text(json.dumps({"config": {"job": "molecules"}}))
+    return run.path
+
+
+def test_eval_changes_config_yaml_only_when_it_succeeds(tmp_path, monkeypatch):
+    import metapt.jobs
+
+    run = _fake_molecules_run(tmp_path)
+    before = (run / "config.yaml").read_text()
+
+    def fails(*args, **kwargs):
+        raise RunFolderError("the evaluation failed")
+
+    monkeypatch.setattr(metapt.jobs, "execute", fails)
+    _one_line_error(runner.invoke(app, ["eval", str(run), "--set", "evaluation.seeds=3"]))
+    assert (run / "config.yaml").read_text() == before
+    seen = {}
+    monkeypatch.setattr(metapt.jobs, "execute", lambda folder, config, **kw: seen.update(config=config, folder=folder))
+    monkeypatch.setattr(cli, "_finish", lambda *a, **k: None)
+    res = runner.invoke(app, ["eval", str(run), "--set", "evaluation.seeds=3"])
+    assert res.exit_code == 0, res.output
+    assert seen["config"].evaluation.seeds == 3 and seen["folder"].allow_changes == ("evaluation",)
+    assert yaml.safe_load((run / "config.yaml").read_text())["evaluation"]["seeds"] == 3
+
+
+def test_a_relative_data_folder_is_stored_resolved(tmp_path, monkeypatch):
+    import metapt.jobs
+
+    (tmp_path / "records").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(metapt.jobs, "execute", lambda folder, config, **kw: RunFolder.commit(folder))
+    monkeypatch.setattr(cli, "_finish", lambda *a, **k: None)
+    res = runner.invoke(app, ["run", "ecg-quick", "--data", "records", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["data_dir"] == str(tmp_path / "records")
+
+
+def test_loading_a_trainer_state_copies_the_optimiser_moments():
+    from metapt import MetaPretrainer
+    from metapt.domains.synthetic.problem import SyntheticTaskWeighting
+
+    def trainer():
+        problem = SyntheticTaskWeighting(load_config("synthetic").problem)
+        return MetaPretrainer(problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
+                              pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
+                              meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01))
+
+    source = trainer()
+    source.run_until(3)
+    state = source.state_dict()
+    moments = {k: v.clone() for k, v in state["pt_opt"]["state"][0].items()}
+    loaded = trainer()
+    loaded.load_state_dict(state)
+    loaded.run_until(6)  # training after the load must not write into the dict it was given
+    for name, value in state["pt_opt"]["state"][0].items():
+        assert torch.equal(value, moments[name]), name
