@@ -73,10 +73,11 @@ def molecules_setting(args, example_weights: bool):
 
 
 def ecg_setting(args):
-    from metapt.domains.ecg.job import load_and_split, preset_config
+    from metapt.config import load_config
     from metapt.domains.ecg.problem import ECGSimCLRProblem
+    from metapt.domains.ecg.splits import load_and_split
 
-    config = preset_config("default")
+    config = load_config("ecg")
     data_cfg = replace(config.data, max_labelled_per_record=args.ecg_cap, cap_keeps_positives=True)
     ds, split = load_and_split(Path(args.ecg_data), data_cfg)
     problem = ECGSimCLRProblem.from_dataset(ds, split, replace(config.problem, use_warp=True))
@@ -84,7 +85,7 @@ def ecg_setting(args):
     trainer = MetaPretrainer(
         problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(0),
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.pretrain.lr),
-        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.meta.meta_lr),
+        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.meta.lr),
         inner_optimizer=sgd(config.meta.inner_lr),
         schedule=MetaSchedule(meta_interval=10, unroll_steps=1, warmup_steps=args.warmup),
     )
@@ -235,6 +236,8 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown domain {name!r}")
         domains[name] = measure(name, trainer, size, args, log)
+        partial = Path(args.out).with_suffix(".partial.json")
+        partial.write_text(json.dumps(domains, indent=1, default=float) + "\n", encoding="utf-8")
     result = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),

@@ -180,7 +180,7 @@ class StateProbe:
         phi = {k: v.clone().requires_grad_(False) for k, v in self.phi.items()}
         hyper, _ = unrolled_pretraining_hypergradient(self.pretrain_loss_at(), self.meta_loss(), self.theta, phi,
                                                       optimizer, state, horizon)
-        return hyper
+        return _dense(hyper)
 
     # ---- estimators ----------------------------------------------------------------------------
 
@@ -194,7 +194,8 @@ class StateProbe:
         start = time.perf_counter()
         hyper, info = estimate_hypergradient(estimator, loss_at, meta_loss, self.theta, phi, self.pt_opt,
                                              self.trainer_params)
-        return hyper, info, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return _dense(hyper), info, seconds
 
     def pt_step_seconds(self, repeats: int = 3) -> float:
         """Seconds of one plain PT step (forward, backward, Adam update) at this state, best of ``repeats``."""
@@ -242,6 +243,11 @@ def _random_directions(phi: Mapping[str, Tensor], n: int, seed: int) -> list[Par
         d = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in phi.items()}
         out.append(_unit(d))
     return out
+
+
+def _dense(tree: Mapping[str, Tensor]) -> Params:
+    """Row-sparse hypergradients (example weights read by gather_rows) as dense tensors."""
+    return {k: v.to_dense() if v.is_sparse else v for k, v in tree.items()}
 
 
 def _unit(d: Mapping[str, Tensor]) -> Params:
