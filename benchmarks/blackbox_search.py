@@ -107,7 +107,7 @@ def no_pretraining(data, args) -> dict:
     torch.manual_seed(0)
     score = finetune(data, GINEncoder(num_layers=args.layers, emb_dim=args.dim, dropout=0.2, norm="layer"), args)
     cpu, wall = clock.read()
-    return {"valid_auroc": score["valid_auroc"], "test_auroc": score["test_auroc"], "cpu_s": round(cpu, 2), "wall_s": round(wall, 2)}
+    return {"valid_auroc": score["valid"], "test_auroc": score["test"], "cpu_s": round(cpu, 2), "wall_s": round(wall, 2)}
 
 
 def trial(data, args, weights: torch.Tensor | None, seed: int = 0) -> dict:
@@ -116,8 +116,8 @@ def trial(data, args, weights: torch.Tensor | None, seed: int = 0) -> dict:
     pt_cpu, _ = clock.read()
     score = finetune(data, encoder, args)
     cpu, wall = clock.read()
-    return {"weights": [round(float(v), 4) for v in w], "valid_auroc": score["valid_auroc"],
-            "test_auroc": score["test_auroc"], "best_epoch": score["best_epoch"], "cpu_s": round(cpu, 2),
+    return {"weights": [round(float(v), 4) for v in w], "valid_auroc": score["valid"],
+            "test_auroc": score["test"], "best_epoch": score["best_epoch"], "cpu_s": round(cpu, 2),
             "pretrain_cpu_s": round(pt_cpu, 2), "wall_s": round(wall, 2), "seed": seed, "meta_skipped": skipped}
 
 

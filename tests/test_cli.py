@@ -24,7 +24,7 @@ def _one_line_error(res, code: int = 2) -> str:
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "steps=150", "--threads", "1"])
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.steps=150", "--threads", "1"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -35,13 +35,13 @@ def test_run_writes_the_whole_run_folder(synthetic_run):
                  "report.html"):
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
-    assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 150
+    assert yaml.safe_load((out / "config.yaml").read_text())["pretrain"]["steps"] == 150
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["methods"]["uniform"]["task_weights"] == [1.0] * 8
+    assert set(summary["settings"]["synthetic"]["learned"]) == {"meta_task_weights"}  # uniform's φ is frozen
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 300 and json.loads(lines[-1])["phase"] == "meta-learned"
+    assert len(lines) == 300 and json.loads(lines[-1])["phase"] == "synthetic/meta_task_weights"
     state = torch.load(RunFolder(out).checkpoints()[-1], weights_only=True)
-    assert set(state["results"]) == {"uniform", "meta-learned"} and state["phase"] is None
+    assert {"synthetic/uniform", "synthetic/meta_task_weights"} <= set(state["results"]) and state["phase"] is None
 
 
 def test_report_is_one_self_contained_page(synthetic_run):
@@ -51,20 +51,20 @@ def test_report_is_one_self_contained_page(synthetic_run):
     assert res.exit_code == 0, res.output
     page = (synthetic_run / "report.html").read_text()
     assert (synthetic_run / "losses.png").is_file()  # plots are redrawn from the metrics
-    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    assert page.count("data:image/png;base64,") == 3 and "<table>" in page  # losses, scores, task weights
     assert "job: synthetic" in page and "checkpoints kept: 3" in page
     assert "src='http" not in page and 'src="http' not in page  # nothing to fetch
 
 
 def test_compare_puts_runs_side_by_side(synthetic_run, tmp_path):
     other = tmp_path / "other"
-    res = runner.invoke(app, ["run", "synthetic", "--out", str(other), "--set", "steps=120", "--threads", "1"])
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(other), "--set", "pretrain.steps=120", "--threads", "1"])
     assert res.exit_code == 0, res.output
     table = tmp_path / "compare.md"
     res = runner.invoke(app, ["compare", str(synthetic_run), str(other), "--out", str(table)])
     assert res.exit_code == 0, res.output
     text = table.read_text()
-    assert "| meta-learned · test MSE |" in text and "| steps | 150 | 120 |" in text
+    assert "| synthetic · meta task weights · linear probe · test MSE |" in text and "| pretrain.steps | 150 | 120 |" in text
 
 
 def test_config_prints_a_resolved_config_that_runs(tmp_path):
@@ -85,7 +85,7 @@ def test_eval_redoes_only_the_evaluation(tmp_path):
     res = runner.invoke(app, ["eval", str(out), "--set", "evaluation.seeds=3"])
     assert res.exit_code == 0, res.output
     scores = json.loads((out / "summary.json").read_text())["settings"]["b3db"]["scores"]["uniform weights"]
-    assert len(scores["full fine-tuning"]["test_auroc"]) == 3
+    assert len(scores["full fine-tuning"]["1"]["test"]) == 3
     assert (out / "metrics.jsonl").read_bytes() == metrics  # no pre-training was redone
     assert yaml.safe_load((out / "config.yaml").read_text())["evaluation"]["seeds"] == 3
     _one_line_error(runner.invoke(app, ["eval", str(out), "--set", "pretrain.steps=5"]))
@@ -136,21 +136,22 @@ def test_ecg_data_errors_are_one_line(tmp_path):
 
 def test_non_finite_pretraining_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "r"
-    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pt_lr=1e30",
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.lr=1e30",
                               "--set", "checkpoint.every=1", "--threads", "1"])
     text = _one_line_error(res, code=3)
     assert "pre-training loss became" in text and "metapt resume" in text
     state = RunFolder(out).latest_checkpoint()
-    assert state is not None and state["phase"] == "uniform"
+    assert state is not None and state["phase"] == "synthetic/uniform"
     assert all(torch.isfinite(v).all() for v in state["trainer"]["params"].values())
 
 
 def test_diverging_neumann_series_is_skipped_counted_and_explained(tmp_path):
     out = tmp_path / "r"
-    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "steps=130",
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.steps=130",
                               "--set", "meta.solver.alpha=1e6", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert "meta-step(s) skipped" in res.output and "meta.solver.kind=cg" in res.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["methods"]["meta-learned"]["skipped_meta_steps"] > 0
-    assert summary["methods"]["meta-learned"]["task_weights"] == [1.0] * 8  # no unusable step was applied
+    assert summary["pretraining"]["synthetic/meta_task_weights"]["skipped_meta_steps"] > 0
+    learned = summary["settings"]["synthetic"]["learned"]["meta_task_weights"]
+    assert learned["task_weights"] == [1.0] * 8  # no unusable step was applied

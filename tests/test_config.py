@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from metapt.config import ConfigError, load_config, presets, to_yaml
-from metapt.domains.ecg.job import ECGJobConfig
+from metapt.domains.ecg.job import ECGJob
 from metapt.domains.molecules.job import MoleculesJob
 from metapt.domains.synthetic.job import SyntheticJob
 from metapt.hypergrad import ConjugateGradient, Neumann
@@ -20,7 +20,7 @@ def test_every_preset_loads_and_round_trips_through_yaml(tmp_path):
         path.write_text(to_yaml(config))
         assert load_config(path) == config
     assert isinstance(load_config("molecules"), MoleculesJob)
-    assert isinstance(load_config("ecg-quick"), ECGJobConfig)
+    assert isinstance(load_config("ecg-quick"), ECGJob)
     assert isinstance(load_config("synthetic"), SyntheticJob)
 
 
@@ -31,9 +31,9 @@ def test_paper_preset_has_hu_et_al_encoder():
 
 
 def test_overrides_are_read_as_yaml_values():
-    config = load_config("molecules", ["meta.solver=cg", "meta.solver.steps=7", "pretrain.lr=3e-4",
+    config = load_config("molecules", ["meta.solver=cg", "meta.solver.max_iter=7", "pretrain.lr=3e-4",
                                        "data.settings=[heldout]", "data.max_pretrain=null"])
-    assert config.meta.solver.kind == "cg" and config.meta.solver.steps == 7
+    assert config.meta.solver.kind == "cg" and config.meta.solver.max_iter == 7
     assert isinstance(config.meta.solver.build(config.pretrain.lr), ConjugateGradient)
     assert config.pretrain.lr == 3e-4 and config.data.settings == ("heldout",)
     solver = load_config("molecules").meta.solver.build(1e-3)
@@ -45,7 +45,7 @@ def test_overrides_are_read_as_yaml_values():
     ("modle.emb_dim=8", "unknown key 'modle'; did you mean 'model'?"),
     ("meta.solver.kindd=cg", "did you mean 'meta.solver.kind'?"),
     ("meta.lr=-1", "meta.lr: Input should be greater than or equal to 0 (got -1)"),
-    ("meta.solver=newton", "meta.solver.kind: Input should be 'neumann', 'cg' or 'identity' (got 'newton')"),
+    ("meta.solver=newton", "meta.solver.kind: Input should be 'neumann', 'cg', 'identity' or 'unrolled' (got 'newton')"),
     ("model.norm=group", "model.norm: Input should be 'layer', 'batch' or 'none'"),
     ("pretrain.steps=many", "pretrain.steps: Input should be a valid integer"),
     ("methods=[uniform, magic]", "methods: Input should be 'no_pretrain', 'uniform'"),
@@ -58,9 +58,9 @@ def test_bad_configs_name_the_key_and_what_is_allowed(override, expected):
 
 
 def test_ecg_nested_sections_are_checked_too():
-    with pytest.raises(ConfigError, match="unknown key 'meta.schedule.meta_intervall'; did you mean 'meta.schedule.meta_interval'"):
-        load_config("ecg-quick", ["meta.schedule.meta_intervall=3"])
-    with pytest.raises(ConfigError, match=r"evaluation: EvalConfig: label fractions must be in \(0, 1\]"):
+    with pytest.raises(ConfigError, match="unknown key 'meta.intervall'; did you mean 'meta.interval'"):
+        load_config("ecg-quick", ["meta.intervall=3"])
+    with pytest.raises(ConfigError, match=r"evaluation: label fractions must be in \(0, 1\]"):
         load_config("ecg-quick", ["evaluation.label_fractions=[0.5, 2.0]"])
 
 
@@ -90,3 +90,98 @@ def test_configs_execute_no_code(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(evil)
     assert not marker.exists()
+
+
+# ---- an override changes exactly the key it names -------------------------------------------
+
+
+def _flat(config) -> dict:
+    import yaml
+
+    from metapt.runs import _flatten
+
+    return _flatten(yaml.safe_load(to_yaml(config)))
+
+
+@pytest.mark.parametrize("preset, override, key, value", [
+    ("synthetic", "meta.lr=0.2", "meta.lr", 0.2),  # used to reset interval 5->10, solver M 5->1, alpha 0.01->null
+    ("synthetic", "checkpoint.keep=5", "checkpoint.keep", 5),  # used to reset checkpoint.every 100->200
+    ("synthetic", "meta.inner_lr=0.3", "meta.inner_lr", 0.3),
+    ("molecules-test", "evaluation.seeds=3", "evaluation.seeds", 3),  # used to reset the fine-tuning epochs
+    ("molecules-test", "model.dropout=0.2", "model.dropout", 0.2),  # used to reset the GIN to 3x64
+])
+def test_an_override_changes_exactly_the_key_it_names(preset, override, key, value):
+    before, after = _flat(load_config(preset)), _flat(load_config(preset, [override]))
+    assert after[key] == value
+    assert {k for k in before if before[k] != after[k]} == ({key} if before[key] != value else set())
+
+
+def test_an_ecg_override_changes_exactly_the_key_it_names():
+    before = _flat(load_config("ecg"))
+    after = _flat(load_config("ecg", ["meta.warmup_steps=10"]))
+    assert {k for k in before if before[k] != after[k]} == {"meta.warmup_steps"}
+    assert after["meta.batches"] == before["meta.batches"] == 4 and after["meta.interval"] == 20
+
+
+def test_a_partial_section_in_a_file_keeps_the_jobs_defaults(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("job: synthetic\nmeta: {lr: 0.3}\n")
+    mine, preset = _flat(load_config(path)), _flat(load_config("synthetic"))
+    assert {k for k in preset if preset[k] != mine[k]} == {"meta.lr"}
+
+
+# ---- what pydantic lets through, and bounds on reading -----------------------------------------
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("pretrain.lr=1e39", "pretrain.lr: must be a finite number that fits in float32"),
+    ("meta.lr=.inf", "meta.lr: must be a finite number"),
+    ("meta.lr=.nan", "meta.lr: must be a finite number"),
+    ("pretrain.steps=true", "pretrain.steps: expected an integer, got true"),
+])
+def test_non_finite_numbers_and_booleans_for_numbers_are_refused(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("synthetic", [override])
+    assert expected in str(err.value)
+
+
+def test_duplicate_keys_are_an_error(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("job: synthetic\npretrain: {steps: 10}\npretrain: {steps: 20}\n")
+    with pytest.raises(ConfigError, match="found duplicate key 'pretrain'"):
+        load_config(path)
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
+    import time
+
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("job: synthetic\nbomb:\n  " + "\n  ".join(levels) + "\n")
+    assert path.stat().st_size < 500
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="expands to more than") as err:
+        load_config(path)
+    assert time.perf_counter() - started < 2 and len(str(err.value)) < 300
+
+
+def test_size_depth_and_encoding_are_bounded(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("job: synthetic\n# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="a config is at most"):
+        load_config(big)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("job: synthetic\nx: " + "[" * 200 + "]" * 200 + "\n")
+    with pytest.raises(ConfigError, match="nested"):
+        load_config(deep)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("job: synthetic\n# café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8"):
+        load_config(latin)
+
+
+def test_error_messages_are_bounded(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("synthetic", ["steps=" + "9" * 100_000 + "x"])
+    assert len(str(err.value)) <= 2000

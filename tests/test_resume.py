@@ -91,7 +91,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_synthetic_run_killed_four_times_resumes_bitwise(tmp_path):
-    overrides = ["--set", "steps=120", "--set", "checkpoint.every=25", "--set", "meta.warmup_steps=20"]
+    overrides = ["--set", "pretrain.steps=120", "--set", "checkpoint.every=25", "--set", "meta.warmup_steps=20"]
     ref, run = tmp_path / "reference", tmp_path / "killed"
     _finish(_cli("run", "synthetic", "--out", str(ref), *overrides))
     total = _lines(ref / "metrics.jsonl")
@@ -114,9 +114,9 @@ def test_synthetic_run_killed_four_times_resumes_bitwise(tmp_path):
     assert _newest_checkpoint(run) == 0  # killed before its first checkpoint
     assert _run_and_kill(_cli("resume", str(run)), lambda: _newest_checkpoint(run) >= 2 and lines() >= 60), \
         "kill 2 did not happen"
-    assert _newest_state(run)["phase"] == "uniform"  # mid-phase
+    assert _newest_state(run)["phase"] == "synthetic/uniform"  # mid-phase
     assert _run_and_kill(_cli("resume", str(run)), lambda: lines() >= 170), "kill 3 did not happen"
-    assert _newest_state(run)["phase"] == "meta-learned"  # in the second phase
+    assert _newest_state(run)["phase"] == "synthetic/meta_task_weights"  # in the second phase
     assert _run_and_kill(_cli("resume", str(run)), lambda: lines() >= total - 3), "kill 4 did not happen"
     assert not (run / "summary.json").exists()  # before the run could finish
     _finish(_cli("resume", str(run)))
@@ -197,16 +197,19 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path):
-    from metapt.domains.synthetic.job import SyntheticJob, run_synthetic
+    from metapt.domains.synthetic.job import SyntheticJob
+    from metapt.jobs import execute
+    from metapt.schema import PretrainConfig
     from metapt.runs import Session as _Session
 
     folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
-    job = SyntheticJob(steps=30, checkpoint={"every": 10})
+    job = SyntheticJob(pretrain=PretrainConfig(steps=30, lr=0.01, batch_size=32), meta={"warmup_steps": 5},
+                       checkpoint={"every": 10})
     session = _Session(folder, job.checkpoint)
     session._save("renamed-phase", _trainer_for(job), None)  # a checkpoint from a differently named phase
     session.close()
     with pytest.raises(RunFolderError, match="configuration changed"):
-        run_synthetic(folder, job, resume=True)
+        execute(folder, job, resume=True)
 
 
 def _trainer_for(job):

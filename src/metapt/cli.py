@@ -275,8 +275,6 @@ def evaluate(
         folder = holder["folder"] = RunFolder.open(run_dir)
         _finished_summary(folder)
         resolved = load_config(folder.config_file)
-        if resolved.job == "synthetic":
-            raise _UserError("the synthetic job has no separate evaluation step")
         bad = [o for o in overrides if not o.startswith("evaluation.")]
         if bad:
             raise _UserError(f"eval only changes evaluation.* keys, got {bad}; start a new run for anything else")
@@ -386,6 +384,35 @@ def show_config(
             console.print("\n".join(presets()), markup=False, highlight=False)
             return
         sys.stdout.write(to_yaml(load_config(preset, overrides)))
+
+    _guarded(debug, action)
+
+
+@app.command()
+def diagnose(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
+    phase: Annotated[Optional[str], typer.Option(help="The pre-training phase, SETTING/METHOD (default: the "
+                                                      "newest one with meta-parameters).")] = None,
+    horizon: Annotated[Optional[int], typer.Option(min=1, help="Lookahead PT steps T (default: meta.interval).")] = None,
+    directions: Annotated[int, typer.Option(min=0, help="Random directions in φ besides each estimator's own.")] = 8,
+    threads: ThreadsOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Is the hypergradient right? Lookahead agreement, SNR, curvature and cost of every estimator at a
+    checkpointed state; prints a table and writes RUN_DIR/diagnostics.json (shown by `metapt report`)."""
+    _threads(threads)
+
+    def action():
+        from .config import load_config
+        from .diagnostics import DiagnoseOptions, diagnose_run, format_table
+        from .runs import RunFolder
+
+        config = load_config(RunFolder.open(run_dir).config_file)
+        options = DiagnoseOptions(horizon=horizon or config.meta.interval, directions=directions)
+        result = diagnose_run(run_dir, phase=phase, options=options, console=err_console)
+        console.print(f"{result['source']}\n")
+        console.print(format_table(result), highlight=False, markup=False)
+        console.print(f"\nwritten: {Path(run_dir) / 'diagnostics.json'}")
 
     _guarded(debug, action)
 

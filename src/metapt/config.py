@@ -16,21 +16,36 @@ import math
 import typing
 from dataclasses import asdict
 from importlib import resources
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Any
 
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
-from .domains.ecg.job import ECGJobConfig
-from .domains.molecules.job import MoleculesJob
-from .domains.synthetic.job import SyntheticJob
+from . import domains
 from .errors import ConfigError
 from .schema import jsonable
 
-RunConfig = Union[MoleculesJob, ECGJobConfig, SyntheticJob]
-JOBS: dict[str, type] = {"molecules": MoleculesJob, "ecg": ECGJobConfig, "synthetic": SyntheticJob}
-_ADAPTER = TypeAdapter(Annotated[RunConfig, Field(discriminator="job")])
+RunConfig = Any  # an instance of one domain's job-config class (``metapt.domains.config_class``)
+
+
+class _Jobs(Mapping):
+    """Job name -> config class, imported on first use (``metapt config --list`` imports no domain)."""
+
+    def __getitem__(self, job: str) -> type:
+        if job not in domains.REGISTRY:
+            raise KeyError(job)
+        return domains.config_class(job)
+
+    def __iter__(self):
+        return iter(domains.REGISTRY)
+
+    def __len__(self) -> int:
+        return len(domains.REGISTRY)
+
+
+JOBS: Mapping[str, type] = _Jobs()
 
 
 # ConfigError lives in metapt.errors (every user error derives from UserError); re-exported here.
@@ -80,6 +95,7 @@ def load_config(source: str | Path, overrides: typing.Sequence[str] = ()) -> Run
     raw = parse_yaml(text, where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}")
+    raw = _extend(raw, where)
     cls = _job_class(raw.get("job"), where)
     raw = _merge(cls, jsonable(asdict(cls())), raw)
     for item in overrides:
@@ -186,6 +202,23 @@ def _job_class(job: Any, where: str) -> type:
     return JOBS[job]
 
 
+def _extend(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
+    """``extends: PRESET`` lays a config over a shipped preset (which may extend another in turn)."""
+    if "extends" not in raw:
+        return raw
+    raw = dict(raw)
+    name = raw.pop("extends")
+    if not isinstance(name, str) or name not in presets():
+        raise ConfigError(_bounded(f"{where}: 'extends' must name a preset ({', '.join(presets())}), got {name!r}"))
+    if name in seen:
+        raise ConfigError(f"{where}: presets extend each other in a loop ({' -> '.join((*seen, name))})")
+    base = parse_yaml(_preset_text(name), f"preset {name}")
+    base = _extend(base, f"preset {name}", (*seen, name))
+    if raw.get("job", base.get("job")) != base.get("job"):
+        raise ConfigError(f"{where}: extends preset {name!r} of job {base.get('job')!r} but sets job {raw['job']!r}")
+    return _merge(_job_class(base.get("job"), f"preset {name}"), base, raw)
+
+
 def _merge(cls: Any, base: Any, update: Any) -> Any:
     """``update`` laid over ``base``: sections (config classes) merge key by key, anything else is replaced."""
     if not (dataclasses.is_dataclass(cls) and isinstance(update, dict)):
@@ -245,7 +278,7 @@ def validate(raw: dict, where: str = "config") -> RunConfig:
     if problems:
         raise ConfigError(_bounded(f"{where}: " + "; ".join(problems)))
     try:
-        return _ADAPTER.validate_python(raw)
+        return TypeAdapter(cls).validate_python(raw)
     except ValidationError as err:
         raise ConfigError(_bounded(f"{where}: " + "; ".join(_explain(e, cls) for e in err.errors()))) from None
 
@@ -262,6 +295,12 @@ def _scalar_problems(cls: Any, raw: Any, path: list[str]) -> list[str]:
             dotted = [*path, str(key)]
             if isinstance(value, bool) and hint is not None and _numeric(hint) and not _admits_bool(hint):
                 problems.append(f"{'.'.join(dotted)}: expected {_kind(hint)}, got {str(value).lower()}")
+            elif isinstance(value, str) and hint is not None and _numeric(hint):
+                try:  # YAML 1.1 reads 1e39 (no dot) as a string, which pydantic then reads as a number
+                    number = float(value)
+                except ValueError:
+                    continue
+                problems += _scalar_problems(None, number, dotted)
             else:
                 problems += _scalar_problems(child, value, dotted)
     elif isinstance(raw, list):

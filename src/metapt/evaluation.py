@@ -1,17 +1,24 @@
-"""Fine-tune a pre-trained encoder downstream and score it: full fine-tuning or linear probe,
-epochs picked on validation, test AUROC over seeds with a 95 % confidence interval.
+"""The one downstream evaluation protocol: fine-tune a pre-trained encoder and score it.
 
-Domain-agnostic: a domain hands over an encoder factory and a function that
-iterates ``(inputs, labels)`` batches of a named split. Labels are [B, T] with NaN
-where a label is missing (multi-task, multi-label) or [B] for one binary task.
+Full fine-tuning and linear probe × label fractions × seeds. Each run trains a fresh
+head on (a seeded label subset of) the downstream 'train' split, picks the epoch on
+the 'valid' split — never on MetaFT-validation, never on test — and reports the
+test score at that epoch; results are aggregated as mean ± 95 % CI over seeds and
+as per-seed paired gains between methods.
+
+Domain-agnostic: a domain hands over a :class:`Downstream` (how to batch each split)
+and an encoder. Labels are [B, T] with NaN where a label is missing (multi-task,
+multi-label) or [B] for one task. The metric is AUROC (binary tasks, masked BCE) or
+MSE (regression; lower is better).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,14 +53,83 @@ def masked_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % Student-t confidence interval."""
-    x = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    """Mean and the half-width of its 95 % Student-t confidence interval, over the finite values
+    (count the others with :func:`nonfinite`)."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if x.size == 0:
         return float("nan"), float("nan")
     if x.size == 1:
         return float(x[0]), float("nan")
     half = stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
     return float(x.mean()), float(half)
+
+
+def nonfinite(values: Sequence[float | None]) -> int:
+    """How many of ``values`` are NaN, ±inf or None (left out of :func:`mean_ci95`)."""
+    return sum(1 for v in values if v is None or not math.isfinite(v))
+
+
+def label_subset(labels: Tensor, fraction: float, seed: int, min_examples: int = 8) -> Tensor:
+    """A seeded ``fraction`` of the examples (at least ``min_examples``), sorted indices.
+
+    Uniform, then topped up with one positive and one negative of every binary class that
+    has both in the pool but not in the sample: fine-tuning and AUROC need both.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    n = labels.shape[0]
+    if fraction == 1:
+        return torch.arange(n)
+    k = min(n, max(min_examples, int(round(fraction * n))))
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(n, size=k, replace=False).tolist())
+    y = labels.reshape(n, -1).float().numpy()
+    for c in range(y.shape[1]):
+        for value in (1.0, 0.0):
+            pool = np.flatnonzero(y[:, c] == value)
+            if len(pool) and not any(y[i, c] == value for i in chosen):
+                chosen.add(int(rng.choice(pool)))
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """The labelled downstream task of a domain: three splits and how to batch them.
+
+    Attributes:
+        batch: ``(split, example indices [B]) -> (inputs, labels)`` for split 'train',
+            'valid' or 'test'.
+        labels: each split's labels, [N] or [N, T] (NaN = missing): sizes and label subsets.
+        num_tasks: outputs of the head.
+        metric: ``auroc`` (binary labels, masked BCE) or ``mse`` (regression).
+    """
+
+    batch: Callable[[str, Tensor], tuple[Any, Tensor]]
+    labels: Mapping[str, Tensor]
+    num_tasks: int
+    metric: Literal["auroc", "mse"] = "auroc"
+
+    def iterate(self, train_subset: Tensor | None = None, min_batches: int = 1) -> BatchIter:
+        """The ``iterate`` of :func:`finetune_and_score`. 'train' is restricted to
+        ``train_subset``; a shuffled epoch over a small subset repeats it (fresh
+        permutations) until it has ``min_batches`` batches."""
+
+        def iterate(split: str, batch_size: int, shuffle: bool, seed: int):
+            pool = torch.arange(len(self.labels[split]))
+            if split == "train" and train_subset is not None:
+                pool = train_subset
+            if not shuffle:
+                for i in range(0, len(pool), batch_size):
+                    yield self.batch(split, pool[i : i + batch_size])
+                return
+            g = torch.Generator().manual_seed(seed)
+            per_epoch = -(-len(pool) // batch_size)
+            for _ in range(max(1, -(-min_batches // per_epoch))):
+                order = pool[torch.randperm(len(pool), generator=g)]
+                for i in range(0, len(order), batch_size):
+                    yield self.batch(split, order[i : i + batch_size])
+
+        return iterate
 
 
 @schema
@@ -71,9 +147,55 @@ class FinetuneConfig:
 
     linear_probe: bool = False
     epochs: int = Field(default=20, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=64, ge=1)
+
+
+@schema
+class EvalConfig:
+    """The downstream evaluation grid: modes × label fractions × fine-tuning seeds.
+
+    Attributes:
+        seeds: fine-tuning seeds 0 … seeds-1 (label subset, head init, batch order).
+        label_fractions: shares of the downstream train labels to fine-tune with.
+        full_finetune: fine-tune encoder and head (None: skip).
+        linear_probe: train only a linear head on frozen features (None: skip).
+        min_batches_per_epoch: an epoch over a tiny label subset repeats it up to this
+            many batches, so 1 % of the labels still gets enough steps per validation.
+    """
+
+    seeds: int = Field(default=5, ge=1, le=1000)
+    label_fractions: tuple[float, ...] = Field(default=(1.0,), min_length=1)
+    full_finetune: FinetuneConfig | None = None
+    linear_probe: FinetuneConfig | None = None
+    min_batches_per_epoch: int = Field(default=1, ge=1)
+
+    def __post_init__(self) -> None:
+        if any(not (0 < f <= 1) for f in self.label_fractions):
+            raise ValueError(f"label fractions must be in (0, 1], got {list(self.label_fractions)}")
+        if len(set(self.label_fractions)) != len(self.label_fractions):
+            raise ValueError(f"label fractions must be distinct, got {list(self.label_fractions)}")
+        if self.full_finetune is None and self.linear_probe is None:
+            raise ValueError("enable full_finetune, linear_probe or both")
+        if self.full_finetune is not None and self.full_finetune.linear_probe:
+            raise ValueError("full_finetune must have linear_probe: false")
+        if self.linear_probe is not None and not self.linear_probe.linear_probe:
+            raise ValueError("linear_probe must have linear_probe: true")
+
+    def modes(self) -> dict[str, FinetuneConfig]:
+        out = {"full fine-tuning": self.full_finetune, "linear probe": self.linear_probe}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _mse(labels: np.ndarray, predictions: np.ndarray) -> float:
+    seen = ~np.isnan(labels)
+    return float(np.mean((predictions[seen] - labels[seen]) ** 2)) if seen.any() else float("nan")
+
+
+def _masked_mse(predictions: Tensor, labels: Tensor) -> Tensor:
+    seen = ~torch.isnan(labels)
+    return (predictions[seen] - labels[seen]).pow(2).mean()
 
 
 class _Classifier(nn.Module):
@@ -124,12 +246,19 @@ def finetune_and_score(
     config: FinetuneConfig,
     seed: int,
     progress: Callable[[], None] | None = None,
+    metric: Literal["auroc", "mse"] = "auroc",
 ) -> dict[str, float]:
     """Fine-tune a copy of ``encoder`` with a fresh head on 'train'; score 'valid' and 'test'.
 
-    Returns ``{"valid_auroc", "test_auroc", "best_epoch"}`` where the test score is
-    taken at the epoch with the best validation AUROC.
+    Returns ``{"valid", "test", "best_epoch"}`` (the metric's values) where the test
+    score is taken at the epoch with the best validation score; test is scored only
+    at epochs that improve on validation.
     """
+    if metric not in ("auroc", "mse"):
+        raise ValueError(f"metric must be 'auroc' or 'mse', got {metric!r}")
+    score_of = masked_auroc if metric == "auroc" else _mse
+    loss_of = masked_bce if metric == "auroc" else _masked_mse
+    better = (lambda a, b: a > b) if metric == "auroc" else (lambda a, b: a < b)
     torch.manual_seed(seed)
     model = _Classifier(copy.deepcopy(encoder), emb_dim, num_tasks)
     if config.linear_probe:
@@ -138,18 +267,19 @@ def finetune_and_score(
         model.encoder = nn.Identity()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    best = {"valid_auroc": -math.inf, "test_auroc": float("nan"), "best_epoch": -1}
+    best = {"valid": float("nan"), "test": float("nan"), "best_epoch": -1}
     for epoch in range(config.epochs):
         model.train()
         for x, y in iterate("train", config.batch_size, True, seed * 10_007 + epoch):
             opt.zero_grad(set_to_none=True)
             labels = y.reshape(len(y), -1)
-            masked_bce(model(x).reshape(labels.shape), labels).backward()
+            loss_of(model(x).reshape(labels.shape), labels).backward()
             opt.step()
-        val = masked_auroc(*_scores(model, iterate("valid", 256, False, 0)))
-        if val > best["valid_auroc"] or best["best_epoch"] < 0:
-            test = masked_auroc(*_scores(model, iterate("test", 256, False, 0)))
-            best = {"valid_auroc": val, "test_auroc": test, "best_epoch": epoch}
+        val = score_of(*_scores(model, iterate("valid", 256, False, 0)))
+        if best["best_epoch"] < 0 or (math.isfinite(val) and not (math.isfinite(best["valid"])
+                                                                  and not better(val, best["valid"]))):
+            test = score_of(*_scores(model, iterate("test", 256, False, 0)))
+            best = {"valid": val, "test": test, "best_epoch": epoch}
         if progress is not None:
             progress()
     return best

@@ -32,7 +32,7 @@ figcaption { color: #555; font-size: .9em; } pre { background: #f7f7f7; padding:
 """
 
 # The order figures appear in; anything else follows alphabetically.
-_FIGURE_ORDER = ("losses", "auroc", "task_weights", "warp_magnitude", "warp_examples")
+_FIGURE_ORDER = ("losses", "scores", "task_weights", "warp_magnitude", "warp_examples")
 
 
 def write_report(folder: RunFolder) -> Path:
@@ -55,12 +55,16 @@ def write_report(folder: RunFolder) -> Path:
             data = base64.b64encode(png.read_bytes()).decode("ascii")
             parts.append(f"<figure><img alt='{html.escape(png.stem)}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{html.escape(_caption(png.stem))}</figcaption></figure>")
-    learned = summary.get("learned_task_weights") or summary.get("learned_warp")
+    learned = {setting: res["learned"] for setting, res in summary.get("settings", {}).items() if res.get("learned")}
     if learned:
         parts.append("<h2>Learned meta-parameters</h2>")
         parts.append(f"<pre>{html.escape(json.dumps(learned, indent=2))}</pre>")
     parts.append("<h2>Health</h2>")
     parts.append(_health(folder, summary))
+    diagnostics = folder.path / "diagnostics.json"
+    if diagnostics.is_file():  # written by `metapt diagnose`
+        parts.append("<h2>Hypergradient health</h2>")
+        parts.append(_hypergradient_health(diagnostics))
     parts.append("<h2>Configuration</h2>")
     parts.append(f"<pre>{html.escape(config or '(no config.yaml)')}</pre>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -88,7 +92,7 @@ def _figure_rank(path: Path) -> tuple[int, str]:
 
 def _caption(stem: str) -> str:
     captions = {"losses": "Losses, meta-loss, hypergradient norm and solver residual over pre-training steps",
-                "task_weights": "Learned task weights (1 = uniform)", "auroc": "Downstream test AUROC per method",
+                "task_weights": "Learned task weights (1 = uniform)", "scores": "Downstream test score per method",
                 "warp_magnitude": "Warp magnitude over steps", "warp_examples": "Examples of the learned warp"}
     for prefix, text in captions.items():
         if stem.startswith(prefix):
@@ -98,11 +102,19 @@ def _caption(stem: str) -> str:
 
 def _health(folder: RunFolder, summary: dict) -> str:
     items = []
-    skipped = summary.get("skipped_meta_steps")
-    if isinstance(skipped, dict):
-        total = sum(int(v) for v in skipped.values())
-        items.append(f"meta-steps skipped (non-finite hypergradient or diverging solver): {total}"
-                     + (" — consider a lower meta.solver.alpha or meta.solver.kind=cg" if total else ""))
+    for phase, h in summary.get("pretraining", {}).items():
+        skipped, rejected = int(h.get("skipped_meta_steps", 0)), int(h.get("rejected_heads", 0))
+        text = (f"{phase}: {h.get('meta_steps', 0)} meta-steps, {skipped} skipped (non-finite hypergradient or "
+                f"diverging solver), {rejected} non-finite heads rejected")
+        if skipped:
+            text += " — see `metapt diagnose` and the solver options in the README"
+        items.append(text)
+    for setting, res in summary.get("settings", {}).items():
+        bad = sum(int(v.get("nonfinite", 0)) for by_mode in res.get("scores", {}).values()
+                  for by_fraction in by_mode.values() for v in by_fraction.values())
+        if bad:
+            items.append(f"{setting}: {bad} fine-tuning run(s) scored NaN (e.g. a split with one class); "
+                         "they are left out of the means and CIs")
     checkpoints = folder.checkpoints()
     items.append(f"checkpoints kept: {len(checkpoints)}" + (f" (newest {checkpoints[-1].name})" if checkpoints else ""))
     return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
@@ -114,19 +126,14 @@ def _health(folder: RunFolder, summary: dict) -> str:
 def scores(summary: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """Every headline number of a run summary as ``{row label: (mean, ci95)}``, whatever its job."""
     out: dict[str, tuple[float, float]] = {}
-    for setting, res in summary.get("settings", {}).items():  # molecules
-        for method, by_mode in res["scores"].items():
-            for mode, v in by_mode.items():
-                out[f"{setting} · {method} · {mode} · test AUROC"] = (v["test_auroc_mean"], v["test_auroc_ci95"])
-    methods = summary.get("methods", {})
-    for method, body in methods.items():
-        if isinstance(body, dict) and "test_mse" in body:  # synthetic
-            out[f"{method} · test MSE"] = (body["test_mse"], float("nan"))
-            continue
-        for mode, by_fraction in (body or {}).items():  # ecg
-            for fraction, v in by_fraction.items():
-                if isinstance(v, dict) and "mean" in v:
-                    out[f"{method} · {mode} · {fraction} labels · test AUROC"] = (v["mean"], v.get("ci95", float("nan")))
+    for setting, res in summary.get("settings", {}).items():
+        metric = "test AUROC" if res.get("metric", "auroc") == "auroc" else "test MSE"
+        for method, by_mode in res.get("scores", {}).items():
+            for mode, by_fraction in by_mode.items():
+                for fraction, v in by_fraction.items():
+                    labels = "" if len(by_fraction) == 1 else f" · {float(fraction):.0%} labels"
+                    out[f"{setting} · {method} · {mode}{labels} · {metric}"] = (
+                        math.nan if v.get("mean") is None else v["mean"], math.nan if v.get("ci95") is None else v["ci95"])
     return out
 
 
@@ -171,3 +178,15 @@ def compare_markdown(folders: Sequence[RunFolder]) -> str:
         text += "\n## Configuration differences\n\n" + head
         text += "".join(f"| {k} | " + " | ".join(c) + " |\n" for k, c in diffs)
     return text
+
+
+def _hypergradient_health(path: Path) -> str:
+    """The table of ``metapt diagnose`` (lookahead agreement, SNR, curvature, cost), from diagnostics.json."""
+    from .diagnostics import format_table
+
+    try:
+        result = json.loads(_read(path))
+        text = f"{result.get('source', '')}\n\n{format_table(result)}"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"<p>{html.escape(str(path))} could not be read ({html.escape(type(err).__name__)})</p>"
+    return markdown.markdown(text, extensions=["tables"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import re
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
-from .hypergrad import ConjugateGradient, Identity, Neumann, Solver
+from .hypergrad import ConjugateGradient, Estimator, Identity, Neumann, Solver
 from .trainer import MetaSchedule
 
 #: Decorator for configuration classes: frozen, validated, unknown keys are errors.
@@ -45,6 +46,25 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> str:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:INDEX``; raises ValueError otherwise."""
+    if not _DEVICE.match(device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:INDEX, got {device!r}")
+    return device
+
+
+def check_job(config: Any, learned: bool) -> None:
+    """Checks every job config shares: a learned φ must get at least one meta-step."""
+    if learned and config.meta.warmup_steps >= config.pretrain.steps:
+        raise ValueError(f"meta.warmup_steps ({config.meta.warmup_steps}) must be below pretrain.steps "
+                         f"({config.pretrain.steps}), or the meta-learned methods would take no meta-step")
+    if len(set(config.methods)) != len(config.methods):
+        raise ValueError(f"methods must be distinct, got {list(config.methods)}")
+
+
 @schema
 class CheckpointConfig:
     """How often the whole meta-state is written, and how many files are kept.
@@ -58,31 +78,94 @@ class CheckpointConfig:
     keep: int = Field(default=3, ge=1)
 
 
+#: Which keys each solver kind reads (every other kind-specific key must stay unset).
+SOLVER_KEYS: dict[str, tuple[str, ...]] = {
+    "neumann": ("alpha", "terms", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner"),
+    "identity": ("alpha", "pt_batches", "upcoming", "adam_preconditioner"),
+    "cg": ("max_iter", "tol", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner"),
+    "unrolled": ("horizon",),
+}
+_SOLVER_DEFAULTS: dict[str, Any] = {"terms": 1, "max_iter": 20, "tol": 1e-6, "damping": 0.0, "spectrum_steps": 0,
+                                    "horizon": 10, "pt_batches": 1, "upcoming": False, "adam_preconditioner": False}
+
+
 @schema
 class SolverConfig:
-    """The inverse-Hessian-vector-product solver of the implicit hypergradient.
+    """The hypergradient estimator of a meta-step: an inverse-HVP solver, or reverse-mode through T PT steps.
+
+    Each kind has its own keys; a key that the chosen kind does not read is an error (leave it
+    unset, ``null``). Unset keys take the kind's default (in brackets).
 
     Attributes:
-        kind: ``neumann`` (the paper), ``cg`` (conjugate gradient) or ``identity`` (H ≈ I/α).
-        steps: Neumann terms M, or CG iterations.
-        alpha: Neumann/identity step α; None uses the PT learning rate (the paper's choice).
-        damping: CG: solve (H + damping·I) x = b, which keeps it stable on an indefinite H.
-        tol: CG: stop when the residual norm falls below tol·‖b‖.
+        kind: ``neumann`` (the paper: α Σ_{j≤M} (I − αH)^j g), ``identity`` (α g, the one-step
+            "T1–T2" hypergradient, no HVP), ``cg`` (conjugate gradient on (H + λI) x = g; stops at
+            negative curvature with its last good iterate, as truncated Newton-CG) or
+            ``unrolled`` (reverse-mode through ``horizon`` PT optimiser steps on the upcoming
+            batches: the exact T-step lookahead derivative).
+        alpha: neumann, identity: the step α; unset: the PT learning rate (the paper's choice).
+        terms: neumann: M, Hessian-vector products after the first term [1].
+        max_iter: cg: the most Hessian-vector products [20].
+        tol: cg: stop when ‖r‖ ≤ tol·‖g‖ [1e-6].
+        damping: neumann, cg: λ ≥ 0 added to H [0].
+        spectrum_steps: neumann: Lanczos steps that set α = 1/λmax (then ``alpha`` must stay
+            unset); cg: Lanczos steps that add 2·max(0, −λmin) to the damping [0: off].
+        horizon: unrolled: T, PT steps differentiated through [10].
+        pt_batches: neumann, identity, cg: PT batches whose mean loss gives H and the mixed
+            term [1].
+        upcoming: neumann, identity, cg: take those batches among the ones pre-training takes
+            next instead of the one(s) just taken [false].
+        adam_preconditioner: neumann, identity, cg: solve in Adam's geometry P = 1/(√v̂ + ε) of
+            the PT optimiser [false].
     """
 
-    kind: Literal["neumann", "cg", "identity"] = "neumann"
-    steps: int = Field(default=1, ge=0)
+    kind: Literal["neumann", "cg", "identity", "unrolled"] = "neumann"
     alpha: float | None = Field(default=None, gt=0)
-    damping: float = Field(default=0.0, ge=0)
-    tol: float = Field(default=1e-6, gt=0)
+    terms: int | None = Field(default=None, ge=0)
+    max_iter: int | None = Field(default=None, ge=1)
+    tol: float | None = Field(default=None, gt=0)
+    damping: float | None = Field(default=None, ge=0)
+    spectrum_steps: int | None = Field(default=None, ge=0)
+    horizon: int | None = Field(default=None, ge=1)
+    pt_batches: int | None = Field(default=None, ge=1)
+    upcoming: bool | None = None
+    adam_preconditioner: bool | None = None
 
-    def build(self, pt_lr: float) -> Solver:
+    def __post_init__(self):
+        allowed = SOLVER_KEYS[self.kind]
+        stray = [k for k in _SOLVER_DEFAULTS | {"alpha": None} if getattr(self, k) is not None and k not in allowed]
+        if stray:
+            owners = {k: [kind for kind, keys in SOLVER_KEYS.items() if k in keys] for k in stray}
+            detail = "; ".join(f"{k} is read by kind {' / '.join(v)}" for k, v in owners.items())
+            raise ValueError(f"solver kind {self.kind!r} does not read {', '.join(stray)} ({detail}); "
+                             f"unset {'it' if len(stray) == 1 else 'them'} (e.g. --set meta.solver.{stray[0]}=null) "
+                             f"or choose that kind; {self.kind} reads {', '.join(allowed)}")
+        if self.kind == "neumann" and self.spectrum_steps and self.alpha is not None:
+            raise ValueError("solver kind 'neumann': spectrum_steps > 0 sets alpha = 1/λmax; unset alpha or spectrum_steps")
+
+    def get(self, key: str) -> Any:
+        """The value of a kind-specific key, its default when unset."""
+        value = getattr(self, key)
+        return _SOLVER_DEFAULTS.get(key) if value is None else value
+
+    def build(self, pt_lr: float) -> Solver | None:
+        """The inverse-HVP solver (None for ``unrolled``, which solves nothing)."""
         alpha = self.alpha if self.alpha is not None else pt_lr
         if self.kind == "neumann":
-            return Neumann(steps=self.steps, alpha=alpha)
+            return Neumann(steps=self.get("terms"), alpha=alpha, damping=self.get("damping"),
+                           spectrum_steps=self.get("spectrum_steps"))
         if self.kind == "cg":
-            return ConjugateGradient(max_iter=max(self.steps, 1), tol=self.tol, damping=self.damping)
-        return Identity(alpha=alpha)
+            return ConjugateGradient(max_iter=self.get("max_iter"), tol=self.get("tol"), damping=self.get("damping"),
+                                     spectrum_steps=self.get("spectrum_steps"))
+        if self.kind == "identity":
+            return Identity(alpha=alpha)
+        return None
+
+    def estimator(self, pt_lr: float) -> Estimator:
+        """The :class:`metapt.hypergrad.Estimator` for ``MetaPretrainer(estimator=...)``."""
+        if self.kind == "unrolled":
+            return Estimator(horizon=self.get("horizon"))
+        return Estimator(solver=self.build(pt_lr), pt_batches=self.get("pt_batches"), upcoming=self.get("upcoming"),
+                         adam_preconditioner=self.get("adam_preconditioner"))
 
 
 @schema
@@ -93,11 +176,15 @@ class PretrainConfig:
         steps: PT steps per method.
         lr: Adam learning rate (also the Neumann α unless ``meta.solver.alpha`` is set).
         batch_size: pre-training examples per step.
+        seed: the pre-training seed: θ₀, φ₀, the order of the PT, FT and MetaFT-validation
+            batches and their random draws (augmentations, dropout). The data split has its
+            own seed (``data.split_seed``), so a new pre-training seed keeps the same data.
     """
 
     steps: int = Field(default=2000, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     batch_size: int = Field(default=64, ge=1)
+    seed: int = Field(default=0, ge=0)
 
 
 @schema
@@ -113,10 +200,12 @@ class MetaConfig:
         batches: hypergradients averaged per meta-step (paper: 1).
         warmup_steps: PT steps, the head trained alongside, before the first meta-step.
         head_steps: plain head steps before each meta-step's unroll (paper: 0).
+        lr_groups: Adam learning rates for the φ entries whose key starts with a given prefix
+            (e.g. ``{log_magnitude: 0.03}``); the others use ``lr``.
         reuse_pt_graph: take H and the mixed term from the gradient graph of the PT step just
-            before each meta-step instead of a second PT forward/backward: 1.34× instead of
-            1.49× plain pre-training on Hu et al.'s GIN, but H is one PT step older than g
-            (off by default: every derivative at the same θ, as in the paper).
+            before each meta-step instead of a second PT forward/backward (cheaper, but H is
+            one PT step older than g; off by default: every derivative at the same θ, as in the
+            paper; benchmarks/meta_overhead.py measures the saving).
         solver: the inverse-HVP solver.
     """
 
@@ -128,6 +217,7 @@ class MetaConfig:
     batches: int = Field(default=1, ge=1)
     warmup_steps: int = Field(default=100, ge=0)
     head_steps: int = Field(default=0, ge=0)
+    lr_groups: dict[str, float] = Field(default_factory=dict)
     reuse_pt_graph: bool = False
     solver: SolverConfig = SolverConfig()
 
@@ -135,6 +225,22 @@ class MetaConfig:
     @classmethod
     def _solver_by_name(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value  # `--set meta.solver=cg`
+
+    @field_validator("lr_groups")
+    @classmethod
+    def _finite_rates(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"learning rates must be finite and >= 0, got {bad}")
+        return value
+
+    def param_groups(self, metaparams: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """torch.optim parameter groups for φ: ``lr_groups`` prefixes first, ``lr`` for the rest."""
+        groups: dict[float, list] = {}
+        for key, tensor in metaparams.items():
+            lr = next((v for prefix, v in self.lr_groups.items() if key.startswith(prefix)), self.lr)
+            groups.setdefault(lr, []).append(tensor)
+        return [{"params": tensors, "lr": lr} for lr, tensors in groups.items()]
 
     def schedule(self, **overrides) -> MetaSchedule:
         values = {"meta_interval": self.interval, "unroll_steps": self.unroll_steps,

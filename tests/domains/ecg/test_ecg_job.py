@@ -1,20 +1,20 @@
-"""run_ecg end to end on generated WFDB records (quick preset), and its report pieces."""
+"""The ECG domain through the shared runner on generated WFDB records (quick preset)."""
 
 import json
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from metapt.domains.ecg.job import EvalConfig, preset_config, run_ecg
+from metapt.config import load_config
+from metapt.jobs import execute
+from metapt.runs import RunFolder
 
 with warnings.catch_warnings():  # wfdb trips pandas deprecation warnings at import time
     warnings.simplefilter("ignore")
     import wfdb
-from metapt.evaluation import FinetuneConfig
 
 FS = 360
 
@@ -45,95 +45,88 @@ def beat_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def quick_run(beat_folder, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run")
-    return out, run_ecg(out, beat_folder, preset="quick")
+    config = load_config("ecg-quick", [f"data_dir={beat_folder}"])
+    folder = RunFolder.create(out / "run", "job: ecg\n")
+    return folder.path, execute(folder, config), config
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_run_folder_has_every_artefact(quick_run):
-    out, summary = quick_run
-    for name in ("config.json", "metrics.jsonl", "evaluation.jsonl", "warp_phi.npz", "encoder_simclr.npz",
-                 "encoder_simclr_fixed_warp.npz", "encoder_simclr_meta_warp.npz", "summary.json", "summary.md",
-                 "warp_examples.png",
-                 "warp_magnitude.png", "auroc.png"):
+    out, summary, config = quick_run
+    for name in ("metrics.jsonl", "summary.json", "summary.md", "losses.png", "scores_ecg.png", "warp_magnitude.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert json.loads((out / "summary.json").read_text())["methods"].keys() == summary["methods"].keys()
-    config = json.loads((out / "config.json").read_text())
-    assert config["config"]["pretrain"]["steps"] == preset_config("quick").pretrain.steps
-    assert config["data"]["layout"] == "beats"
+    assert json.loads((out / "summary.json").read_text())["settings"]["ecg"]["data"]["layout"] == "beats"
 
 
-def test_fixed_warp_control_keeps_phi0_but_changes_pretraining(quick_run):
-    out, summary = quick_run
-    with np.load(out / "encoder_simclr.npz") as a, np.load(out / "encoder_simclr_fixed_warp.npz") as b:
-        assert a.files == b.files and any(not np.array_equal(a[k], b[k]) for k in a.files)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert not any("meta_loss" in r for r in rows if r["phase"] == "simclr_fixed_warp")
-
-
-def test_metrics_have_one_phase_per_pretrained_method_and_meta_steps(quick_run):
-    out, _ = quick_run
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def test_every_phase_runs_through_the_trainer_and_the_fixed_warp_never_moves(quick_run):
+    out, summary, config = quick_run
+    rows = _rows(out)
     phases = {r["phase"] for r in rows}
-    assert phases == {"simclr", "simclr_fixed_warp", "simclr_meta_warp"}
-    steps = preset_config("quick").pretrain.steps
+    assert phases == {"ecg/simclr", "ecg/simclr_fixed_warp", "ecg/simclr_meta_warp"}
     for phase in phases:
-        assert [r["step"] for r in rows if r["phase"] == phase] == list(range(1, steps + 1))
-    meta = [r for r in rows if r["phase"] == "simclr_meta_warp" and "meta_loss" in r]
-    assert meta and all(r["phi/magnitude"] > 0 for r in meta)
+        assert [r["step"] for r in rows if r["phase"] == phase] == list(range(1, config.pretrain.steps + 1))
+    assert not any("meta_loss" in r for r in rows if r["phase"] != "ecg/simclr_meta_warp")
+    meta = [r for r in rows if r["phase"] == "ecg/simclr_meta_warp" and "meta_loss" in r]
+    expected = (config.pretrain.steps - config.meta.warmup_steps) // config.meta.interval
+    assert len(meta) == expected and all(r["phi/magnitude"] > 0 for r in meta)
+    health = summary["pretraining"]
+    assert health["ecg/simclr_fixed_warp"]["meta_steps"] == 0 and health["ecg/simclr_meta_warp"]["meta_steps"] == expected
 
 
-def test_learned_warp_loads_without_pickle_and_moved(quick_run):
-    out, summary = quick_run
-    with np.load(out / "warp_phi.npz", allow_pickle=False) as z:
-        phi = {k: z[k] for k in z.files}
-    assert "log_magnitude" in phi and any(k.startswith("features.") for k in phi)
-    # φ₀ has magnitude 0.01: the meta-steps must have changed it
-    assert abs(float(np.exp(phi["log_magnitude"])) - 0.01) > 1e-6
-    assert summary["learned_warp"]["magnitude"] == pytest.approx(float(np.exp(phi["log_magnitude"])), rel=1e-6)
+def test_learned_warp_moved_from_its_initial_magnitude(quick_run):
+    out, summary, config = quick_run
+    learned = summary["settings"]["ecg"]["learned"]
+    assert set(learned) == {"simclr_meta_warp"}  # the fixed warp is a frozen φ: nothing learned to report
+    assert abs(learned["simclr_meta_warp"]["magnitude"] - config.problem.warp.init_magnitude) > 1e-6
 
 
 def test_summary_table_and_paired_gains(quick_run):
-    out, summary = quick_run
-    ev = preset_config("quick").evaluation
-    for method in ("no_pretrain", "simclr", "simclr_fixed_warp", "simclr_meta_warp"):
-        for mode in ("full_finetune", "linear_probe"):
-            for f in ev.label_fractions:
-                cell = summary["methods"][method][mode][str(f)]
-                assert len(cell["test_auroc"]) == len(ev.seeds)
-                assert all(0.0 <= a <= 1.0 for a in cell["test_auroc"])
-                assert cell["mean"] == pytest.approx(np.mean(cell["test_auroc"]))
-    assert set(summary["gains"]) == {"simclr_meta_warp - simclr", "simclr_meta_warp - simclr_fixed_warp",
-                                     "simclr_fixed_warp - simclr", "simclr - no_pretrain"}
-    first = str(ev.label_fractions[0])
-    gain = summary["gains"]["simclr_meta_warp - simclr"]["linear_probe"][first]
-    meta, base = (summary["methods"][m]["linear_probe"][first]["test_auroc"] for m in ("simclr_meta_warp", "simclr"))
-    expected = [a - b for a, b in zip(meta, base)]
-    assert gain["diff"] == pytest.approx(expected)
+    out, summary, config = quick_run
+    ev = config.evaluation
+    res = summary["settings"]["ecg"]
+    assert list(res["scores"]) == ["no pre-training", "SimCLR", "SimCLR + fixed warp", "SimCLR + meta warp"]
+    for by_mode in res["scores"].values():
+        assert list(by_mode) == ["full fine-tuning", "linear probe"]
+        for by_fraction in by_mode.values():
+            assert list(by_fraction) == [f"{f:g}" for f in ev.label_fractions]
+            for cell in by_fraction.values():
+                finite = [t for t in cell["test"] if t is not None]
+                assert len(cell["test"]) == ev.seeds and cell["nonfinite"] == ev.seeds - len(finite)
+                if finite:
+                    assert cell["mean"] == pytest.approx(np.mean(finite))
+    gain = res["gains"]["SimCLR + meta warp − SimCLR"]["linear probe"]["1"]
+    meta = res["scores"]["SimCLR + meta warp"]["linear probe"]["1"]["test"]
+    base = res["scores"]["SimCLR"]["linear probe"]["1"]["test"]
+    assert gain["diff"] == pytest.approx([a - b for a, b in zip(meta, base)])
     table = (out / "summary.md").read_text()
-    assert table.count("\n| ") >= 4 and "simclr_meta_warp" in table and "±" in table and "paired" in table
-    assert summary["timing"]["simclr_meta_warp"]["meta_step_cost_ratio"] > 0
-    rows = [json.loads(line) for line in (out / "evaluation.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 2 * len(ev.label_fractions) * len(ev.seeds)
+    assert "SimCLR + meta warp" in table and "±" in table and "(paired)" in table
 
 
 def test_test_records_are_unseen_by_pretraining_and_meta_learning(quick_run):
-    out, summary = quick_run
-    groups = json.loads((out / "config.json").read_text())["data"]["groups"]
-    records = {name: set(g["record_ids"]) for name, g in groups.items()}
+    out, summary, config = quick_run
+    groups = summary["settings"]["ecg"]["data"]["groups"]
+    records = {name: set(g["record_ids"]) for name, g in groups.items() if "record_ids" in g}
     assert all(records.values())
     assert not records["test"] & (records["pretrain"] | records["ft_train"] | records["metaval"])
     assert not records["metaval"] & (records["pretrain"] | records["ft_train"])
     assert not records["ft_train"] & records["pretrain"]
+    assert groups["valid"]["examples"] > 0  # carved out of FT-train before meta-learning saw it
 
 
-def test_user_mistakes_are_one_line_value_errors(beat_folder, tmp_path):
-    with pytest.raises(ValueError, match="unknown ECG preset 'fast'.*quick"):
-        run_ecg(tmp_path, beat_folder, preset="fast")
-    with pytest.raises(ValueError, match="raise pretrain_steps"):
-        run_ecg(tmp_path, beat_folder, preset="quick", pretrain_steps=2)
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        run_ecg(tmp_path, beat_folder, preset="quick", label_fractions=[0.0])
-    with pytest.raises(ValueError, match="linear_probe=True"):
-        EvalConfig(linear_probe=FinetuneConfig())
+def test_user_mistakes_are_clear_errors(beat_folder):
+    from metapt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="meta.warmup_steps .* must be below pretrain.steps"):
+        load_config("ecg-quick", [f"data_dir={beat_folder}", "pretrain.steps=2"])
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        load_config("ecg-quick", ["evaluation.label_fractions=[0.0]"])
+    with pytest.raises(ConfigError, match="linear_probe must have linear_probe: true"):
+        load_config("ecg-quick", ["evaluation.linear_probe.linear_probe=false"])
+    with pytest.raises(ConfigError, match="set by pretrain.batch_size"):
+        load_config("ecg-quick", ["problem.pretrain_batch_size=4"])
 
 
 # ---------------------------------------------------------------- PTB-XL layout (generated fixture only)
@@ -165,19 +158,17 @@ def make_ptbxl_folder(folder: Path, n: int = 40) -> Path:
 def test_ptbxl_layout_runs_multilabel_with_strat_folds(tmp_path):
     """PTB-XL is exercised only on this generated fixture (no real PTB-XL on this machine)."""
     data = make_ptbxl_folder(tmp_path / "ptbxl")
-    quick = preset_config("quick")
-    config = replace(quick, evaluation=replace(quick.evaluation, seeds=(0,), label_fractions=(1.0,), full_finetune=None),
-                     data=replace(quick.data, max_labelled_per_record=None))
-    summary = run_ecg(tmp_path / "run", data, preset=config)
-    assert summary["data"]["layout"] == "ptbxl"
-    assert summary["data"]["classes"] == ["NORM", "MI", "STTC", "CD", "HYP"]
-    groups = summary["data"]["groups"]
+    config = load_config("ecg-quick", [f"data_dir={data}", "evaluation.seeds=1", "evaluation.label_fractions=[1.0]",
+                                       "evaluation.full_finetune=null", "data.max_labelled_per_record=null"])
+    summary = execute(RunFolder.create(tmp_path / "run", "job: ecg\n"), config)
+    info = summary["settings"]["ecg"]["data"]
+    assert info["layout"] == "ptbxl" and info["classes"] == ["NORM", "MI", "STTC", "CD", "HYP"]
+    groups = info["groups"]
     assert groups["test"]["examples"] == 4 and groups["metaval"]["examples"] == 4  # folds 10 and 9
     assert groups["pretrain"]["examples"] == 32 and len(groups["test"]["positives"]) == 5
     assert not set(groups["test"]["record_ids"]) & set(groups["pretrain"]["record_ids"])
-    auroc = summary["methods"]["simclr_meta_warp"]["linear_probe"]["1.0"]["test_auroc"]
-    assert len(auroc) == 1 and 0.0 <= auroc[0] <= 1.0
-
+    cell = summary["settings"]["ecg"]["scores"]["SimCLR + meta warp"]["linear probe"]["1"]
+    assert len(cell["test"]) == 1
 
 
 def test_cap_keeping_positives_leaves_both_classes():
@@ -188,7 +179,7 @@ def test_cap_keeping_positives_leaves_both_classes():
     import numpy as np
     import torch
 
-    from metapt.domains.ecg.job import _cap_labelled
+    from metapt.domains.ecg.splits import _cap_labelled
 
     labels = torch.zeros(300, 1)
     positives = [17, 83, 117, 183, 217, 283]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from metapt.config import load_config
-from metapt.domains.molecules.job import run_molecules
 from metapt.domains.molecules.models import GINEncoder
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
 from metapt.hypergrad import Identity, pretraining_hypergradient, sgd, unrolled_finetune
@@ -107,16 +106,23 @@ def test_hypergradient_matches_finite_differences_of_the_mixed_term(b3db_small, 
 
 
 def test_test_preset_runs_end_to_end(tmp_path):
-    summary = run_molecules(tmp_path, load_config("molecules-test", ["evaluation.seeds=2"]))
-    for name in ("metrics.jsonl", "summary.json", "summary.md", "losses.png", "auroc_b3db.png",
-                 "task_weights_b3db.png", "example_weights_b3db.npz"):
-        assert (tmp_path / name).exists(), name
-    scores = summary["settings"]["b3db"]["scores"]
-    assert list(scores) == ["no pre-training", "uniform weights", "meta task weights", "meta example weights"]
-    assert all(len(v["test_auroc"]) == 2 for by_mode in scores.values() for v in by_mode.values())
-    weights = json.loads((tmp_path / "summary.json").read_text())["learned_task_weights"]["b3db"]
-    assert set(weights["uniform weights"].values()) == {1.0}  # the baseline never moves φ
-    assert len(weights["meta task weights"]) == 30 and set(weights["meta task weights"].values()) != {1.0}
+    from metapt.jobs import execute
+    from metapt.runs import RunFolder
+
+    summary = execute(RunFolder.create(tmp_path / "run", "job: molecules\n"),
+                      load_config("molecules-test", ["evaluation.seeds=2"]))
+    out = tmp_path / "run"
+    for name in ("metrics.jsonl", "summary.json", "summary.md", "losses.png", "scores_b3db.png", "task_weights_b3db.png"):
+        assert (out / name).exists(), name
+    res = summary["settings"]["b3db"]
+    assert list(res["scores"]) == ["no pre-training", "uniform weights", "meta task weights", "meta example weights"]
+    assert all(len(v["test"]) == 2 for by_mode in res["scores"].values() for by_fr in by_mode.values()
+               for v in by_fr.values())
+    learned = json.loads((out / "summary.json").read_text())["settings"]["b3db"]["learned"]
+    assert set(learned) == {"meta_task_weights", "meta_example_weights"}  # uniform's φ is frozen, not learned
+    assert len(learned["meta_task_weights"]["task_weights"]) == 30
+    assert set(learned["meta_task_weights"]["task_weights"].values()) != {1.0}
+    assert summary["pretraining"]["b3db/uniform"]["meta_steps"] == 0
 
 
 def test_label_noise_is_the_expected_bce_over_flips(b3db_small):

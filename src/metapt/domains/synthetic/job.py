@@ -1,115 +1,114 @@
-"""The synthetic task-weighting demo: uniform weights vs meta-learned weights, side by side."""
+"""The synthetic task-weighting demo as a runner domain: a problem with a known answer.
+
+Half the pre-training tasks are pure label noise; meta-learned task weights should
+push them down, and a linear probe on the pre-trained bottleneck should then fit the
+downstream regression better (test MSE, lower is better).
+"""
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from rich.console import Console
+from torch import nn
 
-from ...hypergrad import sgd
+from ...evaluation import Downstream, EvalConfig, FinetuneConfig
 from ...metaparams import weights_from_logits
-from ...metrics import progress_bar, read_jsonl
-from ...plots import plot_bars, plot_curves
-from ...runs import RunFolder, Session, write_text_atomic
-from ...schema import CheckpointConfig, MetaConfig, SolverConfig, jsonable, schema
-from ...strategy import ReusePTGraph
-from ...trainer import MetaPretrainer
+from ...plots import plot_bars
+from ...runner import Method, Pretraining
+from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, SolverConfig, check_device, check_job, schema
 from .problem import SyntheticConfig, SyntheticTaskWeighting
+
+METHODS = {m.name: m for m in (
+    Method("no_pretrain", "no pre-training", pretrain=False, phi="none"),
+    Method("uniform", "uniform weights", phi="frozen"),
+    Method("meta_task_weights", "meta task weights"),
+)}
 
 
 @schema
 class SyntheticJob:
-    """The demo's configuration: a problem with a known answer and Algorithm 1's knobs.
+    """The demo (``metapt config synthetic`` prints it resolved).
 
-    Attributes:
-        problem: the synthetic data (its ``seed`` also seeds θ₀).
-        steps: PT steps per method.
-        pt_lr: Adam learning rate of pre-training.
+    ``problem`` is the data (its ``seed`` draws the data); ``pretrain.seed`` draws θ₀ and
+    the batch order; ``pretrain.batch_size`` is every stream's batch size.
     """
 
     job: Literal["synthetic"] = "synthetic"
+    device: str = "auto"
+    methods: tuple[Literal[tuple(METHODS)], ...] = Field(default=tuple(METHODS), min_length=1)
     problem: SyntheticConfig = SyntheticConfig()
-    steps: int = Field(default=1000, ge=1)
-    pt_lr: float = Field(default=0.01, gt=0)
+    pretrain: PretrainConfig = PretrainConfig(steps=1000, lr=0.01, batch_size=32)
     meta: MetaConfig = MetaConfig(interval=5, unroll_steps=1, inner_lr=0.1, lr=0.1, warmup_steps=100,
-                                  solver=SolverConfig(kind="neumann", steps=5, alpha=0.01))
+                                  solver=SolverConfig(kind="neumann", terms=5, alpha=0.01))
+    evaluation: EvalConfig = EvalConfig(seeds=3, linear_probe=FinetuneConfig(linear_probe=True, epochs=60, lr=0.05,
+                                                                              batch_size=16))
     checkpoint: CheckpointConfig = CheckpointConfig(every=100)
 
-
-def _methods(job: SyntheticJob) -> tuple[tuple[str, float], ...]:
-    """(method, φ learning rate): the uniform run takes the same meta-steps with φ frozen, for equal cost."""
-    return (("uniform", 0.0), ("meta-learned", job.meta.lr))
-
-
-def run_synthetic(folder: RunFolder | str | Path, job: SyntheticJob = SyntheticJob(), *, resume: bool = False,
-                  console: Console | None = None) -> dict:
-    """Pre-train with uniform and with meta-learned task weights; report transfer."""
-    if not isinstance(folder, RunFolder):
-        folder = RunFolder(folder)
-        folder.path.mkdir(parents=True, exist_ok=True)
-    problem = SyntheticTaskWeighting(job.problem)
-    session = Session(folder, job.checkpoint, resume=resume, console=console)
-    started = time.perf_counter()
-    results = {}
-    try:
-        with progress_bar(console) as bars:
-            for method, lr in _methods(job):
-                if not session.done(method):
-                    task = bars.add_task(method, total=job.steps, info="")
-                    trainer = MetaPretrainer(
-                        problem, problem.initial_params(job.problem.seed), problem.initial_head(),
-                        problem.initial_metaparams(),
-                        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=job.pt_lr),
-                        meta_optimizer=lambda ps, lr=lr: torch.optim.Adam(ps, lr=lr) if lr else torch.optim.SGD(ps, lr=0.0),
-                        inner_optimizer=sgd(job.meta.inner_lr),
-                        solver=job.meta.solver.build(job.pt_lr),
-                        schedule=job.meta.schedule(),
-                        strategy=ReusePTGraph() if job.meta.reuse_pt_graph else None,
-                    )
-                    session.train(method, trainer, job.steps, progress=lambda s, task=task: bars.update(task, completed=s))
-                    session.record(method, {"params": {k: v.detach() for k, v in trainer.params.items()},
-                                            "metaparams": {k: v.detach() for k, v in trainer.metaparams.items()},
-                                            "skipped": trainer.skipped})
-                done = session[method]
-                weights = weights_from_logits(done["metaparams"]["task_logits"])
-                results[method] = {
-                    "test_mse": problem.probe_test_mse(done["params"]),
-                    "task_weights": [round(float(w), 4) for w in weights],
-                    "helpful_task": [bool(h) for h in problem.helpful],
-                    **problem.describe_metaparams(done["metaparams"]),
-                    "skipped_meta_steps": int(done["skipped"]),
-                }
-    finally:
-        session.close()
-    summary = {"methods": results, "config": jsonable(asdict(job)), "wall_seconds": round(time.perf_counter() - started, 2)}
-    write_text_atomic(folder.path / "summary.json", json.dumps(summary, indent=2))
-    write_text_atomic(folder.path / "summary.md", summary_markdown(summary))
-    write_plots(folder.path, summary)
-    return summary
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        check_job(self, any(METHODS[m].phi == "learned" for m in self.methods))
+        if self.problem.batch_size != SyntheticConfig().batch_size:
+            raise ValueError("problem.batch_size is set by pretrain.batch_size; leave it out")
 
 
-def summary_markdown(summary: dict) -> str:
-    lines = ["# Synthetic task weighting: transfer after pre-training", "",
-             "| method | test MSE (lower is better) | mean weight, helpful tasks | mean weight, noise tasks |",
-             "|---|---|---|---|"]
-    for method, r in summary["methods"].items():
-        lines.append(f"| {method} | {r['test_mse']:.4f} | {r['helpful_weight']:.3f} | {r['noise_weight']:.3f} |")
-    return "\n".join(lines) + f"\n\nWall time: {summary['wall_seconds']} s.\n"
+class _Linear(nn.Module):
+    """The pre-trained bottleneck x ↦ W x as a module."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.emb_dim = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
 
 
-def write_plots(out: Path, summary: dict) -> None:
-    rows = read_jsonl(out / "metrics.jsonl")
-    plot_curves(rows, ["pt_loss", "meta_loss", "hypergrad_norm", "solver_residual", "noise_weight", "helpful_weight"],
-                out / "losses.png", title="Pre-training and meta-learning")
-    learned = summary["methods"].get("meta-learned")
-    if learned:
-        names = [f"{'helpful' if h else 'noise'} {i}" for i, h in enumerate(learned["helpful_task"])]
-        plot_bars(names, {"learned weight": [(w, float("nan")) for w in learned["task_weights"]]},
-                  out / "task_weights.png", ylabel="2·sigmoid(logit)", title="Learned task weights (1 = uniform)",
-                  rotate=True)
+class Synthetic:
+    name = "synthetic"
+    methods = METHODS
+    gains = (("meta_task_weights", "uniform"), ("uniform", "no_pretrain"))
+
+    def settings(self, config: SyntheticJob) -> tuple[str, ...]:
+        return ("synthetic",)
+
+    def load(self, config: SyntheticJob, setting: str, console: Console) -> SyntheticTaskWeighting:
+        return SyntheticTaskWeighting(replace(config.problem, batch_size=config.pretrain.batch_size))
+
+    def pretraining(self, config: SyntheticJob, data: SyntheticTaskWeighting, method: Method, seed: int) -> Pretraining:
+        params = data.initial_params(seed)
+        return Pretraining(data, params, data.initial_head(), data.initial_metaparams(),
+                           encoder=lambda p: _Linear(p["encoder"]), emb_dim=data.config.subspace)
+
+    def downstream(self, config: SyntheticJob, data: SyntheticTaskWeighting) -> Downstream:
+        # evaluation fine-tunes on all downstream training data: FT-train ∪ MetaFT-validation
+        splits = {"train": tuple(torch.cat(p) for p in zip(data.ft_train, data.metaval)),
+                  "valid": data.valid, "test": data.test}
+        return Downstream(batch=lambda split, idx: (splits[split][0][idx], splits[split][1][idx]),
+                          labels={k: v[1] for k, v in splits.items()}, num_tasks=1, metric="mse")
+
+    def data_summary(self, config: SyntheticJob, data: SyntheticTaskWeighting) -> dict[str, Any]:
+        c = data.config
+        return {"pretrain_examples": c.pretrain_examples, "helpful_tasks": c.helpful_tasks,
+                "noise_tasks": c.noise_tasks, "dim": c.dim, "subspace": c.subspace}
+
+    def describe(self, config: SyntheticJob, data: SyntheticTaskWeighting, method: Method, phi: dict) -> dict[str, Any]:
+        weights = weights_from_logits(phi["task_logits"])
+        return {"task_weights": [round(float(w), 4) for w in weights],
+                "helpful_task": [bool(h) for h in data.helpful], **data.describe_metaparams(phi)}
+
+    def plots(self, out: Path, summary: dict[str, Any]) -> None:
+        learned = summary["settings"]["synthetic"]["learned"].get("meta_task_weights")
+        if learned:
+            names = [f"{'helpful' if h else 'noise'} {i}" for i, h in enumerate(learned["helpful_task"])]
+            plot_bars(names, {"learned weight": [(w, float("nan")) for w in learned["task_weights"]]},
+                      out / "task_weights.png", ylabel="2·sigmoid(logit)", title="Learned task weights (1 = uniform)",
+                      rotate=True)
+
+
+DOMAIN = Synthetic()
+CONFIG = SyntheticJob

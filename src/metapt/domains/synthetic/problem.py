@@ -30,6 +30,7 @@ class SyntheticConfig:
     finetune_examples: int = 24
     metaval_examples: int = 24
     test_examples: int = 2000
+    valid_examples: int = 500
     batch_size: int = 32
     noise_scale: float = 1.5
     seed: int = 0
@@ -65,6 +66,7 @@ class SyntheticTaskWeighting:
         self.ft_train, self.metaval, self.test = (
             labelled(c.finetune_examples), labelled(c.metaval_examples), labelled(c.test_examples)
         )
+        self.valid = labelled(c.valid_examples)  # downstream epoch selection; drawn last, so the rest is unchanged
         self._pt_order = EpochShuffler(c.pretrain_examples, c.batch_size, seed=c.seed)
         self._ft_order = EpochShuffler(c.finetune_examples, c.batch_size, seed=c.seed + 1)
         self._val_order = EpochShuffler(c.metaval_examples, c.batch_size, seed=c.seed + 2)

@@ -1,0 +1,358 @@
+"""One experiment runner for every domain: pre-train each method, evaluate it downstream, summarise.
+
+A domain (molecules, ECG, synthetic, or your own) declares a small :class:`Domain`:
+how to load its data for a setting, how to build one method's pre-training
+(problem, θ₀, ψ₀, φ₀ and the encoder used downstream), and its downstream splits.
+Methods are data (:class:`Method`): pre-train or not, and φ learned, frozen at its
+initial value, or absent. This module does the rest, the same way for every domain:
+
+* every pre-training phase runs through :class:`metapt.MetaPretrainer` (a frozen φ is
+  a schedule with no meta-steps), inside a :class:`metapt.runs.Session`, so every phase
+  resumes mid-phase after a kill, writes atomically and runs data-parallel under
+  torchrun;
+* one evaluation protocol (:mod:`metapt.evaluation`): full fine-tuning and linear probe
+  × label fractions × fine-tuning seeds, the epoch picked on the downstream 'valid'
+  split, test scores as mean ± 95 % CI and per-seed paired gains; non-finite scores
+  are counted, not dropped silently;
+* one summary layout (``summary.json``/``summary.md``) and the shared plots; a domain
+  may add plots of its own.
+
+Run-folder steps: phase ``SETTING/METHOD`` per pre-trained method, then one
+evaluation unit ``eval/SETTING/METHOD/MODE/FRACTION/SEED`` each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset, mean_ci95, nonfinite
+from .hypergrad import sgd
+from .metrics import progress_bar, read_jsonl
+from .plots import plot_bars, plot_curves
+from .problem import MetaProblem, Params
+from .runs import RunFolder, Session, write_text_atomic
+from .schema import jsonable
+from .strategy import ReusePTGraph, Strategy
+from .trainer import MetaPretrainer
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of producing the encoder that is fine-tuned downstream.
+
+    Attributes:
+        name: the key in configs and run folders (``meta_task_weights``).
+        label: what tables and plots call it (``meta task weights``).
+        pretrain: False: a randomly initialised encoder (no pre-training).
+        phi: ``learned`` (meta-learned online), ``frozen`` (held at φ₀: plain
+            pre-training with the same φ₀, the control for meta-learning) or ``none``.
+        variant: the domain's own selector of what φ is (``task_weights``, ``warp``).
+    """
+
+    name: str
+    label: str
+    pretrain: bool = True
+    phi: Literal["learned", "frozen", "none"] = "learned"
+    variant: str = ""
+
+
+@dataclass
+class Pretraining:
+    """What a domain builds for one method's pre-training.
+
+    Attributes:
+        problem: the :class:`metapt.MetaProblem` (losses and batches).
+        params, head, metaparams: θ₀, ψ₀, φ₀ (φ₀ may be empty for φ ``none``).
+        encoder: pre-trained θ → the ``nn.Module`` fine-tuned downstream.
+        emb_dim: the encoder's output width.
+        buffers: a module whose buffers (batch norm) data-parallel runs keep in sync.
+    """
+
+    problem: MetaProblem
+    params: Params
+    head: Params
+    metaparams: Params
+    encoder: Callable[[Params], nn.Module]
+    emb_dim: int
+    buffers: nn.Module | None = None
+
+
+class Domain(Protocol):
+    """What a domain declares to be run by :func:`run_experiment`.
+
+    ``config`` is the job's configuration, an instance of the domain's pydantic class
+    with the shared sections ``pretrain``, ``meta``, ``evaluation``, ``checkpoint``,
+    ``methods`` and ``device``.
+    """
+
+    name: str
+    methods: Mapping[str, Method]
+    #: paired differences reported, (better, baseline) method names
+    gains: Sequence[tuple[str, str]]
+
+    def settings(self, config: Any) -> Sequence[str]:
+        """Downstream settings run one after the other (``("b3db", "heldout")``; one name if just one)."""
+        ...
+
+    def load(self, config: Any, setting: str, console: Console) -> Any:
+        """The data of one setting (printed briefly on ``console``)."""
+        ...
+
+    def pretraining(self, config: Any, data: Any, method: Method, seed: int) -> Pretraining:
+        """One method's problem and initial values; ``seed`` is the pre-training seed."""
+        ...
+
+    def downstream(self, config: Any, data: Any) -> Downstream:
+        """The labelled downstream splits 'train', 'valid', 'test'."""
+        ...
+
+    def data_summary(self, config: Any, data: Any) -> dict[str, Any]:
+        """What the data of a setting is (sizes, groups, records), JSON-able, for the summary."""
+        ...
+
+    def describe(self, config: Any, data: Any, method: Method, metaparams: Params) -> dict[str, Any]:
+        """A readable, JSON-able summary of a learned φ (task names → weights, warp size)."""
+        ...
+
+    def plots(self, folder: Path, summary: dict[str, Any]) -> None:
+        """Extra plots from the run folder (may do nothing)."""
+        ...
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bool = False,
+                   console: Console | None = None, reevaluate: bool = False, dist: Any = None) -> dict[str, Any]:
+    """Run (or, with ``resume``, continue) ``config`` of ``domain`` in ``folder``; returns the summary.
+
+    ``reevaluate`` (with ``resume``) keeps the pre-trained encoders and redoes the evaluation.
+    ``dist``: the :class:`metapt.distributed.DistributedContext` of a torchrun launch: every
+    process pre-trains its shard, evaluates (seeded, so identically), and rank 0 alone writes.
+    """
+    is_main = dist is None or dist.is_main
+    console = console if console is not None and is_main else Console(stderr=True, quiet=not is_main)
+    session = Session(folder, config.checkpoint, resume=resume, console=console, dist=dist)
+    if reevaluate:
+        session.forget("eval/")
+    methods = [domain.methods[m] for m in config.methods]
+    summary: dict[str, Any] = {"job": domain.name, "config": jsonable(asdict(config)), "settings": {},
+                               "pretraining": {}}
+    try:
+        with progress_bar(console) as bars:
+            for setting in domain.settings(config):
+                data = domain.load(config, setting, console)
+                encoders, emb_dims, learned = {}, {}, {}
+                for method in methods:
+                    phase = f"{setting}/{method.name}"
+                    built = domain.pretraining(config, data, method, config.pretrain.seed)
+                    emb_dims[method.name] = built.emb_dim
+                    if not method.pretrain:
+                        encoders[method.name] = built.encoder(built.params)
+                        continue
+                    if not session.done(phase):
+                        task = bars.add_task(f"{setting}: {method.label}", total=config.pretrain.steps, info="")
+                        _pretrain(session, phase, built, config, method, dist,
+                                  lambda s, t=task: bars.update(t, completed=s))
+                    result = session[phase]
+                    if hasattr(built.problem, "load_state_dict") and result["problem"] is not None:
+                        built.problem.load_state_dict(result["problem"])
+                    encoders[method.name] = built.encoder(result["params"])
+                    summary["pretraining"][phase] = result["health"]
+                    if method.phi == "learned":
+                        learned[method.name] = domain.describe(config, data, method, result["metaparams"])
+                downstream = domain.downstream(config, data)
+                rows = _evaluate(session, setting, encoders, emb_dims, downstream, config.evaluation, bars)
+                summary["settings"][setting] = {
+                    "metric": downstream.metric,
+                    "sizes": {k: len(v) for k, v in downstream.labels.items()},
+                    "scores": _aggregate(rows, methods, config.evaluation),
+                    "gains": _gains(rows, domain, methods, config.evaluation),
+                    "learned": learned,
+                    "data": domain.data_summary(config, data),
+                }
+    finally:
+        session.close()
+    summary["wall_seconds"] = round(session.wall_seconds, 1)  # over every session of this run (resumes too)
+    if is_main:
+        write_summary(folder, summary)
+        write_plots(domain, folder, summary)
+    return summary
+
+
+def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, method: Method, dist: Any,
+              progress: Callable[[int], None]) -> None:
+    """One pre-training phase through MetaPretrainer, checkpointed by the session; records its result."""
+    meta, steps = config.meta, config.pretrain.steps
+    rank = dist.rank if dist is not None else 0
+    torch.manual_seed(config.pretrain.seed * 1_000_003 + 1 + rank)  # dropout and other draws; per process
+    learn = method.phi == "learned" and bool(built.metaparams)
+    phi = built.metaparams if built.metaparams else {}
+    problem = dist.shard(built.problem) if dist is not None else built.problem
+    strategy: Strategy | None
+    if dist is not None and dist.distributed:
+        strategy = dist.strategy(sync_buffers_of=built.buffers)
+    else:
+        strategy = ReusePTGraph() if meta.reuse_pt_graph and learn else None
+    trainer = MetaPretrainer(
+        problem, built.params, built.head, phi,
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.pretrain.lr),
+        meta_optimizer=lambda ps: _meta_optimizer(meta, dict(zip(phi, ps))),
+        inner_optimizer=sgd(meta.inner_lr),
+        solver=meta.solver.build(config.pretrain.lr),
+        schedule=meta.schedule(learn_phi=learn),
+        strategy=strategy,
+    )
+    session.train(phase, trainer, steps, built.problem, progress=progress)
+    session.record(phase, {
+        "params": {k: v.detach() for k, v in trainer.params.items()},
+        "metaparams": {k: v.detach() for k, v in trainer.metaparams.items()},
+        "problem": built.problem.state_dict() if hasattr(built.problem, "state_dict") else None,
+        "health": {"meta_steps": trainer.meta_step_count, "skipped_meta_steps": trainer.skipped,
+                   "rejected_heads": trainer.rejected_heads},
+    })
+
+
+def _meta_optimizer(meta: Any, phi: Params) -> torch.optim.Optimizer:
+    """Adam on φ with the configured per-key rates (an optimiser of nothing when φ is empty)."""
+    if not phi:
+        return torch.optim.SGD([torch.zeros(0, requires_grad=True)], lr=0.0)
+    return torch.optim.Adam(meta.param_groups(phi), lr=meta.lr)
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+def _evaluate(session: Session, setting: str, encoders: Mapping[str, nn.Module], emb_dims: Mapping[str, int],
+              downstream: Downstream, ev: EvalConfig, bars) -> list[dict[str, Any]]:
+    """Every (method, mode, label fraction, seed) unit, each recorded once by the session."""
+    modes = ev.modes()
+    total = len(encoders) * len(ev.label_fractions) * ev.seeds * sum(c.epochs for c in modes.values())
+    task = bars.add_task(f"{setting}: fine-tune and score", total=total, info="")
+    rows = []
+    train_labels = downstream.labels["train"]
+    for method, encoder in encoders.items():
+        for mode, cfg in modes.items():
+            for fraction in ev.label_fractions:
+                for seed in range(ev.seeds):
+                    key = f"eval/{setting}/{method}/{mode}/{fraction:g}/{seed}"
+                    if not session.done(key):
+                        subset = label_subset(train_labels, fraction, seed)
+                        score = finetune_and_score(
+                            encoder, emb_dims[method], downstream.num_tasks,
+                            downstream.iterate(subset, ev.min_batches_per_epoch), cfg, seed,
+                            progress=lambda: bars.advance(task), metric=downstream.metric)
+                        session.record(key, {"train_examples": int(len(subset)), **score})
+                    else:
+                        bars.advance(task, cfg.epochs)
+                    rows.append({"method": method, "mode": mode, "fraction": fraction, "seed": seed, **session[key]})
+    return rows
+
+
+def _aggregate(rows: list[dict[str, Any]], methods: Sequence[Method], ev: EvalConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for method in methods:
+        for mode in ev.modes():
+            for fraction in ev.label_fractions:
+                mine = [r for r in rows if (r["method"], r["mode"], r["fraction"]) == (method.name, mode, fraction)]
+                tests = [r["test"] for r in mine]
+                mean, ci = mean_ci95(tests)
+                out.setdefault(method.label, {}).setdefault(mode, {})[f"{fraction:g}"] = {
+                    "mean": mean, "ci95": ci, "test": tests, "valid": [r["valid"] for r in mine],
+                    "best_epoch": [r["best_epoch"] for r in mine], "nonfinite": nonfinite(tests)}
+    return out
+
+
+def _gains(rows: list[dict[str, Any]], domain: Domain, methods: Sequence[Method], ev: EvalConfig) -> dict[str, Any]:
+    """Per-seed paired differences (same seed: same label subset, head init and batch order)."""
+    names = {m.name for m in methods}
+    table = {(r["method"], r["mode"], r["fraction"], r["seed"]): r["test"] for r in rows}
+    out: dict[str, Any] = {}
+    for better, base in domain.gains:
+        if better not in names or base not in names:
+            continue
+        label = f"{domain.methods[better].label} − {domain.methods[base].label}"
+        for mode in ev.modes():
+            for fraction in ev.label_fractions:
+                diffs = [table[(better, mode, fraction, s)] - table[(base, mode, fraction, s)] for s in range(ev.seeds)]
+                mean, ci = mean_ci95(diffs)
+                out.setdefault(label, {}).setdefault(mode, {})[f"{fraction:g}"] = {
+                    "mean": mean, "ci95": ci, "diff": diffs, "nonfinite": nonfinite(diffs)}
+    return out
+
+
+# ---- summary and plots ------------------------------------------------------------------------
+
+
+def write_summary(folder: RunFolder, summary: dict[str, Any]) -> None:
+    """``summary.json`` (strict JSON: non-finite numbers become null) and ``summary.md``."""
+    write_text_atomic(folder.path / "summary.json", json.dumps(jsonable(summary), indent=2, allow_nan=False))
+    write_text_atomic(folder.path / "summary.md", summary_markdown(summary))
+
+
+def _cell(v: Mapping[str, Any]) -> str:
+    mean, ci, bad = v.get("mean"), v.get("ci95"), v.get("nonfinite", 0)
+    if mean is None or not math.isfinite(mean):
+        text = "n/a"
+    else:
+        text = f"{mean:.3f}" + (f" ± {ci:.3f}" if ci is not None and math.isfinite(ci) else "")
+    return text + (f" ({bad} non-finite)" if bad else "")
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    lines = [f"# {summary.get('job', 'run')}: downstream test scores, mean ± 95 % CI over fine-tuning seeds", ""]
+    for setting, res in summary["settings"].items():
+        metric = "AUROC" if res["metric"] == "auroc" else "MSE (lower is better)"
+        columns = [(mode, fr) for by_mode in list(res["scores"].values())[:1] for mode, by_fr in by_mode.items()
+                   for fr in by_fr]
+        head = ["method"] + [f"{mode}, {float(fr):.0%} labels" if len({f for _, f in columns}) > 1 else mode
+                             for mode, fr in columns]
+        lines += [f"## {setting}: test {metric}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for method, by_mode in res["scores"].items():
+            lines.append(f"| {method} | " + " | ".join(_cell(by_mode[m][f]) for m, f in columns) + " |")
+        for label, by_mode in res.get("gains", {}).items():
+            lines.append(f"| *{label}* (paired) | " + " | ".join(_cell(by_mode[m][f]) for m, f in columns) + " |")
+        sizes = ", ".join(f"{k} {v}" for k, v in res["sizes"].items())
+        lines += ["", f"Downstream examples: {sizes}. The epoch is chosen on 'valid'; test is read at that epoch.", ""]
+    health = summary.get("pretraining", {})
+    skipped = sum(int(h.get("skipped_meta_steps", 0)) for h in health.values())
+    rejected = sum(int(h.get("rejected_heads", 0)) for h in health.values())
+    meta_steps = sum(int(h.get("meta_steps", 0)) for h in health.values())
+    lines.append(f"Meta-steps: {meta_steps}, skipped (unusable hypergradient): {skipped}, "
+                 f"non-finite heads rejected: {rejected}. Each method is pre-trained once (seed "
+                 f"{summary['config']['pretrain']['seed']}): the CIs cover fine-tuning seeds only.")
+    lines.append(f"Wall time: {summary.get('wall_seconds', float('nan'))} s.")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(domain: Domain, folder: RunFolder, summary: Mapping[str, Any]) -> None:
+    """(Re)draw the run's plots from ``metrics.jsonl`` and the summary."""
+    out = folder.path
+    rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    keys = ["pt_loss", "meta_loss", "hypergrad_norm", "solver_residual"]
+    keys += sorted({k for r in rows for k in r if k.startswith("phi/")})
+    plot_curves(rows, keys, out / "losses.png", title="Pre-training and meta-learning")
+    for setting, res in summary["settings"].items():
+        methods = list(res["scores"])
+        columns = [(mode, fr) for mode, by_fr in res["scores"][methods[0]].items() for fr in by_fr]
+        metric = "test AUROC" if res["metric"] == "auroc" else "test MSE"
+        series = {f"{mode} {float(fr):.0%}" if len(columns) > len({m for m, _ in columns}) else mode:
+                  [(res["scores"][k][mode][fr]["mean"] if res["scores"][k][mode][fr]["mean"] is not None else math.nan,
+                    res["scores"][k][mode][fr]["ci95"] if res["scores"][k][mode][fr]["ci95"] is not None else math.nan)
+                   for k in methods] for mode, fr in columns}
+        plot_bars(methods, series, out / f"scores_{_slug(setting)}.png", ylabel=metric,
+                  title=f"{setting}: downstream {metric}", ylim=(0.5, 1.0) if res["metric"] == "auroc" else None)
+    domain.plots(out, summary)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)

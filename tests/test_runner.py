@@ -1,0 +1,139 @@
+"""The shared experiment runner: methods as data, one evaluation protocol, one summary."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from metapt.config import load_config
+from metapt.evaluation import Downstream, FinetuneConfig, finetune_and_score, label_subset
+from metapt.jobs import execute
+from metapt.runner import Method, _aggregate, write_summary
+from metapt.runs import RunFolder
+from metapt.trainer import MetaPretrainer, MetaSchedule
+
+
+def test_synthetic_known_answer_through_the_runner(tmp_path):
+    config = load_config("synthetic", ["pretrain.steps=600", "evaluation.seeds=2"])
+    summary = execute(RunFolder.create(tmp_path / "run", "job: synthetic\n"), config)
+    res = summary["settings"]["synthetic"]
+    learned = res["learned"]["meta_task_weights"]
+    assert learned["helpful_weight"] > 1.0 > learned["noise_weight"]
+    scores = res["scores"]
+    mse = {m: scores[m]["linear probe"]["1"]["mean"] for m in scores}
+    assert mse["meta task weights"] < 0.5 * mse["uniform weights"] < mse["no pre-training"]
+    gain = res["gains"]["meta task weights − uniform weights"]["linear probe"]["1"]
+    assert gain["mean"] < 0 and gain["ci95"] < abs(gain["mean"])  # lower MSE, every seed
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("meta_loss" in r for r in rows if r["phase"] == "synthetic/uniform")
+    assert any("phi/noise_weight" in r for r in rows)  # the weight curves are logged and plotted
+    assert (tmp_path / "run" / "losses.png").is_file() and (tmp_path / "run" / "task_weights.png").is_file()
+
+
+# ---- the evaluation protocol -------------------------------------------------------------------
+
+
+def _toy_downstream(test_labels_flipped: bool) -> Downstream:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, generator=g)
+    x = {k: torch.randn(n, 8, generator=g) for k, n in (("train", 200), ("valid", 100), ("test", 100))}
+    y = {k: (v @ w > 0).float() for k, v in x.items()}
+    if test_labels_flipped:
+        y["test"] = 1 - y["test"]
+    return Downstream(batch=lambda s, i: (x[s][i], y[s][i]), labels=y, num_tasks=1)
+
+
+def test_epoch_selection_never_looks_at_the_test_split():
+    # the same run with the test labels flipped: the same epoch and valid score, the mirrored test score
+    runs = []
+    for flipped in (False, True):
+        torch.manual_seed(0)
+        encoder = nn.Linear(8, 4)
+        runs.append(finetune_and_score(encoder, 4, 1, _toy_downstream(flipped).iterate(), FinetuneConfig(epochs=8, lr=0.05,
+                                                                                                        batch_size=32), seed=3))
+    a, b = runs
+    assert a["best_epoch"] == b["best_epoch"] and a["valid"] == b["valid"]
+    assert a["test"] == pytest.approx(1 - b["test"], abs=1e-9)
+
+
+def test_label_subsets_keep_both_classes_and_are_seeded():
+    labels = torch.zeros(1000)
+    labels[[5, 500]] = 1
+    a, b = label_subset(labels, 0.01, seed=1), label_subset(labels, 0.01, seed=1)
+    assert torch.equal(a, b) and labels[a].sum() >= 1 and (labels[a] == 0).any()
+    assert torch.equal(label_subset(labels, 1.0, seed=4), torch.arange(1000))
+
+
+def test_nonfinite_scores_are_counted_not_dropped_silently(tmp_path):
+    from metapt.evaluation import EvalConfig
+
+    ev = EvalConfig(seeds=3, linear_probe=FinetuneConfig(linear_probe=True))
+    rows = [{"method": "m", "mode": "linear probe", "fraction": 1.0, "seed": s, "test": t, "valid": 0.5,
+             "best_epoch": 0} for s, t in enumerate([0.7, math.nan, 0.9])]
+    cell = _aggregate(rows, [Method("m", "m")], ev)["m"]["linear probe"]["1"]
+    assert cell["nonfinite"] == 1 and cell["mean"] == pytest.approx(0.8)
+    folder = RunFolder.create(tmp_path / "r", "job: synthetic\n")
+    summary = {"job": "x", "config": {"pretrain": {"seed": 0}}, "pretraining": {},
+               "settings": {"s": {"metric": "auroc", "sizes": {}, "scores": {"m": {"linear probe": {"1": cell}}},
+                                  "gains": {}}}}
+    write_summary(folder, summary)
+    text = (folder.path / "summary.json").read_text()
+    assert "NaN" not in text and json.loads(text)["settings"]["s"]["scores"]["m"]["linear probe"]["1"]["test"][1] is None
+    assert "(1 non-finite)" in (folder.path / "summary.md").read_text()
+
+
+# ---- batch norm: only PT steps update the statistics ------------------------------------------
+
+
+class _BatchNormProblem:
+    """A linear encoder with batch norm whose running statistics are the problem's state."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 5, generator=g) * 3 + 1
+        self.y = self.x @ torch.randn(5, generator=g)
+        self.bn = nn.BatchNorm1d(5)
+
+    def _features(self, params, x):
+        return torch.func.functional_call(self.bn, {}, (x @ params["w"]).T.T) if False else self.bn(x) @ params["w"]
+
+    def pretrain_loss(self, params, phi, batch):
+        return ((self._features(params, self.x[batch]) * torch.exp(phi["s"])).sum(1) - self.y[batch]).pow(2).mean()
+
+    def finetune_loss(self, params, head, batch):
+        return ((self._features(params, self.x[batch]) * head["v"]).sum(1) - self.y[batch]).pow(2).mean()
+
+    def pretrain_batch(self, i):
+        return torch.arange(16) + 16 * (i % 4)
+
+    finetune_batch = metaval_batch = pretrain_batch
+
+    def describe_metaparams(self, phi):
+        return {}
+
+    def state_dict(self):
+        return {k: v.clone() for k, v in self.bn.named_buffers()}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for k, v in self.bn.named_buffers():
+                v.copy_(state[k])
+
+
+def test_only_pretraining_steps_update_batch_norm_statistics():
+    problem = _BatchNormProblem()
+    t = MetaPretrainer(problem, {"w": torch.eye(5)}, {"v": torch.zeros(5)}, {"s": torch.zeros(5)},
+                       pt_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01),
+                       meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01),
+                       schedule=MetaSchedule(meta_interval=1, warmup_steps=1, head_steps=2))
+    t.run_until(1)  # a PT step and a warm-up head step
+    after_pt = problem.state_dict()
+    assert int(after_pt["num_batches_tracked"]) == 1
+    t.pretrain_step()
+    before_meta = problem.state_dict()
+    t.meta_step()  # head catch-up, unroll, hypergradient: several forwards in train mode
+    for k, v in problem.state_dict().items():
+        assert torch.equal(v, before_meta[k]), k
+    assert int(before_meta["num_batches_tracked"]) == 2
