@@ -124,7 +124,10 @@ def trial(data, args, weights: torch.Tensor | None, seed: int = 0) -> dict:
 # ---- black-box search ------------------------------------------------------------------------------
 
 def search(data, args, sampler_name: str, budget_cpu: float, log) -> list[dict]:
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise SystemExit('this benchmark needs Optuna: .venv/bin/pip install -e ".[bench]"') from None
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if sampler_name == "tpe":

@@ -137,3 +137,40 @@ def test_only_pretraining_steps_update_batch_norm_statistics():
     for k, v in problem.state_dict().items():
         assert torch.equal(v, before_meta[k]), k
     assert int(before_meta["num_batches_tracked"]) == 2
+
+
+# ---- start-up: the registry and the package are lazy ---------------------------------------------
+
+
+def test_help_and_preset_list_start_without_importing_torch_or_any_domain():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom metapt.cli import app\n"
+            "r = CliRunner()\nassert r.invoke(app, ['--help']).exit_code == 0\n"
+            "out = r.invoke(app, ['config', '--list'])\nassert out.exit_code == 0 and 'molecules' in out.output\n"
+            "heavy = [m for m in sys.modules if m == 'torch' or m.startswith('metapt.domains.')]\n"
+            "assert not heavy, heavy\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def test_every_public_name_resolves_lazily():
+    import metapt
+
+    assert set(metapt._WHERE) == set(metapt.__all__)
+    for name in metapt.__all__:
+        assert getattr(metapt, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        metapt.nope  # noqa: B018
+
+
+def test_a_config_loads_only_its_own_domain():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom metapt.config import load_config\nload_config('synthetic')\n"
+            "loaded = {m.split('.')[2] for m in sys.modules if m.startswith('metapt.domains.') and m.count('.') >= 2}\n"
+            "assert loaded == {'synthetic'}, loaded\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

@@ -12,29 +12,63 @@ Warnings about skipped meta-steps, diverged solves and rejected fine-tuning head
 the standard :mod:`logging` logger ``"metapt"``.
 """
 
-from .hypergrad import (
-    ConjugateGradient,
-    HypergradInfo,
-    Identity,
-    Neumann,
-    SolverInfo,
-    adam,
-    pretraining_hypergradient,
-    sgd,
-    unrolled_finetune,
-)
-from .metaparams import (
-    AugmentationNetwork,
-    ExampleWeights,
-    GaussianNoiseScales,
-    LabelFlipRates,
-    TaskWeights,
-    weight_logits,
-    weights_from_logits,
-)
-from .problem import EpochShuffler, MetaProblem, Params
-from .strategy import ReusePTGraph, Strategy
-from .trainer import MetaPretrainer, MetaSchedule, MetricsLogger, NonFiniteLossError, TrainerSnapshot
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what static tools (type checkers, the API docs) read
+    from .hypergrad import (
+        ConjugateGradient,
+        HypergradInfo,
+        Identity,
+        Neumann,
+        SolverInfo,
+        adam,
+        pretraining_hypergradient,
+        sgd,
+        unrolled_finetune,
+    )
+    from .metaparams import (
+        AugmentationNetwork,
+        ExampleWeights,
+        GaussianNoiseScales,
+        LabelFlipRates,
+        TaskWeights,
+        weight_logits,
+        weights_from_logits,
+    )
+    from .problem import EpochShuffler, MetaProblem, Params
+    from .strategy import ReusePTGraph, Strategy
+    from .trainer import MetaPretrainer, MetaSchedule, MetricsLogger, NonFiniteLossError, TrainerSnapshot
+
+#: public name -> the module that defines it; imported on first use, so that `metapt --help`
+#: and `metapt config --list` start without importing torch
+_WHERE = {
+    "adam": ".hypergrad",
+    "AugmentationNetwork": ".metaparams",
+    "ConjugateGradient": ".hypergrad",
+    "EpochShuffler": ".problem",
+    "ExampleWeights": ".metaparams",
+    "GaussianNoiseScales": ".metaparams",
+    "HypergradInfo": ".hypergrad",
+    "Identity": ".hypergrad",
+    "LabelFlipRates": ".metaparams",
+    "MetaPretrainer": ".trainer",
+    "MetaProblem": ".problem",
+    "MetaSchedule": ".trainer",
+    "MetricsLogger": ".trainer",
+    "Neumann": ".hypergrad",
+    "NonFiniteLossError": ".trainer",
+    "Params": ".problem",
+    "pretraining_hypergradient": ".hypergrad",
+    "ReusePTGraph": ".strategy",
+    "sgd": ".hypergrad",
+    "SolverInfo": ".hypergrad",
+    "Strategy": ".strategy",
+    "TaskWeights": ".metaparams",
+    "TrainerSnapshot": ".trainer",
+    "unrolled_finetune": ".hypergrad",
+    "weight_logits": ".metaparams",
+    "weights_from_logits": ".metaparams",
+}
 
 __version__ = "0.1.0"
 
@@ -66,3 +100,17 @@ __all__ = [
     "weight_logits",
     "weights_from_logits",
 ]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        from importlib import import_module
+
+        value = getattr(import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'metapt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -64,7 +64,7 @@ def _guarded(debug: bool, action, folder_of=lambda: None):
     import errno
     import signal
 
-    from .trainer import NonFiniteLossError
+    from .errors import NonFiniteLossError
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -378,11 +378,13 @@ def show_config(
     """Print a fully resolved config (YAML) to start from: `metapt config molecules > my.yaml`."""
 
     def action():
-        from .config import load_config, presets, to_yaml
+        from ._presets import presets
 
         if list_presets or preset is None:
             console.print("\n".join(presets()), markup=False, highlight=False)
             return
+        from .config import load_config, to_yaml
+
         sys.stdout.write(to_yaml(load_config(preset, overrides)))
 
     _guarded(debug, action)

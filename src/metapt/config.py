@@ -24,6 +24,8 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
 from . import domains
+from ._presets import preset_text as _preset_text
+from ._presets import presets
 from .errors import ConfigError
 from .schema import jsonable
 
@@ -52,16 +54,6 @@ JOBS: Mapping[str, type] = _Jobs()
 
 
 # ---- presets --------------------------------------------------------------------------------
-
-
-def presets() -> list[str]:
-    """Names of the presets that ship with metapt."""
-    folder = resources.files("metapt") / "presets"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _preset_text(name: str) -> str:
-    return (resources.files("metapt") / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
 
 
 # ---- loading --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ The subclasses also derive from ``ValueError``, so library code that caught the
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "LaunchError", "RunFolderError", "UserError"]
+__all__ = ["ConfigError", "DataError", "LaunchError", "NonFiniteLossError", "RunFolderError", "UserError"]
 
 
 class UserError(Exception):
@@ -33,3 +33,14 @@ class DataError(UserError, ValueError):
 
 class LaunchError(UserError, ValueError):
     """The process cannot run as launched (thread count, process count, torchrun setup)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The pre-training loss stopped being finite; the run cannot continue.
+
+    Raised by :meth:`metapt.MetaPretrainer.pretrain_step` before θ is updated, so the trainer's
+    state is that of the last good step (``state_dict()`` still gives it). Usual causes: a PT
+    learning rate too high, or a meta learning rate that lets φ grow without bound. Defined
+    here (and re-exported by :mod:`metapt.trainer`) so the command line can catch it without
+    importing torch.
+    """

@@ -38,12 +38,14 @@ from .hypergrad import (
     Neumann,
     Solver,
     adam_preconditioner,
+    default_estimator,
     estimate_hypergradient,
     pretraining_hypergradient,
     sgd,
     unrolled_finetune,
 )
 from .optim import accepts_sparse_grad
+from .errors import NonFiniteLossError
 from .problem import MetaProblem, Params
 from .strategy import Strategy
 
@@ -54,15 +56,6 @@ class MetricsLogger(Protocol):
     """Receives the numbers of every step; files, progress bars and TensorBoard attach here."""
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The pre-training loss stopped being finite; the run cannot continue.
-
-    Raised by :meth:`MetaPretrainer.pretrain_step` before θ is updated, so the trainer's
-    state is that of the last good step (``state_dict()`` still gives it). Usual causes: a PT
-    learning rate too high, or a meta learning rate that lets φ grow without bound.
-    """
 
 
 @dataclass(frozen=True)
@@ -162,7 +155,9 @@ class MetaPretrainer:
         estimator: which hypergradient each meta-step estimates
             (:class:`metapt.hypergrad.Estimator`): the solver, the PT batches H and the mixed
             term are taken on (the one just taken, as the paper, or the upcoming ones), Adam's
-            preconditioner, or reverse-mode through T unrolled PT steps. Default: the paper's.
+            preconditioner, or reverse-mode through T unrolled PT steps. Default:
+            :func:`metapt.hypergrad.default_estimator` (chosen by measurement), or the paper's
+            estimator with ``solver`` when that is given.
             ``benchmarks/results/hypergrad_quality.md`` measures how well each agrees with the
             lookahead truth per domain.
         schedule: :class:`MetaSchedule`.
@@ -209,8 +204,8 @@ class MetaPretrainer:
         if estimator is not None and solver is not None:
             raise ValueError("MetaPretrainer: pass the solver inside the estimator, estimator=Estimator(solver=...), "
                              "not both solver= and estimator=")
-        if estimator is None:
-            estimator = Estimator(solver=solver)
+        if estimator is None:  # the measured default, or the paper's estimator with the solver given
+            estimator = default_estimator(_first_lr(self.pt_opt)) if solver is None else Estimator(solver=solver)
         self.solver = estimator.solver if estimator.solver is not None else Neumann(steps=1, alpha=_first_lr(self.pt_opt))
         self.estimator = estimator if estimator.horizon else dataclasses.replace(estimator, solver=self.solver)
         self.loggers = list(loggers)
