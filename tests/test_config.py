@@ -36,7 +36,7 @@ def test_overrides_are_read_as_yaml_values():
     assert config.meta.solver.kind == "cg" and config.meta.solver.max_iter == 7
     assert isinstance(config.meta.solver.build(config.pretrain.lr), ConjugateGradient)
     assert config.pretrain.lr == 3e-4 and config.data.settings == ("heldout",)
-    solver = load_config("molecules").meta.solver.build(1e-3)
+    solver = load_config("molecules", ["meta.solver=neumann"]).meta.solver.build(1e-3)
     assert isinstance(solver, Neumann) and solver.alpha == 1e-3 and solver.steps == 1  # paper: α = PT lr, M = 1
 
 
@@ -46,6 +46,7 @@ def test_overrides_are_read_as_yaml_values():
     ("meta.solver.kindd=cg", "did you mean 'meta.solver.kind'?"),
     ("meta.lr=-1", "meta.lr: Input should be greater than or equal to 0 (got -1)"),
     ("meta.solver=newton", "meta.solver.kind: Input should be 'neumann', 'cg', 'identity' or 'unrolled' (got 'newton')"),
+    ("meta.solver.terms=3", "solver kind 'identity' does not read terms (terms is read by kind neumann)"),
     ("model.norm=group", "model.norm: Input should be 'layer', 'batch' or 'none'"),
     ("pretrain.steps=many", "pretrain.steps: Input should be a valid integer"),
     ("methods=[uniform, magic]", "methods: Input should be 'no_pretrain', 'uniform'"),

@@ -10,6 +10,7 @@ from .curvature import Spectrum, gauss_newton_product, lanczos
 from .estimators import (
     Estimator,
     adam_preconditioner,
+    default_estimator,
     differentiable_pt_optimizer,
     estimate_hypergradient,
     pretrain_lookahead,
@@ -34,6 +35,7 @@ __all__ = [
     "Spectrum",
     "adam",
     "adam_preconditioner",
+    "default_estimator",
     "differentiable_pt_optimizer",
     "estimate_hypergradient",
     "gauss_newton_product",

@@ -26,7 +26,7 @@ from torch import Tensor
 from ._tree import Params, tree_norm
 from .core import HypergradInfo, PretrainGraph, _check_inputs, _check_scalar, _differentiable, pretraining_hypergradient
 from .optim import AdamState, InnerOptimizer, SGDState, adam, sgd
-from .solvers import Neumann, Solver, SolverInfo
+from .solvers import Identity, Neumann, Solver, SolverInfo
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,15 @@ class Estimator:
         if self.horizon:
             return list(range(self.horizon))
         return list(range(self.pt_batches)) if self.upcoming else [-1 - i for i in range(self.pt_batches)]
+
+
+def default_estimator(pt_lr: float) -> Estimator:
+    """The trainer's default, chosen by measurement (benchmarks/results/hypergrad_quality.md): the
+    one-step hypergradient α P g (Identity, α = PT lr, Adam's preconditioner P) with the mixed term on
+    the PT batch pre-training takes next. No Hessian-vector product: cheaper than the paper's
+    Neumann M = 1, and on every shipped domain closer to the exact lookahead derivative than the
+    paper's (mixed term on the batch just taken)."""
+    return Estimator(solver=Identity(pt_lr), upcoming=True, adam_preconditioner=True)
 
 
 def differentiable_pt_optimizer(opt: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> tuple[InnerOptimizer, tuple]:
