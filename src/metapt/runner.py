@@ -208,7 +208,7 @@ def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, met
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.pretrain.lr),
         meta_optimizer=lambda ps: _meta_optimizer(meta, dict(zip(phi, ps))),
         inner_optimizer=sgd(meta.inner_lr),
-        solver=meta.solver.build(config.pretrain.lr),
+        estimator=meta.solver.estimator(config.pretrain.lr),
         schedule=meta.schedule(learn_phi=learn),
         strategy=strategy,
     )
