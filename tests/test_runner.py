@@ -125,7 +125,7 @@ class _BatchNormProblem:
 def test_only_pretraining_steps_update_batch_norm_statistics():
     problem = _BatchNormProblem()
     t = MetaPretrainer(problem, {"w": torch.eye(5)}, {"v": torch.zeros(5)}, {"s": torch.zeros(5)},
-                       pt_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01),
+                       pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
                        meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01),
                        schedule=MetaSchedule(meta_interval=1, warmup_steps=1, head_steps=2))
     t.run_until(1)  # a PT step and a warm-up head step
@@ -174,3 +174,31 @@ def test_a_config_loads_only_its_own_domain():
             "assert loaded == {'synthetic'}, loaded\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+# ---- device placement (checked on CPU; benchmarks/gpu_smoke.py runs the jobs on CUDA) -------------
+
+
+def test_device_check_names_every_tensor_that_is_elsewhere():
+    from metapt.domains.synthetic.problem import SyntheticConfig, SyntheticTaskWeighting
+    from metapt.runner import check_device
+
+    problem = SyntheticTaskWeighting(SyntheticConfig())
+    t = MetaPretrainer(problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
+                       pt_optimizer=lambda ps: torch.optim.Adam(ps), meta_optimizer=lambda ps: torch.optim.Adam(ps))
+    check_device(t, torch.device("cpu"))  # everything is on the CPU
+    t.head["weight"] = torch.empty(4, device="meta")  # one tensor elsewhere
+    with pytest.raises(RuntimeError, match=r"not on cpu: head\.weight \(meta\)"):
+        check_device(t, torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path):
+    from metapt.config import ConfigError
+    from metapt.runner import resolve_device
+
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:INDEX"):
+        load_config("synthetic", ["device=tpu"])

@@ -212,9 +212,32 @@ def _scores(model: nn.Module, batches: Iterable[tuple[Any, Tensor]]) -> tuple[np
     model.eval()
     ys, ss = [], []
     for x, y in batches:
-        ys.append(y.float().reshape(len(y), -1).numpy())
-        ss.append(model(x).float().reshape(len(y), -1).numpy())
+        ys.append(y.float().reshape(len(y), -1).cpu().numpy())
+        ss.append(model(x).float().reshape(len(y), -1).cpu().numpy())
     return np.concatenate(ys), np.concatenate(ss)
+
+
+def _moved(iterate: BatchIter, device: torch.device) -> BatchIter:
+    """The same batches, on ``device``."""
+
+    def moved(split, batch_size, shuffle, seed):
+        for x, y in iterate(split, batch_size, shuffle, seed):
+            yield to_device(x, device), to_device(y, device)
+
+    return moved
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, a container of tensors or an object with ``.to`` (a PyG batch), on ``device``."""
+    if isinstance(value, Tensor) or hasattr(value, "to") and not isinstance(value, (type, str)):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
+        return type(value)(*(to_device(v, device) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
 
 
 def _embedded(encoder: nn.Module, iterate: BatchIter) -> BatchIter:
@@ -247,6 +270,7 @@ def finetune_and_score(
     seed: int,
     progress: Callable[[], None] | None = None,
     metric: Literal["auroc", "mse"] = "auroc",
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Fine-tune a copy of ``encoder`` with a fresh head on 'train'; score 'valid' and 'test'.
 
@@ -260,7 +284,10 @@ def finetune_and_score(
     loss_of = masked_bce if metric == "auroc" else _masked_mse
     better = (lambda a, b: a > b) if metric == "auroc" else (lambda a, b: a < b)
     torch.manual_seed(seed)
-    model = _Classifier(copy.deepcopy(encoder), emb_dim, num_tasks)
+    device = torch.device(device)
+    model = _Classifier(copy.deepcopy(encoder), emb_dim, num_tasks).to(device)
+    if device.type != "cpu":
+        iterate = _moved(iterate, device)
     if config.linear_probe:
         # frozen features are computed once per split; then only the head trains
         iterate = _embedded(model.encoder, iterate)

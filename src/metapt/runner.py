@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -34,7 +34,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset, mean_ci95, nonfinite
+from .errors import ConfigError
+from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset, mean_ci95, nonfinite, to_device
 from .hypergrad import sgd
 from .metrics import progress_bar, read_jsonl
 from .plots import plot_bars, plot_curves
@@ -107,8 +108,9 @@ class Domain(Protocol):
         """The data of one setting (printed briefly on ``console``)."""
         ...
 
-    def pretraining(self, config: Any, data: Any, method: Method, seed: int) -> Pretraining:
-        """One method's problem and initial values; ``seed`` is the pre-training seed."""
+    def pretraining(self, config: Any, data: Any, method: Method, seed: int, device: torch.device) -> Pretraining:
+        """One method's problem and initial values; ``seed`` is the pre-training seed. The problem's
+        own tensors and modules go on ``device`` (the runner moves θ₀, ψ₀, φ₀ and every batch)."""
         ...
 
     def downstream(self, config: Any, data: Any) -> Downstream:
@@ -144,9 +146,10 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
     session = Session(folder, config.checkpoint, resume=resume, console=console, dist=dist)
     if reevaluate:
         session.forget("eval/")
+    device = resolve_device(config.device, dist)
     methods = [domain.methods[m] for m in config.methods]
     summary: dict[str, Any] = {"job": domain.name, "config": jsonable(asdict(config)), "settings": {},
-                               "pretraining": {}}
+                               "pretraining": {}, "device": str(device)}
     try:
         with progress_bar(console) as bars:
             for setting in domain.settings(config):
@@ -154,14 +157,14 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                 encoders, emb_dims, learned = {}, {}, {}
                 for method in methods:
                     phase = f"{setting}/{method.name}"
-                    built = domain.pretraining(config, data, method, config.pretrain.seed)
+                    built = _placed(domain.pretraining(config, data, method, config.pretrain.seed, device), device)
                     emb_dims[method.name] = built.emb_dim
                     if not method.pretrain:
                         encoders[method.name] = built.encoder(built.params)
                         continue
                     if not session.done(phase):
                         task = bars.add_task(f"{setting}: {method.label}", total=config.pretrain.steps, info="")
-                        _pretrain(session, phase, built, config, method, dist,
+                        _pretrain(session, phase, built, config, method, dist, device,
                                   lambda s, t=task: bars.update(t, completed=s))
                     result = session[phase]
                     if hasattr(built.problem, "load_state_dict") and result["problem"] is not None:
@@ -171,7 +174,7 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                     if method.phi == "learned":
                         learned[method.name] = domain.describe(config, data, method, result["metaparams"])
                 downstream = domain.downstream(config, data)
-                rows = _evaluate(session, setting, encoders, emb_dims, downstream, config.evaluation, bars)
+                rows = _evaluate(session, setting, encoders, emb_dims, downstream, config.evaluation, bars, device)
                 summary["settings"][setting] = {
                     "metric": downstream.metric,
                     "sizes": {k: len(v) for k, v in downstream.labels.items()},
@@ -190,14 +193,15 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
 
 
 def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, method: Method, dist: Any,
-              progress: Callable[[int], None]) -> None:
+              device: torch.device, progress: Callable[[int], None]) -> None:
     """One pre-training phase through MetaPretrainer, checkpointed by the session; records its result."""
     meta, steps = config.meta, config.pretrain.steps
     rank = dist.rank if dist is not None else 0
     torch.manual_seed(config.pretrain.seed * 1_000_003 + 1 + rank)  # dropout and other draws; per process
     learn = method.phi == "learned" and bool(built.metaparams)
     phi = built.metaparams if built.metaparams else {}
-    problem = dist.shard(built.problem) if dist is not None else built.problem
+    problem = OnDevice(built.problem, device) if device.type != "cpu" else built.problem
+    problem = dist.shard(problem) if dist is not None else problem
     strategy: Strategy | None
     if dist is not None and dist.distributed:
         strategy = dist.strategy(sync_buffers_of=built.buffers)
@@ -212,6 +216,7 @@ def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, met
         schedule=meta.schedule(learn_phi=learn),
         strategy=strategy,
     )
+    check_device(trainer, device)
     session.train(phase, trainer, steps, built.problem, progress=progress)
     session.record(phase, {
         "params": {k: v.detach() for k, v in trainer.params.items()},
@@ -229,11 +234,83 @@ def _meta_optimizer(meta: Any, phi: Params) -> torch.optim.Optimizer:
     return torch.optim.Adam(meta.param_groups(phi), lr=meta.lr)
 
 
+# ---- devices ----------------------------------------------------------------------------------
+
+
+def resolve_device(setting: str, dist: Any = None) -> torch.device:
+    """``auto``: CUDA when available, else CPU. Under torchrun with CUDA, process r takes
+    ``cuda:LOCAL_RANK`` (the distributed context's device), whatever index was named."""
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {setting!r}: CUDA is not available on this machine; use device=cpu or auto")
+        if dist is not None and dist.distributed:
+            return dist.device
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {setting!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+class OnDevice:
+    """A problem whose batches (of every stream) are moved to ``device``; everything else is the problem's."""
+
+    def __init__(self, problem: MetaProblem, device: torch.device):
+        self.base, self.device = problem, device
+
+    def pretrain_batch(self, index: int) -> Any:
+        return to_device(self.base.pretrain_batch(index), self.device)
+
+    def finetune_batch(self, index: int) -> Any:
+        return to_device(self.base.finetune_batch(index), self.device)
+
+    def metaval_batch(self, index: int) -> Any:
+        return to_device(self.base.metaval_batch(index), self.device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.base, name)
+
+
+def _placed(built: Pretraining, device: torch.device) -> Pretraining:
+    move = lambda tree: {k: v.to(device) for k, v in tree.items()}  # noqa: E731
+    return replace(built, params=move(built.params), head=move(built.head), metaparams=move(built.metaparams))
+
+
+def check_device(trainer: MetaPretrainer, device: torch.device) -> None:
+    """Raise unless θ, ψ, φ, their optimisers' states and a batch of every stream are on ``device``."""
+    off = []
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != device.type or (device.index is not None and value.device.index != device.index):
+                off.append(f"{name} ({value.device})")
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                visit(f"{name}.{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                visit(f"{name}[{i}]", v)
+        elif hasattr(value, "to_dict"):  # a PyG batch
+            visit(name, value.to_dict())
+
+    for group in ("params", "head", "metaparams"):
+        visit(group, getattr(trainer, group))
+    for name, opt in (("pt optimiser", trainer.pt_opt), ("meta optimiser", trainer.meta_opt)):
+        visit(name, {str(i): st for i, st in enumerate(opt.state.values())})
+    problem = trainer.problem
+    visit("pretrain batch", problem.pretrain_batch(0))
+    visit("finetune batch", problem.finetune_batch(0))
+    visit("metaval batch", problem.metaval_batch(0))
+    if off:
+        raise RuntimeError(f"not on {device}: " + ", ".join(off[:8]) + (f" and {len(off) - 8} more" if len(off) > 8 else ""))
+
+
 # ---- evaluation -------------------------------------------------------------------------------
 
 
 def _evaluate(session: Session, setting: str, encoders: Mapping[str, nn.Module], emb_dims: Mapping[str, int],
-              downstream: Downstream, ev: EvalConfig, bars) -> list[dict[str, Any]]:
+              downstream: Downstream, ev: EvalConfig, bars, device: torch.device) -> list[dict[str, Any]]:
     """Every (method, mode, label fraction, seed) unit, each recorded once by the session."""
     modes = ev.modes()
     total = len(encoders) * len(ev.label_fractions) * ev.seeds * sum(c.epochs for c in modes.values())
@@ -250,7 +327,7 @@ def _evaluate(session: Session, setting: str, encoders: Mapping[str, nn.Module],
                         score = finetune_and_score(
                             encoder, emb_dims[method], downstream.num_tasks,
                             downstream.iterate(subset, ev.min_batches_per_epoch), cfg, seed,
-                            progress=lambda: bars.advance(task), metric=downstream.metric)
+                            progress=lambda: bars.advance(task), metric=downstream.metric, device=device)
                         session.record(key, {"train_examples": int(len(subset)), **score})
                     else:
                         bars.advance(task, cfg.epochs)

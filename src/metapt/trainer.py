@@ -448,7 +448,8 @@ class MetaPretrainer:
             for group in ("params", "metaparams"):
                 for k, v in getattr(self, group).items():
                     v.copy_(state[group][k])
-        self.head = {k: v.clone() for k, v in state["head"].items()}
+        self.head = {k: v.to(self.head[k].device, copy=True) if k in self.head else v.clone()
+                     for k, v in state["head"].items()}  # on the trainer's device, whatever the file's
         # torch's Optimizer.load_state_dict keeps the given moment tensors: copy, so that training
         # after a load never writes into ``state`` (or a checkpoint object still holding it)
         self.pt_opt.load_state_dict(copy.deepcopy(state["pt_opt"]))

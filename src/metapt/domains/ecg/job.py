@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 from rich.console import Console
 
@@ -91,10 +92,12 @@ class ECG:
         summary["groups"]["valid"] = {"examples": int(len(valid)), "from": "ft_train"}
         return {"ds": ds, "split": split, "valid": valid, "summary": summary}
 
-    def pretraining(self, config: ECGJob, data: dict[str, Any], method: Method, seed: int) -> Pretraining:
+    def pretraining(self, config: ECGJob, data: dict[str, Any], method: Method, seed: int,
+                    device: torch.device) -> Pretraining:
         pc = replace(config.problem, use_warp=method.variant == "warp", seed=seed,
                      pretrain_batch_size=config.pretrain.batch_size)
         problem = ECGSimCLRProblem.from_dataset(data["ds"], data["split"], pc)
+        _place(problem, device)
         return Pretraining(problem, problem.initial_params(seed), problem.initial_head(),
                            problem.initial_metaparams(seed), encoder=problem.encoder_module,
                            emb_dim=problem.embedding_dim)
@@ -110,12 +113,25 @@ class ECG:
         return data["summary"]
 
     def describe(self, config: ECGJob, data: dict[str, Any], method: Method, phi: dict) -> dict[str, Any]:
-        problem = self.pretraining(config, data, method, config.pretrain.seed).problem
+        problem = self.pretraining(config, data, method, config.pretrain.seed, torch.device("cpu")).problem
         return dict(problem.describe_metaparams(phi))
 
     def plots(self, out: Path, summary: dict[str, Any]) -> None:
         if (out / "metrics.jsonl").is_file():
             plot_magnitude(out / "metrics.jsonl", out / "warp_magnitude.png")
+
+
+def _place(problem: ECGSimCLRProblem, device: torch.device) -> None:
+    """The problem's own tensors and modules on ``device`` (its batches are built from them)."""
+    if device.type == "cpu":
+        return
+    problem.pretrain_x = problem.pretrain_x.to(device)
+    problem.ft_train = tuple(t.to(device) for t in problem.ft_train)
+    problem.metaval = tuple(t.to(device) for t in problem.metaval)
+    problem._probe, problem._probe_noise = problem._probe.to(device), problem._probe_noise.to(device)
+    problem.net.to(device)
+    if problem.warp is not None:
+        problem.warp.to(device)
 
 
 DOMAIN = ECG()

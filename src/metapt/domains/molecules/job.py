@@ -107,9 +107,10 @@ class Molecules:
                       + ", ".join(f"{k} {len(v)}" for k, v in data.split.items()))
         return data
 
-    def pretraining(self, config: MoleculesJob, data: MoleculeData, method: Method, seed: int) -> Pretraining:
+    def pretraining(self, config: MoleculesJob, data: MoleculeData, method: Method, seed: int,
+                    device: torch.device) -> Pretraining:
         torch.manual_seed(seed)  # θ₀: every method starts from the same encoder
-        encoder = GINEncoder(**asdict(config.model))
+        encoder = GINEncoder(**asdict(config.model)).to(device)
         problem = MoleculesProblem(data, encoder, VARIANTS[method.variant], pt_batch_size=config.pretrain.batch_size,
                                    seed=seed)
         return Pretraining(problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),

@@ -79,14 +79,18 @@ class Synthetic:
     def load(self, config: SyntheticJob, setting: str, console: Console) -> SyntheticTaskWeighting:
         return SyntheticTaskWeighting(replace(config.problem, batch_size=config.pretrain.batch_size))
 
-    def pretraining(self, config: SyntheticJob, data: SyntheticTaskWeighting, method: Method, seed: int) -> Pretraining:
+    def pretraining(self, config: SyntheticJob, data: SyntheticTaskWeighting, method: Method, seed: int,
+                    device: torch.device) -> Pretraining:
+        for name in ("x_pt", "y_pt", "ft_train", "metaval"):  # the tensors the losses index
+            value = getattr(data, name)
+            setattr(data, name, tuple(v.to(device) for v in value) if isinstance(value, tuple) else value.to(device))
         params = data.initial_params(seed)
         return Pretraining(data, params, data.initial_head(), data.initial_metaparams(),
                            encoder=lambda p: _Linear(p["encoder"]), emb_dim=data.config.subspace)
 
     def downstream(self, config: SyntheticJob, data: SyntheticTaskWeighting) -> Downstream:
         # evaluation fine-tunes on all downstream training data: FT-train ∪ MetaFT-validation
-        splits = {"train": tuple(torch.cat(p) for p in zip(data.ft_train, data.metaval)),
+        splits = {"train": tuple(torch.cat(p).cpu() for p in zip(data.ft_train, data.metaval)),
                   "valid": data.valid, "test": data.test}
         return Downstream(batch=lambda split, idx: (splits[split][0][idx], splits[split][1][idx]),
                           labels={k: v[1] for k, v in splits.items()}, num_tasks=1, metric="mse")
