@@ -515,7 +515,10 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
 
         console = Console(stderr=True)
     data = dom.load(config, setting or dom.settings(config)[0], console)
-    built = dom.pretraining(config, data, dom.methods[method_name], config.pretrain.seed)
+    import inspect
+
+    extra = {"device": torch.device("cpu")} if "device" in inspect.signature(dom.pretraining).parameters else {}
+    built = dom.pretraining(config, data, dom.methods[method_name], config.pretrain.seed, **extra)
     meta = config.meta
     from .trainer import MetaPretrainer
 
