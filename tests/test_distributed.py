@@ -274,3 +274,90 @@ def test_torchrun_runs_the_molecules_job_data_parallel(tmp_path):
     assert len(state["rng"]) == 2 and state["phase"] is None
     summary = json.loads((out / "summary.json").read_text())
     assert "meta task weights" in summary["settings"]["b3db"]["scores"]
+
+
+# ---- the ECG domain: SimCLR under torchrun equals its one-process reference ---------------------
+
+ECG_STEPS = 8
+ECG_SCHEDULE = MetaSchedule(meta_interval=2, warmup_steps=2, unroll_steps=1)  # meta-steps at 4, 6, 8
+
+
+def _ecg_problem():
+    from metapt.domains.ecg.augment import WarpConfig
+    from metapt.domains.ecg.models import EncoderConfig
+    from metapt.domains.ecg.problem import ECGProblemConfig, ECGSimCLRProblem
+
+    g = torch.Generator().manual_seed(5)
+    beats = lambda n: torch.randn(n, 1, 64, generator=g, dtype=torch.float64)  # noqa: E731
+    labels = lambda n: (torch.rand(n, 1, generator=g) < 0.3).double()  # noqa: E731
+    config = ECGProblemConfig(encoder=EncoderConfig(widths=(4, 8), blocks=(1, 1), kernel_size=5, norm="group"),
+                              projection_dim=8, warp=WarpConfig(widths=(4,), n_knots=4),
+                              pretrain_batch_size=6, finetune_batch_size=6)
+    return ECGSimCLRProblem(beats(48), (beats(24), labels(24)), (beats(24), labels(24)), config, dtype=torch.float64)
+
+
+def _ecg_trainer(problem, base, **kw):
+    return MetaPretrainer(
+        problem, base.initial_params(0), base.initial_head(), base.initial_metaparams(0),
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
+        inner_optimizer=sgd(0.1), solver=Neumann(2, 1e-3), schedule=ECG_SCHEDULE, **kw,
+    )
+
+
+def _ecg_worker(rank, port, harness_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = init_distributed(timeout=datetime.timedelta(seconds=60))
+    base = _ecg_problem()
+    rec = Recorder()
+    trainer = _ecg_trainer(ctx.shard(base), base, loggers=[rec], strategy=ctx.strategy(check_every=1))
+    trainer.run_until(ECG_STEPS)
+    torch.save({"rows": rec.rows, "final": _state(trainer)}, harness_dir / f"ecg{rank}.pt")
+    ctx.close()
+
+
+class _MeanOfShardLosses:
+    """PT batch i is the W shard batches; L_PT their mean (NT-Xent does not split over examples, so
+    the global loss of a W-process step is the mean of the W per-process losses)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def pretrain_batch(self, i):
+        return [self.base.pretrain_batch(i * WORLD + r) for r in range(WORLD)]
+
+    def pretrain_loss(self, params, phi, batch):
+        if isinstance(batch, list):
+            return sum(self.base.pretrain_loss(params, phi, b) for b in batch) / len(batch)
+        return self.base.pretrain_loss(params, phi, batch)  # a shard's batch, in the meta-step
+
+    def finetune_batch(self, i):  # FT losses are means over examples: the concatenated batch
+        return tuple(map(torch.cat, zip(*(self.base.finetune_batch(i * WORLD + r) for r in range(WORLD)))))
+
+    def metaval_batch(self, i):
+        return tuple(map(torch.cat, zip(*(self.base.metaval_batch(i * WORLD + r) for r in range(WORLD)))))
+
+
+def test_ecg_two_processes_match_the_one_process_reference(tmp_path):
+    mp.start_processes(_ecg_worker, args=(_free_port(), tmp_path), nprocs=WORLD, start_method="spawn", join=True)
+    outs = [torch.load(tmp_path / f"ecg{r}.pt", weights_only=False) for r in range(WORLD)]
+    base = _ecg_problem()
+    rec = Recorder()
+    ref = _ecg_trainer(_MeanOfShardLosses(base), base, loggers=[rec],
+                       strategy=MeanOverViews([_Shard(base, r) for r in range(WORLD)]))
+    ref.run_until(ECG_STEPS)
+    meta_rows = [m for _, m in rec.rows if "meta_loss" in m]
+    assert len(meta_rows) == 3 and ref.skipped == 0
+    assert [s for s, _ in outs[0]["rows"]] == list(range(1, ECG_STEPS + 1))
+    for (s, a), (t, b) in zip(outs[0]["rows"], rec.rows):
+        assert s == t and a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-10, abs=1e-12), (s, k)
+    _assert_states_close(outs[0]["final"], _state(ref), rtol=1e-10)
+    _assert_states_close(outs[1]["final"], outs[0]["final"], rtol=0)  # replicas bitwise equal
+    assert (outs[0]["final"]["metaparams"]["log_magnitude"] != base.initial_metaparams(0)["log_magnitude"]).all()

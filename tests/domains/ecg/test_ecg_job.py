@@ -198,3 +198,26 @@ def test_cap_keeping_positives_leaves_both_classes():
         assert len(group) == 10 and set(pos) <= set(group.tolist())
     uniform = _cap_labelled(ds, split, cap=10, seed=0)
     assert all(len(g) == 10 for g in (uniform.ft_train, uniform.metaval, uniform.test))
+
+
+def test_every_ecg_phase_resumes_mid_phase_after_sigkill(beat_folder, tmp_path):
+    """Killed in the plain SimCLR phase, in the meta-warp phase and during evaluation: bitwise identical."""
+    from tests.test_resume import _assert_same_run, _cli, _finish, _lines, _newest_state, _run_and_kill
+
+    args = ["--data", str(beat_folder), "--set", "pretrain.steps=40", "--set", "checkpoint.every=5",
+            "--set", "evaluation.seeds=1", "--set", "evaluation.label_fractions=[1.0]"]
+    ref, run = tmp_path / "reference", tmp_path / "killed"
+    _finish(_cli("run", "ecg-quick", "--out", str(ref), *args))
+    assert _lines(ref / "metrics.jsonl") == 120  # 3 pre-trained methods x 40 steps
+    metrics = lambda: _lines(run / "metrics.jsonl")  # noqa: E731
+    assert _run_and_kill(_cli("run", "ecg-quick", "--out", str(run), *args), lambda: metrics() >= 23), \
+        "the SimCLR-phase kill did not happen"
+    assert _newest_state(run)["phase"] == "ecg/simclr"  # mid-phase, after a checkpoint
+    assert _run_and_kill(_cli("resume", str(run)), lambda: metrics() >= 107), "the meta-warp kill did not happen"
+    assert _newest_state(run)["phase"] == "ecg/simclr_meta_warp"
+    assert _run_and_kill(_cli("resume", str(run)), lambda: any(
+        k.startswith("eval/") for k in _newest_state(run)["results"]) if metrics() >= 120 else False), \
+        "the evaluation kill did not happen"
+    assert not (run / "summary.json").exists()
+    _finish(_cli("resume", str(run)))
+    _assert_same_run(ref, run)
