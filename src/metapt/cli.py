@@ -34,8 +34,8 @@ DebugOption = Annotated[bool, typer.Option(
     "--debug", help="Show the full traceback on errors; under torchrun, also check after every step that all "
                     "processes hold bitwise identical θ, φ and head.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(
-    "--threads", min=1, help="torch CPU threads; on a shared machine 1 can be many times faster than "
-                             "oversubscribed cores.")]
+    "--threads", min=1, help="torch CPU threads (default 1, or OMP_NUM_THREADS if set): on a shared machine "
+                             "one thread is many times faster than oversubscribed cores.")]
 
 
 class _UserError(UserError):
@@ -144,10 +144,17 @@ def _on_main(ctx, fn):
 
 
 def _threads(threads: int | None) -> None:
-    """Set torch's CPU threads, at most the machine's CPUs (more oversubscribes, or crashes OpenMP)."""
-    if threads:
-        import os
+    """Set torch's CPU threads, at most the machine's CPUs (more oversubscribes, or crashes OpenMP).
 
+    Default 1 (unless OMP_NUM_THREADS is set): on a machine shared with one other CPU-bound
+    process, torch's default of a thread per core made the molecules job many times slower,
+    while one thread stays near its idle speed (benchmarks/results/threads.md).
+    """
+    import os
+
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        threads = 1
+    if threads:
         import torch
 
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
