@@ -21,7 +21,7 @@ def test_lazy_adam_with_dense_gradients_is_torch_adam():
         grad = torch.randn(7, 3, generator=g, dtype=torch.float64)
         a.grad, b.grad = grad.clone(), grad.clone()
         lazy.step(), ref.step()
-    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.equal(a, b)  # bit for bit: the same operations in the same order
     # the same state layout: an Adam checkpoint loads into LazyAdam and continues identically
     lazy2 = LazyAdam([b.clone()], lr=0.05, betas=(0.8, 0.95), eps=1e-6)
     lazy2.load_state_dict(ref.state_dict())
@@ -194,3 +194,17 @@ def test_trainer_makes_a_row_sparse_hypergradient_dense_for_a_dense_optimiser():
     one.run_until(1)
     # first step: momentum buffer = gradient, so both take the same step
     torch.testing.assert_close(lazy.metaparams["example_logits"], one.metaparams["example_logits"], rtol=1e-12, atol=0)
+
+
+def test_lazy_adam_continues_an_adam_state_with_row_sparse_steps():
+    phi = torch.zeros(4, dtype=torch.float64)
+    adam = torch.optim.Adam([phi], lr=0.1)
+    phi.grad = torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    adam.step()
+    lazy = LazyAdam([phi], lr=0.1)
+    lazy.load_state_dict(adam.state_dict())
+    m_before = lazy.state[phi]["exp_avg"].clone()
+    phi.grad = _sparse([2], [1.0], 4)
+    lazy.step()
+    assert lazy.state[phi]["step"].tolist() == [1, 1, 2, 1]
+    torch.testing.assert_close(lazy.state[phi]["exp_avg"][[0, 1, 3]], m_before[[0, 1, 3]], rtol=0, atol=0)

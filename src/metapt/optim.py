@@ -47,7 +47,8 @@ class LazyAdam(torch.optim.Optimizer):
         φ_r ← φ_r − \mathrm{lr}\,\frac{m_r / (1 − β_1^{k_r})}{\sqrt{v_r / (1 − β_2^{k_r})} + ε}
 
     Untouched rows keep φ, m, v and k. With dense gradients every row is touched every step and
-    this is ``torch.optim.Adam`` (same state layout: ``step`` a scalar tensor there).
+    this is ``torch.optim.Adam``, to the bit (same state layout: ``step`` a scalar tensor there; a
+    tensor with dense steps that then gets row-sparse ones starts every row's count at that scalar).
 
     Args:
         params: tensors (or param groups).
@@ -96,8 +97,8 @@ class LazyAdam(torch.optim.Optimizer):
                     denom = (v.sqrt() / bc2**0.5).add_(eps)
                     p.addcdiv_(m, denom, value=-lr / bc1)
                     continue
-                if k.dim() != 1:
-                    raise ValueError("LazyAdam: a tensor that had dense gradients got a row-sparse one")
+                if k.dim() != 1:  # dense steps so far (e.g. a torch.optim.Adam checkpoint): every row took them
+                    k = state["step"] = torch.full((p.shape[0],), float(k), dtype=torch.float32)
                 k_r = k.index_select(0, rows) + 1
                 k.index_copy_(0, rows, k_r)
                 m_r = m.index_select(0, rows).mul_(beta1).add_(g, alpha=1 - beta1)

@@ -38,6 +38,7 @@ from .errors import ConfigError
 from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset, mean_ci95, nonfinite, to_device
 from .hypergrad import sgd
 from .metrics import progress_bar, read_jsonl
+from .optim import LazyAdam
 from .plots import plot_bars, plot_curves
 from .problem import MetaProblem, Params
 from .runs import RunFolder, Session, write_text_atomic
@@ -228,10 +229,14 @@ def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, met
 
 
 def _meta_optimizer(meta: Any, phi: Params) -> torch.optim.Optimizer:
-    """Adam on φ with the configured per-key rates (an optimiser of nothing when φ is empty)."""
+    """Adam on φ with the configured per-key rates (an optimiser of nothing when φ is empty).
+
+    :class:`metapt.optim.LazyAdam`: on dense hypergradients exactly Adam; on row-sparse ones
+    (example weights) it updates only the rows a meta-step touched, at a cost independent of |φ|.
+    """
     if not phi:
         return torch.optim.SGD([torch.zeros(0, requires_grad=True)], lr=0.0)
-    return torch.optim.Adam(meta.param_groups(phi), lr=meta.lr)
+    return LazyAdam(meta.param_groups(phi), lr=meta.lr)
 
 
 # ---- devices ----------------------------------------------------------------------------------

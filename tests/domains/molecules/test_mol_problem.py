@@ -7,7 +7,7 @@ import torch
 
 from metapt.config import load_config
 from metapt.domains.molecules.models import GINEncoder
-from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
+from metapt.domains.molecules.problem import MoleculesProblem, NoiseModelConfig, WeightingConfig, load_molecule_data
 from metapt.hypergrad import Identity, pretraining_hypergradient, sgd, unrolled_finetune
 
 
@@ -176,5 +176,5 @@ def test_summary_names_every_family(b3db_small):
     summary = p.describe_metaparams(phi)
     for key in ("task_weight_min", "task_weight_std", "example_weight_max", "label_flip_mean", "feature_noise_mean"):
         assert key in summary
-    with pytest.raises(ValueError, match="label_noise_init"):
-        WeightingConfig(label_noise_init=0.7)
+    with pytest.raises(ValueError, match="label_flip_init"):
+        NoiseModelConfig(label_flip_init=0.7)

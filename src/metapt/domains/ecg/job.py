@@ -34,7 +34,12 @@ METHODS = {m.name: m for m in (
     Method("simclr", "SimCLR", phi="none", variant="plain"),
     Method("simclr_fixed_warp", "SimCLR + fixed warp", phi="frozen", variant="warp"),
     Method("simclr_meta_warp", "SimCLR + meta warp", variant="warp"),
+    # opt-in (--set methods=[...]): the learned band-limited noise model, alone or with the warp
+    Method("simclr_meta_noise", "SimCLR + meta noise", variant="noise"),
+    Method("simclr_meta_warp_noise", "SimCLR + meta warp + noise", variant="warp_noise"),
 )}
+#: The methods run unless ``methods`` says otherwise (the noise models are opt-in).
+DEFAULT_METHODS = ("no_pretrain", "simclr", "simclr_fixed_warp", "simclr_meta_warp")
 
 
 @schema
@@ -49,12 +54,12 @@ class ECGJob:
     job: Literal["ecg"] = "ecg"
     device: str = "auto"
     data_dir: str | None = None
-    methods: tuple[Literal[tuple(METHODS)], ...] = Field(default=tuple(METHODS), min_length=1)
+    methods: tuple[Literal[tuple(METHODS)], ...] = Field(default=DEFAULT_METHODS, min_length=1)
     data: DataConfig = DataConfig()
     problem: ECGProblemConfig = ECGProblemConfig()
     pretrain: PretrainConfig = PretrainConfig(steps=2000, lr=1e-3, batch_size=64)
     meta: MetaConfig = MetaConfig(interval=20, unroll_steps=1, batches=4, warmup_steps=150, inner_lr=0.1, lr=1e-3,
-                                  lr_groups={"log_magnitude": 0.03})
+                                  lr_groups={"log_magnitude": 0.03, "band_noise": 0.03})
     evaluation: EvalConfig = EvalConfig(
         seeds=5, label_fractions=(0.01, 0.1, 1.0), min_batches_per_epoch=8,
         full_finetune=FinetuneConfig(epochs=10, lr=1e-3, batch_size=64),
@@ -94,7 +99,8 @@ class ECG:
 
     def pretraining(self, config: ECGJob, data: dict[str, Any], method: Method, seed: int,
                     device: torch.device) -> Pretraining:
-        pc = replace(config.problem, use_warp=method.variant == "warp", seed=seed,
+        pc = replace(config.problem, use_warp=method.variant in ("warp", "warp_noise"),
+                     use_noise=method.variant in ("noise", "warp_noise"), seed=seed,
                      pretrain_batch_size=config.pretrain.batch_size)
         problem = ECGSimCLRProblem.from_dataset(data["ds"], data["split"], pc)
         _place(problem, device)

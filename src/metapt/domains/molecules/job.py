@@ -8,7 +8,7 @@ per-molecule weights, and a randomly initialised encoder.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,17 +17,19 @@ from pydantic import Field
 from rich.console import Console
 
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig
-from ...metaparams import weights_from_logits
+from ...metaparams import GaussianNoiseScales, LabelFlipRates, weights_from_logits
 from ...plots import plot_bars
 from ...runner import Method, Pretraining
 from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
 from .models import GINEncoder
-from .problem import MoleculeData, MoleculesProblem, WeightingConfig, load_molecule_data
+from .problem import MoleculeData, MoleculesProblem, NoiseModelConfig, WeightingConfig, load_molecule_data
 
 #: What φ is, by method variant.
 VARIANTS: dict[str, WeightingConfig] = {
     "task_weights": WeightingConfig(task_weights=True),
     "example_weights": WeightingConfig(task_weights=False, example_weights=True),
+    "label_noise": WeightingConfig(task_weights=False, label_noise=True),
+    "feature_noise": WeightingConfig(task_weights=False, feature_noise=True),
 }
 
 METHODS = {m.name: m for m in (
@@ -35,7 +37,11 @@ METHODS = {m.name: m for m in (
     Method("uniform", "uniform weights", phi="frozen", variant="task_weights"),
     Method("meta_task_weights", "meta task weights", variant="task_weights"),
     Method("meta_example_weights", "meta example weights", variant="example_weights"),
+    Method("meta_label_noise", "meta label noise", variant="label_noise"),  # opt-in: --set methods=[...]
+    Method("meta_feature_noise", "meta embedding noise", variant="feature_noise"),
 )}
+#: The methods run unless ``methods`` says otherwise (the noise models are opt-in).
+DEFAULT_METHODS = ("no_pretrain", "uniform", "meta_task_weights", "meta_example_weights")
 
 
 @schema
@@ -75,11 +81,13 @@ class MoleculesJob:
 
     job: Literal["molecules"] = "molecules"
     device: str = "auto"
-    methods: tuple[Literal[tuple(METHODS)], ...] = Field(default=tuple(METHODS), min_length=1)
+    methods: tuple[Literal[tuple(METHODS)], ...] = Field(default=DEFAULT_METHODS, min_length=1)
     data: MoleculesDataConfig = MoleculesDataConfig()
     model: GINConfig = GINConfig()
     pretrain: PretrainConfig = PretrainConfig()
     meta: MetaConfig = MetaConfig()
+    #: starting values of the noise models of meta_label_noise / meta_feature_noise
+    noise: NoiseModelConfig = NoiseModelConfig()
     evaluation: EvalConfig = EvalConfig(
         seeds=5, full_finetune=FinetuneConfig(epochs=4, lr=1e-3, batch_size=64),
         linear_probe=FinetuneConfig(linear_probe=True, epochs=30, lr=1e-2, batch_size=64))
@@ -111,8 +119,8 @@ class Molecules:
                     device: torch.device) -> Pretraining:
         torch.manual_seed(seed)  # θ₀: every method starts from the same encoder
         encoder = GINEncoder(**asdict(config.model)).to(device)
-        problem = MoleculesProblem(data, encoder, VARIANTS[method.variant], pt_batch_size=config.pretrain.batch_size,
-                                   seed=seed)
+        weighting = replace(VARIANTS[method.variant], noise=config.noise)
+        problem = MoleculesProblem(data, encoder, weighting, pt_batch_size=config.pretrain.batch_size, seed=seed)
         return Pretraining(problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
                            encoder=problem.encoder_with, emb_dim=encoder.emb_dim, buffers=encoder)
 
@@ -142,6 +150,11 @@ class Molecules:
             w = weights_from_logits(phi["example_logits"])
             out["example_weights"] = {"mean": float(w.mean()), "std": float(w.std()), "min": float(w.min()),
                                       "max": float(w.max())}
+        if "label_flip" in phi:  # ρ_t per task
+            rates = LabelFlipRates(len(data.pretrain_task_names)).rates(phi)
+            out["label_flip_rates"] = {name: round(float(v), 4) for name, v in zip(data.pretrain_task_names, rates)}
+        if "feature_noise" in phi:
+            out["embedding_noise_std"] = GaussianNoiseScales(len(phi["feature_noise"]), 1.0, key="feature_noise").summary(phi)
         return out
 
     def plots(self, out: Path, summary: dict[str, Any]) -> None:

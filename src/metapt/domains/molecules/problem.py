@@ -14,6 +14,7 @@ and in eval mode for fine-tuning, as in the paper.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -174,6 +175,26 @@ def load_molecule_data(
 
 
 @schema
+class NoiseModelConfig:
+    """Starting values of the molecules noise models (used when :class:`WeightingConfig` enables them).
+
+    Attributes:
+        label_flip_init: ρ₀, the initial label-flip rate of every task, in (0, 0.5).
+        embedding_noise_init: σ₀, the initial std of the noise on every embedding feature
+            (the embeddings are layer-normed: about unit scale).
+    """
+
+    label_flip_init: float = 0.05
+    embedding_noise_init: float = 0.1
+
+    def __post_init__(self):
+        if not 0 < self.label_flip_init < 0.5:
+            raise ValueError(f"noise.label_flip_init must be in (0, 0.5), got {self.label_flip_init}")
+        if not (self.embedding_noise_init > 0 and math.isfinite(self.embedding_noise_init)):
+            raise ValueError(f"noise.embedding_noise_init must be finite and > 0, got {self.embedding_noise_init}")
+
+
+@schema
 class WeightingConfig:
     """Which meta-parameters φ to learn.
 
@@ -182,24 +203,16 @@ class WeightingConfig:
         example_weights: one weight per pre-training molecule (data reweighting).
         label_noise: per-task label-flip rates ρ_t = 0.5·sigmoid(φ_t) (a noise model; the PT
             loss is the expected BCE over the flips, i.e. label smoothing by ρ_t).
-        label_noise_init: ρ₀, every task.
         feature_noise: per-feature Gaussian noise σ_j = exp(φ_j) on the graph embedding fed
             to the PT head (a noise model; the standard normal draw is part of the batch).
-        feature_noise_init: σ₀, every feature (the embeddings are layer-normed: about unit scale).
+        noise: the noise models' starting values.
     """
 
     task_weights: bool = True
     example_weights: bool = False
     label_noise: bool = False
-    label_noise_init: float = 0.05
     feature_noise: bool = False
-    feature_noise_init: float = 0.1
-
-    def __post_init__(self):
-        if not 0 < self.label_noise_init < 0.5:
-            raise ValueError(f"WeightingConfig: label_noise_init must be in (0, 0.5), got {self.label_noise_init}")
-        if not self.feature_noise_init > 0:
-            raise ValueError(f"WeightingConfig: feature_noise_init must be > 0, got {self.feature_noise_init}")
+    noise: NoiseModelConfig = NoiseModelConfig()
 
 
 class MoleculesProblem:
@@ -229,8 +242,8 @@ class MoleculesProblem:
         self.families = [f for f, on in (
             (TaskWeights(self.num_pt_tasks, names=names), w.task_weights),
             (ExampleWeights(len(data.pretrain_positions)), w.example_weights),
-            (LabelFlipRates(self.num_pt_tasks, w.label_noise_init, names=names), w.label_noise),
-            (GaussianNoiseScales(encoder.emb_dim, w.feature_noise_init, key="feature_noise"), w.feature_noise),
+            (LabelFlipRates(self.num_pt_tasks, w.noise.label_flip_init, names=names), w.label_noise),
+            (GaussianNoiseScales(encoder.emb_dim, w.noise.embedding_noise_init, key="feature_noise"), w.feature_noise),
         ) if on]
         if not self.families:
             raise ValueError("WeightingConfig: enable task_weights, example_weights, label_noise or feature_noise")
