@@ -269,15 +269,19 @@ def test_a_fresh_session_never_prunes_checkpoints_it_did_not_write(tmp_path):
     assert folder.checkpoints() == kept
 
 
-def test_checkpoints_hold_only_finite_states(tmp_path):
+def test_the_checkpoint_left_after_a_non_finite_loss_can_go_on(tmp_path):
     out = tmp_path / "run"
     res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.lr=1e30",
                               "--set", "checkpoint.every=1", "--set", "checkpoint.keep=1000", "--threads", "1"])
     assert res.exit_code == 3, res.output
     from metapt.runs import _finite
 
-    states = [torch.load(p, weights_only=True) for p in RunFolder(out).checkpoints()]
-    assert states and all(_finite(s["trainer"]) for s in states)
+    assert all(_finite(torch.load(p, weights_only=True)["trainer"]) for p in RunFolder(out).checkpoints())
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["pretrain"]["lr"] = 0.01  # the fix the message asks for ...
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    res = runner.invoke(app, ["resume", str(out), "--allow-change", "pretrain.lr"])
+    assert res.exit_code == 0, res.output  # ... works: the newest checkpoint is not the diverged model
 
 
 def test_non_finite_loss_without_a_checkpoint_does_not_promise_one(tmp_path):

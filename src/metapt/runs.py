@@ -67,7 +67,7 @@ from rich.console import Console
 from .errors import RunFolderError
 from .metrics import JsonlLogger, TensorBoardLogger
 from .schema import CheckpointConfig, jsonable
-from .trainer import MetaPretrainer
+from .trainer import MetaPretrainer, NonFiniteLossError
 
 __all__ = ["FORMAT", "RunFolder", "RunFolderError", "Session", "atomic_path", "capture_rng", "config_changes",
            "read_json", "restore_rng", "write_json_atomic", "write_text_atomic"]
@@ -518,6 +518,7 @@ class Session:
         self._pending: dict[str, Any] | None = None  # the interrupted phase's state, used once
         self._wall_before, self._started = 0.0, time.monotonic()
         self._lock_key = None
+        self._newest: tuple[str | None, int, Path] | None = None  # (phase, step, file) of this session's newest
         self.log = None
         if self.is_main:
             self._lock_key = _lock_file(folder.path)  # re-entrant: the CLI may hold it already
@@ -649,6 +650,9 @@ class Session:
                     skipped = trainer.skipped
                 if trainer.step < steps:
                     self._save(phase, trainer, problem)
+        except NonFiniteLossError:
+            self._set_aside_diverged(phase, trainer.step)
+            raise
         finally:
             trainer.loggers = own_loggers
             if tb is not None:
@@ -693,8 +697,22 @@ class Session:
             "metrics_offset": self.folder.metrics_file.stat().st_size,
             "wall_seconds": self.wall_seconds,
         }
-        self.folder.save_checkpoint(state, self._number, self.checkpoint.keep)
+        path = self.folder.save_checkpoint(state, self._number, self.checkpoint.keep)
+        self._newest = (phase, trainer.step if trainer is not None else -1, path)
         self.folder.commit()  # the run is under way: a run folder it replaces can go
+
+    def _set_aside_diverged(self, phase: str, step: int) -> None:
+        """The PT loss at ``step`` was not finite: a checkpoint taken at that very step holds the θ
+        that produced it, so resuming from it would fail again. Rename it (``.diverged``, kept for
+        inspection, never loaded) so that the previous checkpoint is the newest."""
+        if not self.is_main or self._newest is None or self._newest[:2] != (phase, step):
+            return
+        path = self._newest[2]
+        if path.exists():
+            path.rename(path.with_name(path.name + ".diverged"))
+            self.console.print(f"[yellow]{phase}: the checkpoint at step {step} holds the diverged model; "
+                               f"set aside as {path.name}.diverged[/]", highlight=False)
+        self._newest = None
 
     def close(self) -> None:
         if self.log is not None:
