@@ -7,6 +7,10 @@ Methods (the same θ₀, batches and default-augmented views for every SimCLR me
 * ``simclr_fixed_warp`` -- SimCLR plus the warp network frozen at its initial φ₀ (the
   control: what a warp does without meta-learning);
 * ``simclr_meta_warp`` -- the warp φ meta-learned online (implicit hypergradient through PT).
+* ``simclr_meta_noise``, ``simclr_meta_warp_noise`` (opt-in: ``--set 'methods=[simclr,simclr_meta_noise]'``)
+  -- a learned noise model: band-limited Gaussian noise, one learned amplitude per frequency band
+  (``problem.noise.bands``, ``problem.noise.init_amplitude``; φ rate ``meta.lr_groups.band_noise``),
+  added to each view, alone or after the meta-learned warp.
 
 Data (``--data DIR``): a beat-layout folder (MIT-BIH style) or PTB-XL; the records are
 split into pre-training, FT-train, MetaFT-validation and test groups; a quarter of

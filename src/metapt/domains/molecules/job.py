@@ -3,7 +3,10 @@
 Settings: ``b3db`` (all 30 ChEMBL targets → B3DB blood-brain-barrier permeability) and
 ``heldout`` (20 targets → the other 10; ``data.split_seed`` picks them). Methods differ
 only in φ: uniform task weights (φ frozen at 1), meta-learned task weights, meta-learned
-per-molecule weights, and a randomly initialised encoder.
+per-molecule weights, and a randomly initialised encoder. Opt-in noise models
+(``--set 'methods=[uniform,meta_label_noise,meta_feature_noise]'``): per-task label-flip rates
+(``noise.label_flip_init``) and per-feature Gaussian noise on the graph embedding fed to the PT
+head (``noise.embedding_noise_init``).
 """
 
 from __future__ import annotations
