@@ -7,6 +7,7 @@ with a few steps; the rest through the CLI in-process or the run-folder API.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -460,3 +461,15 @@ def test_loading_a_trainer_state_copies_the_optimiser_moments():
     loaded.run_until(6)  # training after the load must not write into the dict it was given
     for name, value in state["pt_opt"]["state"][0].items():
         assert torch.equal(value, moments[name]), name
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("problem.dim=0", "problem.dim: Input should be greater than or equal to 1"),
+    ("problem.dim=-1", "problem.dim: Input should be greater than or equal to 1"),
+    ("problem.subspace=0", "problem.subspace: Input should be greater than or equal to 1"),
+    ("problem.subspace=40", "subspace (40) must be at most dim (32)"),
+    ("problem.test_examples=1000000000", "the synthetic problem is capped at"),
+])
+def test_synthetic_problem_sizes_are_checked_before_anything_runs(override, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config("synthetic", [override])
