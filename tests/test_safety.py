@@ -473,3 +473,12 @@ def test_loading_a_trainer_state_copies_the_optimiser_moments():
 def test_synthetic_problem_sizes_are_checked_before_anything_runs(override, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config("synthetic", [override])
+
+
+def test_an_empty_molecules_csv_is_a_data_error(tmp_path):
+    from metapt.domains.molecules.data import load_chembl_pretraining
+    from metapt.errors import DataError
+
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="empty.csv is empty"):
+        load_chembl_pretraining(tmp_path / "empty.csv")

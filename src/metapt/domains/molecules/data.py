@@ -28,6 +28,8 @@ import torch
 from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
+from ...errors import DataError
+
 __all__ = [
     "ACTIVE_THRESHOLD_NM",
     "CHEMBL_FILE",
@@ -75,7 +77,9 @@ def _open_text(path: str | os.PathLike[str] | None, default_name: str) -> Iterat
 def _read_columns(path: str | os.PathLike[str] | None, default_name: str) -> dict[str, list[str]]:
     with _open_text(path, default_name) as f:
         reader = csv.reader(f)
-        header = next(reader)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path or default_name} is empty: a CSV with a header row is expected")
         rows = list(reader)
     return {name: [row[j] for row in rows] for j, name in enumerate(header)}
 
