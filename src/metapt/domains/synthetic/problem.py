@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from ...metaparams import weight_logits, weights_from_logits
@@ -22,18 +23,31 @@ from ...schema import schema
 
 @schema
 class SyntheticConfig:
-    dim: int = 32
-    subspace: int = 4
-    helpful_tasks: int = 4
-    noise_tasks: int = 4
-    pretrain_examples: int = 64
-    finetune_examples: int = 24
-    metaval_examples: int = 24
-    test_examples: int = 2000
-    valid_examples: int = 500
-    batch_size: int = 32
-    noise_scale: float = 1.5
-    seed: int = 0
+    dim: int = Field(default=32, ge=1)
+    subspace: int = Field(default=4, ge=1)
+    helpful_tasks: int = Field(default=4, ge=1)
+    noise_tasks: int = Field(default=4, ge=0)
+    pretrain_examples: int = Field(default=64, ge=1)
+    finetune_examples: int = Field(default=24, ge=1)
+    metaval_examples: int = Field(default=24, ge=1)
+    test_examples: int = Field(default=2000, ge=1)
+    valid_examples: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    noise_scale: float = Field(default=1.5, ge=0)
+    seed: int = Field(default=0, ge=0)
+
+    def __post_init__(self):
+        if self.subspace > self.dim:
+            raise ValueError(f"subspace ({self.subspace}) must be at most dim ({self.dim})")
+        examples = (self.pretrain_examples + self.finetune_examples + self.metaval_examples + self.test_examples
+                    + self.valid_examples)
+        if examples * self.dim > MAX_ELEMENTS:
+            raise ValueError(f"the data would hold {examples:,} examples x {self.dim} dims = {examples * self.dim:,} "
+                             f"numbers; the synthetic problem is capped at {MAX_ELEMENTS:,}")
+
+
+#: The most numbers the synthetic data may hold (about 400 MB in float64): a demo, not a benchmark.
+MAX_ELEMENTS = 50_000_000
 
 
 class SyntheticTaskWeighting:
