@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ...metaparams import weight_logits, weights_from_logits
+from ...metaparams import TaskWeights
 from ...problem import EpochShuffler, Params
 from ...schema import schema
 
@@ -86,6 +86,11 @@ class SyntheticTaskWeighting:
         self._val_order = EpochShuffler(c.metaval_examples, c.batch_size, seed=c.seed + 2)
 
     @property
+    def task_weights(self) -> TaskWeights:
+        """φ's family: one weight per PT task, 2·sigmoid(logit)."""
+        return TaskWeights(self.num_tasks)
+
+    @property
     def num_tasks(self) -> int:
         return self.config.helpful_tasks + self.config.noise_tasks
 
@@ -103,7 +108,7 @@ class SyntheticTaskWeighting:
         return {"weight": torch.zeros(self.config.subspace, dtype=self.dtype), "bias": torch.zeros((), dtype=self.dtype)}
 
     def initial_metaparams(self) -> Params:
-        return {"task_logits": weight_logits(self.num_tasks, dtype=self.dtype)}
+        return self.task_weights.init(self.dtype)
 
     # ---- MetaProblem ----------------------------------------------------------------------
 
@@ -111,7 +116,7 @@ class SyntheticTaskWeighting:
         feats = self.x_pt[batch] @ params["encoder"].T  # [B, k]
         pred = feats @ params["pt_head.weight"].T + params["pt_head.bias"]  # [B, T]
         per_task = (pred - self.y_pt[batch]).pow(2).mean(0)  # [T]
-        return (weights_from_logits(metaparams["task_logits"]) * per_task).mean()
+        return (self.task_weights.weights(metaparams) * per_task).mean()
 
     def finetune_loss(self, params: Params, head: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
@@ -130,7 +135,7 @@ class SyntheticTaskWeighting:
         return self.metaval[0][i], self.metaval[1][i]
 
     def describe_metaparams(self, metaparams: Params) -> Mapping[str, float]:
-        w = weights_from_logits(metaparams["task_logits"].detach())
+        w = self.task_weights.weights({"task_logits": metaparams["task_logits"].detach()})
         return {"helpful_weight": float(w[self.helpful].mean()), "noise_weight": float(w[~self.helpful].mean())}
 
     # ---- evaluation -----------------------------------------------------------------------
