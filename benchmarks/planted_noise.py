@@ -283,7 +283,7 @@ def markdown(result):
                          f"{r['alignment_probe_auroc']} | | | |")
         ds = r.get("downstream", {}).get("test_auroc", "")
         means = f"{r['mean_weight_corrupted']} / {r['mean_weight_clean']}" if "mean_weight_clean" in r else ""
-        kind = "loss ranking" if "loss_ranking_auroc" in r else r["method"]
+        kind = "uniform (corrupted): loss ranking" if "loss_ranking_auroc" in r else r["method"]
         lines.append(f"| {r['seed']} | {kind} | {r.get('target', '')} | {r.get('optimizer', '')} | {auroc} | "
                      f"{r.get('weight_auroc_drawn', '')} | {means} | {ds} |")
     return "\n".join(lines) + "\n"
