@@ -175,7 +175,7 @@ def test_resume_refuses_an_edited_config_naming_the_keys(finished, tmp_path):
 
 def test_resume_after_a_shape_changing_edit_is_one_line(tmp_path):
     out = tmp_path / "run"  # stops mid-phase (non-finite loss) with a good checkpoint
-    _one_line_error(runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.lr=1e30",
+    _one_line_error(runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.lr=4e8",
                                         "--set", "checkpoint.every=1", "--threads", "1"]), code=3)
     config = yaml.safe_load((out / "config.yaml").read_text())
     config["problem"]["dim"] = 16
@@ -289,7 +289,8 @@ def test_non_finite_loss_without_a_checkpoint_does_not_promise_one(tmp_path):
     out = tmp_path / "run"
     res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.lr=1e30", "--threads", "1"])
     text = _one_line_error(res, code=3)
-    assert "No checkpoint had been written" in text and "last good checkpoint" not in text
+    assert "No checkpoint had been written; nothing was kept" in text and "last good checkpoint" not in text
+    assert not out.exists()  # a run that failed before its first checkpoint leaves nothing to block a rerun
 
 
 # ---- results are written once, apart from the live checkpoint ---------------------------------

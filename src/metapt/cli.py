@@ -85,8 +85,14 @@ def _guarded(debug: bool, action, folder_of=lambda: None):
         if debug:
             raise
         folder = folder_of()
-        kept = (f"The last good checkpoint is kept; after changing the config, `metapt resume {folder.path}`"
-                if folder is not None and folder.checkpoints() else "No checkpoint had been written")
+        if folder is not None and folder.checkpoints():
+            kept = (f"The last good checkpoint is kept; after changing the config, `metapt resume {folder.path}` "
+                    "continues from it")
+        elif folder is not None and folder.path.is_dir():
+            kept = (f"No checkpoint from before the divergence exists; after changing the config, "
+                    f"`metapt resume {folder.path}` starts the run again")
+        else:
+            kept = "No checkpoint had been written; nothing was kept"
         _fail(f"{err}. {kept}.", 3)
     except UserError as err:
         if debug:
