@@ -116,15 +116,25 @@ def _one_line(message: str, limit: int = 2000) -> str:
     return message if len(message) <= limit else message[: limit - 30] + f" … ({len(message):,} characters)"
 
 
-def _distributed(debug: bool):
-    """The torchrun process group when launched by torchrun, else a one-process context."""
+def _distributed(debug: bool, device: str = "cpu"):
+    """The torchrun process group when launched by torchrun, else a one-process context.
+
+    NCCL (process r on ``cuda:LOCAL_RANK``) when the config's ``device`` is CUDA (``auto`` on a
+    machine with CUDA), gloo on CPU; every process evaluates after pre-training, and the timeout
+    must cover the longest gap between collectives.
+    """
     import datetime
 
     from .distributed import init_distributed
 
-    # The shipped jobs compute on CPU, so they talk over gloo even where CUDA exists; every process
-    # evaluates after pre-training, and the timeout must cover the longest gap between collectives.
-    return init_distributed("gloo", debug=debug, timeout=datetime.timedelta(hours=12))
+    cuda = device.startswith("cuda") or device == "auto" and _cuda_available()
+    return init_distributed("nccl" if cuda else "gloo", debug=debug, timeout=datetime.timedelta(hours=12))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _on_main(ctx, fn):
@@ -209,7 +219,7 @@ def run(
         extra = [f"data_dir={data.expanduser().resolve()}"] if data is not None else []  # eval may run elsewhere
         resolved = load_config(config, [*overrides, *extra])
         _threads(threads)
-        with _distributed(debug) as ctx:
+        with _distributed(debug, resolved.device) as ctx:
             default = Path("runs") / f"{resolved.job}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
 
             def create():
@@ -258,7 +268,7 @@ def resume(
         folder.allow_changes = tuple(allow_change)
         resolved = load_config(folder.config_file)
         _threads(threads)
-        with _distributed(debug) as ctx:
+        with _distributed(debug, resolved.device) as ctx:
             execute(folder, resolved, resume=True, console=err_console, dist=ctx)
             _finish(folder, ctx.is_main)
 

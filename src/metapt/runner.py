@@ -252,6 +252,9 @@ def resolve_device(setting: str, dist: Any = None) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(f"device {setting!r}: CUDA is not available on this machine; use device=cpu or auto")
         if dist is not None and dist.distributed:
+            if dist.device.type != "cuda":
+                raise ConfigError(f"device {setting!r} under torchrun needs the NCCL backend; launch with "
+                                  "`metapt run` (which picks it from the config) or use device=cpu")
             return dist.device
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {setting!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
