@@ -208,7 +208,7 @@ def test_replicas_are_identical_and_a_desynchronised_phi_is_caught(two_processes
 
 def test_only_rank_0_writes_and_every_rank_resumes_from_its_checkpoint(two_processes):
     run_dir, outs = two_processes
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.jsonl", "tensorboard"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".metapt-lock", "checkpoints", "metrics.jsonl", "tensorboard"]
     state = RunFolder(run_dir).latest_checkpoint()
     assert state["trainer"]["counters"]["step"] == SAVE_AT and len(state["rng"]) == WORLD  # each process's RNG
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
