@@ -50,7 +50,7 @@ from sklearn.metrics import roc_auc_score
 from metapt import MetaPretrainer, MetaSchedule
 from metapt.domains.molecules.models import GINEncoder, masked_bce
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
-from metapt.hypergrad import Neumann, sgd
+from metapt.hypergrad import Estimator, Neumann, default_estimator, sgd
 from metapt.metaparams import weights_from_logits
 from metapt.optim import LazyAdam, LazySGD
 
@@ -114,7 +114,8 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.pt_lr),
         meta_optimizer=OPTIMIZERS[opt](lr if lr > 0 else 1e-3),
         inner_optimizer=sgd(args.inner_lr),
-        solver=Neumann(steps=1, alpha=args.pt_lr),
+        estimator=(Estimator(solver=Neumann(steps=1, alpha=args.pt_lr)) if args.estimator == "paper"
+                   else default_estimator(args.pt_lr)),
         schedule=MetaSchedule(meta_interval=args.interval, warmup_steps=args.warmup, learn_phi=meta is not None),
     )
     n = len(data.pretrain_positions)
@@ -133,7 +134,8 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
             loss_sum.index_add_(0, rows, per.double())
             loss_count.index_add_(0, rows, torch.ones(len(rows)))
         elif trainer.meta_step_due(step + 1):
-            drawn[problem.pretrain_batch(step)[1]] = True  # the meta-step's PT batch
+            # the meta-step's PT batch: the one just taken (paper) or the next one (default estimator)
+            drawn[problem.pretrain_batch(step + (args.estimator == "default"))[1]] = True
     out = {"params": {k: v.detach() for k, v in trainer.params.items()}, "encoder": problem, "skipped": trainer.skipped}
     if meta is None:
         out["mean_loss"] = (loss_sum / loss_count.clamp(min=1)).numpy()
@@ -203,6 +205,9 @@ def main():
     ap.add_argument("--optimizers", default="lazy_sgd,lazy_adam,adam")
     ap.add_argument("--meta-lr", default="lazy_sgd=0.1,lazy_adam=0.05,adam=0.05",
                     help="φ learning rate per optimiser")
+    ap.add_argument("--estimator", choices=("paper", "default"), default="paper",
+                    help="paper: Neumann M = 1, α = PT lr, mixed term on the PT batch just taken; default: "
+                         "the trainer's default (one step in Adam's geometry, mixed term on the upcoming batch)")
     ap.add_argument("--no-downstream", action="store_true")
     ap.add_argument("--no-clean", action="store_true", help="skip the clean-data uniform run")
     ap.add_argument("--no-probe", action="store_true", help="skip the alignment probe")
