@@ -46,7 +46,7 @@ def test_overrides_are_read_as_yaml_values():
     ("meta.solver.kindd=cg", "did you mean 'meta.solver.kind'?"),
     ("meta.lr=-1", "meta.lr: Input should be greater than or equal to 0 (got -1)"),
     ("meta.solver=newton", "meta.solver.kind: Input should be 'neumann', 'cg', 'identity' or 'unrolled' (got 'newton')"),
-    ("meta.solver.terms=3", "solver kind 'identity' does not read terms (terms is read by kind neumann)"),
+    ("meta.solver.terms=3", "solver kind 'unrolled' does not read terms (terms is read by kind neumann)"),
     ("model.norm=group", "model.norm: Input should be 'layer', 'batch' or 'none'"),
     ("pretrain.steps=many", "pretrain.steps: Input should be a valid integer"),
     ("methods=[uniform, magic]", "methods: Input should be 'no_pretrain', 'uniform'"),

@@ -85,11 +85,12 @@ SOLVER_KEYS: dict[str, tuple[str, ...]] = {
     "cg": ("max_iter", "tol", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner"),
     "unrolled": ("horizon",),
 }
-#: Defaults of the kind-specific keys; ``upcoming`` and ``adam_preconditioner`` (and kind ``identity``) were
-#: chosen by measurement (benchmarks/results/hypergrad_quality.md). The paper's estimator is
+#: Defaults of the kind-specific keys; kind ``unrolled`` with ``horizon`` 1, and ``upcoming`` and
+#: ``adam_preconditioner`` for the implicit kinds, were chosen by measurement
+#: (benchmarks/results/hypergrad_quality.md). The paper's estimator is
 #: ``{kind: neumann, upcoming: false, adam_preconditioner: false}``.
 _SOLVER_DEFAULTS: dict[str, Any] = {"terms": 1, "max_iter": 20, "tol": 1e-6, "damping": 0.0, "spectrum_steps": 0,
-                                    "horizon": 10, "pt_batches": 1, "upcoming": True, "adam_preconditioner": True}
+                                    "horizon": 1, "pt_batches": 1, "upcoming": True, "adam_preconditioner": True}
 
 
 @schema
@@ -97,10 +98,12 @@ class SolverConfig:
     """The hypergradient estimator of a meta-step: an inverse-HVP solver, or reverse-mode through T PT steps.
 
     Each kind has its own keys; a key that the chosen kind does not read is an error (leave it
-    unset, ``null``). Unset keys take the kind's default (in brackets). The default (identity,
-    upcoming batch, Adam's preconditioner) agreed best with the exact lookahead derivative at a
-    lower cost than the paper's ``{kind: neumann, upcoming: false, adam_preconditioner: false}``
-    on every shipped domain (benchmarks/results/hypergrad_quality.md).
+    unset, ``null``). Unset keys take the kind's default (in brackets). The default (``unrolled``
+    through the next PT step) agreed best with the exact lookahead derivative over the shipped
+    domains among the options within 1.6× plain pre-training, and costs less than the paper's
+    ``{kind: neumann, upcoming: false, adam_preconditioner: false}``; among the implicit kinds,
+    the upcoming batch and Adam's preconditioner agreed better than the paper's past batch
+    (benchmarks/results/hypergrad_quality.md).
 
     Attributes:
         kind: ``neumann`` (the paper: α Σ_{j≤M} (I − αH)^j g), ``identity`` (α g, the one-step
@@ -115,7 +118,7 @@ class SolverConfig:
         damping: neumann, cg: λ ≥ 0 added to H [0].
         spectrum_steps: neumann: Lanczos steps that set α = 1/λmax (then ``alpha`` must stay
             unset); cg: Lanczos steps that add 2·max(0, −λmin) to the damping [0: off].
-        horizon: unrolled: T, PT steps differentiated through [10].
+        horizon: unrolled: T, PT steps differentiated through (memory and time grow with T) [1].
         pt_batches: neumann, identity, cg: PT batches whose mean loss gives H and the mixed
             term [1].
         upcoming: neumann, identity, cg: take those batches among the ones pre-training takes
@@ -124,7 +127,7 @@ class SolverConfig:
             the PT optimiser (the paper's formula assumes SGD) [true].
     """
 
-    kind: Literal["neumann", "cg", "identity", "unrolled"] = "identity"
+    kind: Literal["neumann", "cg", "identity", "unrolled"] = "unrolled"
     alpha: float | None = Field(default=None, gt=0)
     terms: int | None = Field(default=None, ge=0)
     max_iter: int | None = Field(default=None, ge=1)
