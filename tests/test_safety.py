@@ -483,3 +483,59 @@ def test_an_empty_molecules_csv_is_a_data_error(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match="empty.csv is empty"):
         load_chembl_pretraining(tmp_path / "empty.csv")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank-1 worker through /proc")
+def test_a_stalled_torchrun_peer_stops_the_run_with_a_message(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "metapt",
+           "run", "synthetic", "--out", str(out), "--threads", "1", "--peer-timeout", "0.1",  # 6 s
+           "--set", "pretrain.steps=1000000", "--set", "checkpoint.every=20"]
+    agent = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rank0 = rank1 = None
+    try:
+        _wait_for(lambda: len(RunFolder(out).checkpoints()) >= 1, agent)
+
+        def find_rank(rank: int):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in environ and str(out).encode() in cmdline:
+                    return int(pid)
+            return None
+
+        def alive(pid: int) -> bool:
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+            except (OSError, IndexError):
+                return False
+
+        rank0, rank1 = find_rank(0), find_rank(1)
+        assert rank0 is not None and rank1 is not None
+        os.kill(rank1, signal.SIGSTOP)  # a peer that stops answering (stalled, swapped out, SIGSTOP)
+        started = time.monotonic()
+        while alive(rank0):  # rank 0 gives up after --peer-timeout, not torch's 30 min nor the old 12 h
+            assert time.monotonic() - started < 60, "rank 0 still waits for its stalled peer"
+            time.sleep(0.1)
+        os.kill(rank1, signal.SIGKILL)
+        _, err = agent.communicate(timeout=60)
+    finally:
+        if rank1 is not None:
+            try:
+                os.kill(rank1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode != 0
+    assert "another process of this torchrun job stopped responding" in err and f"metapt resume {out}" in err
+
+
+def test_error_messages_with_brackets_are_printed_as_text():
+    res = runner.invoke(app, ["config", "[/oops]"])  # rich markup would read [/oops] as a closing tag
+    assert "no config file or preset named '[/oops]'" in _one_line_error(res)
+    res = runner.invoke(app, ["config", "synthetic", "--set", "methods=[bold]"])
+    assert "(got 'bold')" in _one_line_error(res) or "[bold]" in res.output

@@ -33,6 +33,10 @@ SetOption = Annotated[list[str], typer.Option(
 DebugOption = Annotated[bool, typer.Option(
     "--debug", help="Show the full traceback on errors; under torchrun, also check after every step that all "
                     "processes hold bitwise identical θ, φ and head.")]
+PeerTimeoutOption = Annotated[float, typer.Option(
+    "--peer-timeout", min=0.01, metavar="MINUTES",
+    help="torchrun runs: how long a process waits for the others at a synchronisation point before it stops "
+         "with an error (a stalled or stopped peer); must exceed the longest skew between processes.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="torch CPU threads (default 1, or OMP_NUM_THREADS if set): on a shared machine "
                              "one thread is many times faster than oversubscribed cores.")]
@@ -43,7 +47,9 @@ class _UserError(UserError):
 
 
 def _fail(message: str, code: int = 2):
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)  # [..] is text
     raise typer.Exit(code)
 
 
@@ -103,6 +109,11 @@ def _guarded(debug: bool, action, folder_of=lambda: None):
             raise
         where = f" ({err.filename})" if err.filename else ""
         _fail(_one_line(f"{err.strerror}{where}; {resume_hint()}"))
+    except RuntimeError as err:  # torch.distributed's DistBackendError included
+        if debug or not _is_peer_timeout(err):
+            raise
+        _fail(_one_line(f"another process of this torchrun job stopped responding (no reply within --peer-timeout): "
+                        f"{str(err)[:200]}; {resume_hint()}"), 4)
     except KeyboardInterrupt as err:
         if debug:
             raise
@@ -111,24 +122,31 @@ def _guarded(debug: bool, action, folder_of=lambda: None):
         _fail(f"interrupted; {resume_hint()}", 130)
 
 
+def _is_peer_timeout(err: BaseException) -> bool:
+    """A collective (gloo or NCCL) that gave up waiting for another process."""
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text and ("gloo" in text or "nccl" in text or "collective" in text)
+
+
 def _one_line(message: str, limit: int = 2000) -> str:
     message = " ".join(message.split())
     return message if len(message) <= limit else message[: limit - 30] + f" … ({len(message):,} characters)"
 
 
-def _distributed(debug: bool, device: str = "cpu"):
+def _distributed(debug: bool, device: str = "cpu", peer_timeout: float = 30.0):
     """The torchrun process group when launched by torchrun, else a one-process context.
 
     NCCL (process r on ``cuda:LOCAL_RANK``) when the config's ``device`` is CUDA (``auto`` on a
     machine with CUDA), gloo on CPU; every process evaluates after pre-training, and the timeout
-    must cover the longest gap between collectives.
+    must cover the longest skew between processes (``--peer-timeout`` minutes; a stalled peer
+    then stops the run with a message instead of hanging for hours).
     """
     import datetime
 
     from .distributed import init_distributed
 
     cuda = device.startswith("cuda") or device == "auto" and _cuda_available()
-    return init_distributed("nccl" if cuda else "gloo", debug=debug, timeout=datetime.timedelta(hours=12))
+    return init_distributed("nccl" if cuda else "gloo", debug=debug, timeout=datetime.timedelta(minutes=peer_timeout))
 
 
 def _cuda_available() -> bool:
@@ -200,6 +218,7 @@ def run(
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default: runs/JOB-TIMESTAMP).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Data folder for jobs that read one (ecg: WFDB records).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    peer_timeout: PeerTimeoutOption = 30.0,
     threads: ThreadsOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -219,7 +238,7 @@ def run(
         extra = [f"data_dir={data.expanduser().resolve()}"] if data is not None else []  # eval may run elsewhere
         resolved = load_config(config, [*overrides, *extra])
         _threads(threads)
-        with _distributed(debug, resolved.device) as ctx:
+        with _distributed(debug, resolved.device, peer_timeout) as ctx:
             default = Path("runs") / f"{resolved.job}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
 
             def create():
@@ -249,6 +268,7 @@ def resume(
         "--allow-change", metavar="KEY",
         help="A config key (or section, e.g. evaluation) that may differ from the one the checkpoint was made "
              "with (repeatable).")] = [],  # noqa: B006
+    peer_timeout: PeerTimeoutOption = 30.0,
     threads: ThreadsOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -268,7 +288,7 @@ def resume(
         folder.allow_changes = tuple(allow_change)
         resolved = load_config(folder.config_file)
         _threads(threads)
-        with _distributed(debug, resolved.device) as ctx:
+        with _distributed(debug, resolved.device, peer_timeout) as ctx:
             execute(folder, resolved, resume=True, console=err_console, dist=ctx)
             _finish(folder, ctx.is_main)
 
