@@ -67,7 +67,9 @@ def planted_data(args, seed):
                               max_downstream=args.downstream, cache_dir=args.cache)
     g = torch.Generator().manual_seed(1000 + seed)
     order = torch.randperm(len(data.pretrain_positions), generator=g)
-    pt_idx, val_idx = order[: args.pretrain].sort().values, order[args.pretrain:].sort().values
+    # the held-out molecules stay in random order: the store is ordered by target, so a cut of sorted
+    # positions would give MetaFT-validation the last few targets only
+    pt_idx, val_idx = order[: args.pretrain].sort().values, order[args.pretrain:]
     clean = dataclasses.replace(data, pretrain_positions=data.pretrain_positions[pt_idx],
                                 pretrain_labels=data.pretrain_labels[pt_idx])
     n = len(pt_idx)
