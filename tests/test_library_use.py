@@ -216,9 +216,9 @@ def test_batch_indices_are_the_documented_ones():
             expected.append(("ft", n))
         elif n % I == 0:
             expected += [("ft", m * C + c) for c in range(C)]
-            for j in range(B):
-                expected.append(("pt", n - 1 if j == 0 else max(n - 1 - j, 0)))
+            for j in range(B):  # the default estimator: reverse-mode through the next PT step's batch
                 expected.append(("val", m * B + j))
+                expected.append(("pt", n + j))
                 expected += [("ft", (m * B + j) * K + k) for k in range(K)]
             m += 1
     assert m == 3

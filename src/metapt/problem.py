@@ -44,9 +44,14 @@ class MetaProblem(Protocol):
     (both counted from 0; schedule fields of [`MetaSchedule`][metapt.MetaSchedule]):
 
     * ``pretrain_batch(s)`` for the PT step that follows, so PT batches are 0, 1, 2, ...
-      A meta-step after PT step ``n = s + 1`` uses ``pretrain_batch(n - 1)`` again
-      (the batch that step just used) for H and the mixed term, and, for its extra
-      samples ``j = 1 .. meta_batches - 1``, ``pretrain_batch(max(n - 1 - j, 0))``.
+      A meta-step after PT step ``n = s + 1``, with the default estimator (one step of
+      reverse-mode through the PT optimiser, ``meta.solver.kind: unrolled``), asks for the
+      batch the next PT step will use, ``pretrain_batch(n + j)`` for its sample ``j``
+      (``n + t + j * T`` for ``t < T`` with ``horizon`` T; ``n + t + j * P`` for ``t < P`` with
+      ``upcoming`` and ``pt_batches`` P). The paper's estimator (``upcoming: false``) uses
+      ``pretrain_batch(n - 1)`` again (the batch that step just used) for H and the mixed
+      term, and, for its extra samples ``j = 1 .. meta_batches - 1``,
+      ``pretrain_batch(max(n - 1 - j, 0))`` (``n - 1 - t - j * P`` with ``pt_batches`` P).
     * ``finetune_batch`` serves three streams, which may ask for the same indices:
       the warm-up head step after PT step ``n`` asks for ``n`` (so 1 .. ``warmup_steps``);
       the ``head_steps`` catch-up steps of meta-step ``m`` ask for

@@ -290,7 +290,8 @@ class MetaPretrainer:
         for view, j in itertools.product(self.strategy.meta_views(self), range(sched.meta_batches)):
             index = self.meta_step_count * sched.meta_batches + j
             graph = kept if j == 0 and view is self.problem else None
-            pt_batch = None if graph is not None else view.pretrain_batch(self.step - 1 if j == 0 else _extra_index(self.step, j))
+            past = self.estimator.uses_past_batch and graph is None  # other estimators fetch their own PT batches
+            pt_batch = view.pretrain_batch(self.step - 1 if j == 0 else _extra_index(self.step, j)) if past else None
             val_batch = view.metaval_batch(index)
             ft_batches = lambda k, index=index, view=view: view.finetune_batch(index * max(sched.unroll_steps, 1) + k)
             outcome: dict[str, Params] = {}
