@@ -108,7 +108,8 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
     else uniform weights and each molecule's mean training loss."""
     weighting = WeightingConfig(task_weights=False, example_weights=True)
     kind = PTHeadObjective if pt_head_objective else MoleculesProblem
-    problem = kind(data, _encoder(args, seed), weighting, pt_batch_size=args.batch, ft_batch_size=args.batch, seed=seed)
+    problem = kind(data, _encoder(args, seed), weighting, pt_batch_size=args.batch, ft_batch_size=args.val_batch or args.batch,
+                   seed=seed)
     torch.manual_seed(seed + 1)
     opt, lr = meta if meta is not None else ("adam", 0.0)
     trainer = MetaPretrainer(
@@ -197,6 +198,8 @@ def main():
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--interval", type=int, default=10)
+    ap.add_argument("--val-batch", type=int, default=None,
+                    help="FT-train and MetaFT-validation batch size of the meta-step (default: --batch)")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--pt-lr", type=float, default=1e-3)
     ap.add_argument("--inner-lr", type=float, default=0.1)
