@@ -4,7 +4,8 @@ Every user error (:class:`metapt.errors.UserError`: bad config, missing data, an
 existing or busy run folder, a run that cannot go on) is one line on stderr and
 exit status 2; ``--debug`` shows its traceback instead. Anything else is a bug:
 traceback and exit status 1. Ctrl-C exits with 130, SIGTERM with 143, a
-non-finite pre-training loss with 3.
+non-finite pre-training loss with 3, a torchrun peer that stopped answering
+(``--peer-timeout``) with 4; each says which checkpoint is left to resume from.
 """
 
 from __future__ import annotations
