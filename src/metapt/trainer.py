@@ -371,6 +371,9 @@ class MetaPretrainer:
             "solver_iterations": float(sum(i.solver.iterations for i in infos) / len(infos)),
             "solver_residual": sum(residuals) / len(residuals) if residuals else float("nan"),
             "solver_diverged": float(any(i.solver.diverged for i in infos)),
+            # CG stopped at negative curvature (its last good iterate is used); ‖b − Ax‖/‖b‖ where measured
+            "solver_negative_curvature": float(any(i.solver.negative_curvature for i in infos)),
+            "solver_relative_residual": _mean_of([i.solver.relative_residual for i in infos]),
             "meta_skipped": float(self.skipped),
             "rejected_heads": float(self.rejected_heads),
             **catch_up,
@@ -535,6 +538,11 @@ def _pt_loss_at(problem: MetaProblem, view: MetaProblem, step: int, sample: int,
         return problem.pretrain_loss(theta, phi, view.pretrain_batch(index))
 
     return loss
+
+
+def _mean_of(values: Sequence[float | None]) -> float:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else float("nan")
 
 
 def _extra_index(step: int, j: int) -> int:

@@ -92,3 +92,31 @@ def test_default_estimator_down_weights_coin_flip_tasks_and_the_negated_objectiv
         assert w[N_REAL:].mean() < w[:N_REAL].mean() - 0.05, (seed, w)
         w_neg = learned_weights(seed, maximize=True)
         assert w_neg[N_REAL:].mean() > w_neg[:N_REAL].mean() + 0.05, (seed, w_neg)
+
+
+def test_cg_at_negative_curvature_is_used_not_skipped():
+    """On this non-convex problem CG without damping meets negative curvature; the meta-step must
+    still update φ (truncated Newton-CG), and the log must say it stopped there."""
+    from metapt.hypergrad import ConjugateGradient, Estimator
+
+    problem = CoinFlipTasks(0)
+    logged = []
+
+    class Log:
+        def log(self, step, metrics):
+            logged.append(metrics)
+
+    torch.manual_seed(0)
+    trainer = MetaPretrainer(
+        problem, problem.initial_params(), {"w": torch.zeros(HIDDEN, 1), "b": torch.zeros(1)},
+        {"task_logits": torch.zeros(N_REAL + N_COIN)},
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05), inner_optimizer=sgd(0.5),
+        schedule=MetaSchedule(meta_interval=5, unroll_steps=1, warmup_steps=40),
+        estimator=Estimator(solver=ConjugateGradient(max_iter=50, damping=0.0)), loggers=[Log()],
+    )
+    trainer.run_until(100)
+    meta = [m for m in logged if "solver_negative_curvature" in m]
+    assert len(meta) == 12 and trainer.skipped == 0
+    assert sum(m["solver_negative_curvature"] for m in meta) > 0
+    assert float(trainer.metaparams["task_logits"].detach().abs().sum()) > 0
