@@ -151,6 +151,13 @@ def test_diverging_neumann_series_is_skipped_counted_and_explained(tmp_path):
     res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.steps=130",
                               "--set", "meta.solver.alpha=1e6", "--threads", "1"])
     assert res.exit_code == 0, res.output
+    # the preset's meta-learning settings but α (an override used to reset the whole meta section)
+    from metapt.config import load_config, to_yaml
+    from metapt.runs import _flatten
+
+    ran = _flatten(yaml.safe_load((out / "config.yaml").read_text()))
+    preset = _flatten(yaml.safe_load(to_yaml(load_config("synthetic"))))
+    assert {k for k in preset if preset[k] != ran[k]} == {"pretrain.steps", "meta.solver.alpha"}
     assert "meta-step(s) skipped" in res.output and "meta.solver.kind=cg" in res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretraining"]["synthetic/meta_task_weights"]["skipped_meta_steps"] > 0
