@@ -80,9 +80,11 @@ class CheckpointConfig:
 
 #: Which keys each solver kind reads (every other kind-specific key must stay unset).
 SOLVER_KEYS: dict[str, tuple[str, ...]] = {
-    "neumann": ("alpha", "terms", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner"),
+    "neumann": ("alpha", "terms", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner",
+                "gauss_newton"),
     "identity": ("alpha", "pt_batches", "upcoming", "adam_preconditioner"),
-    "cg": ("max_iter", "tol", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner"),
+    "cg": ("max_iter", "tol", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner",
+           "gauss_newton"),
     "unrolled": ("horizon",),
 }
 #: Defaults of the kind-specific keys; kind ``unrolled`` with ``horizon`` 1, and ``upcoming`` and
@@ -90,7 +92,8 @@ SOLVER_KEYS: dict[str, tuple[str, ...]] = {
 #: (benchmarks/results/hypergrad_quality.md). The paper's estimator is
 #: ``{kind: neumann, upcoming: false, adam_preconditioner: false}``.
 _SOLVER_DEFAULTS: dict[str, Any] = {"terms": 1, "max_iter": 20, "tol": 1e-6, "damping": 0.0, "spectrum_steps": 0,
-                                    "horizon": 1, "pt_batches": 1, "upcoming": True, "adam_preconditioner": True}
+                                    "horizon": 1, "pt_batches": 1, "upcoming": True, "adam_preconditioner": True,
+                                    "gauss_newton": False}
 
 
 @schema
@@ -125,6 +128,8 @@ class SolverConfig:
             next instead of the one(s) just taken (the paper's) [true].
         adam_preconditioner: neumann, identity, cg: solve in Adam's geometry P = 1/(√v̂ + ε) of
             the PT optimiser (the paper's formula assumes SGD) [true].
+        gauss_newton: neumann, cg: solve with the Gauss–Newton matrix JᵀH_ℓJ instead of H (the
+            problem must expose ``pretrain_outputs``/``pretrain_output_loss``) [false].
     """
 
     kind: Literal["neumann", "cg", "identity", "unrolled"] = "unrolled"
@@ -138,6 +143,7 @@ class SolverConfig:
     pt_batches: int | None = Field(default=None, ge=1)
     upcoming: bool | None = None
     adam_preconditioner: bool | None = None
+    gauss_newton: bool | None = None
 
     def __post_init__(self):
         allowed = SOLVER_KEYS[self.kind]
@@ -174,7 +180,8 @@ class SolverConfig:
         if self.kind == "unrolled":
             return Estimator(horizon=self.get("horizon"))
         return Estimator(solver=self.build(pt_lr), pt_batches=self.get("pt_batches"), upcoming=self.get("upcoming"),
-                         adam_preconditioner=self.get("adam_preconditioner"))
+                         adam_preconditioner=self.get("adam_preconditioner"),
+                         gauss_newton=bool(self.get("gauss_newton")) if self.kind in ("neumann", "cg") else False)
 
 
 @schema

@@ -46,6 +46,7 @@ from .hypergrad import (
 )
 from .optim import accepts_sparse_grad
 from .errors import NonFiniteLossError
+from .hypergrad.estimators import GaussNewtonProblem
 from .problem import MetaProblem, Params
 from .strategy import Strategy
 
@@ -313,9 +314,12 @@ class MetaPretrainer:
                     if self.estimator.adam_preconditioner else None,
                 )
             else:  # other PT batches (upcoming, several) or reverse-mode through T PT steps
+                stride = len(self.estimator.batch_offsets())
                 hyper, info = estimate_hypergradient(
-                    self.estimator, _pt_loss_at(self.problem, view, self.step, j, len(self.estimator.batch_offsets())),
+                    self.estimator, _pt_loss_at(self.problem, view, self.step, j, stride),
                     meta_loss, self.params, self.metaparams, self.pt_opt, self.params,
+                    gauss_newton_at=_gauss_newton_at(self.problem, view, self.step, j, stride, self.metaparams)
+                    if self.estimator.gauss_newton else None,
                 )
             kept = graph = None  # free the PT graph before the next sample
             infos.append(info)
@@ -538,6 +542,22 @@ def _pt_loss_at(problem: MetaProblem, view: MetaProblem, step: int, sample: int,
         return problem.pretrain_loss(theta, phi, view.pretrain_batch(index))
 
     return loss
+
+
+def _gauss_newton_at(problem: Any, view: MetaProblem, step: int, sample: int, stride: int, phi: Params):
+    """t ↦ (θ ↦ PT outputs, outputs ↦ PT loss) on the batch :func:`_pt_loss_at` would take, φ fixed."""
+    if not isinstance(problem, GaussNewtonProblem):
+        raise ValueError(f"{type(problem).__name__} has no pretrain_outputs/pretrain_output_loss: Gauss-Newton "
+                         "products need the PT loss as outputs + a loss convex in them; use gauss_newton=False")
+    fixed = {k: v.detach() for k, v in phi.items()}
+
+    def at(t: int):
+        index = step + t + sample * stride if t >= 0 else max(step + t - sample * stride, 0)
+        batch = view.pretrain_batch(index)
+        return (lambda theta: problem.pretrain_outputs(theta, batch),
+                lambda outputs: problem.pretrain_output_loss(outputs, fixed, batch))
+
+    return at
 
 
 def _mean_of(values: Sequence[float | None]) -> float:

@@ -176,3 +176,103 @@ def test_estimate_takes_the_batches_the_estimator_names():
         assert seen == expect
     with pytest.raises(ValueError, match="horizon"):
         Estimator(horizon=2, upcoming=True)
+
+
+class _BCEProblem:
+    """A tiny MLP multitask BCE problem exposing its PT loss as outputs + a loss convex in them."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(4, 6, 3, generator=g, dtype=torch.float64)  # 4 batches of 6
+        self.y = (torch.rand(4, 6, 2, generator=g) > 0.5).to(torch.float64)
+        self.xv = torch.randn(6, 3, generator=g, dtype=torch.float64)
+        self.yv = (torch.rand(6, 1, generator=g) > 0.5).to(torch.float64)
+        self.theta = {"w1": torch.randn(3, 4, generator=g, dtype=torch.float64),
+                      "w2": torch.randn(4, 2, generator=g, dtype=torch.float64)}
+        self.phi = {"logits": torch.randn(2, generator=g, dtype=torch.float64)}
+
+    def pretrain_outputs(self, params, batch):
+        return torch.tanh(self.x[batch] @ params["w1"]) @ params["w2"]
+
+    def pretrain_output_loss(self, outputs, metaparams, batch):
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(outputs, self.y[batch], reduction="none")
+        return (2 * torch.sigmoid(metaparams["logits"]) * bce).mean()
+
+    def pretrain_loss(self, params, metaparams, batch):
+        return self.pretrain_output_loss(self.pretrain_outputs(params, batch), metaparams, batch)
+
+    def finetune_loss(self, params, head, batch):
+        z = torch.tanh(self.xv @ params["w1"]) @ head["w"]
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, self.yv)
+
+    def pretrain_batch(self, index):
+        return index % 4
+
+    def finetune_batch(self, index):
+        return None
+
+    def metaval_batch(self, index):
+        return None
+
+    def describe_metaparams(self, metaparams):
+        return {}
+
+
+def test_gauss_newton_estimator_matches_the_dense_gauss_newton_hypergradient():
+    prob = _BCEProblem()
+    head = {"w": torch.full((4, 1), 0.3, dtype=torch.float64)}
+    lv = lambda th: prob.finetune_loss(th, head, None)  # noqa: E731
+    opt = torch.optim.Adam([v.clone().requires_grad_(True) for v in prob.theta.values()], lr=0.1)
+    est = Estimator(solver=ConjugateGradient(max_iter=200, tol=1e-13, damping=1e-2), pt_batches=2, upcoming=True,
+                    gauss_newton=True)
+    gn_at = lambda t: (lambda th: prob.pretrain_outputs(th, t), lambda o: prob.pretrain_output_loss(  # noqa: E731
+        o, {k: v.detach() for k, v in prob.phi.items()}, t))
+    hyper, _ = estimate_hypergradient(est, lambda th, ph, t: prob.pretrain_loss(th, ph, t), lv, prob.theta, prob.phi,
+                                      opt, dict(zip(prob.theta, opt.param_groups[0]["params"])), gauss_newton_at=gn_at)
+    flat = torch.cat([v.reshape(-1) for v in prob.theta.values()])
+
+    def unflat(f):
+        return {"w1": f[:12].reshape(3, 4), "w2": f[12:].reshape(4, 2)}
+
+    gmat = torch.zeros(20, 20, dtype=torch.float64)
+    for t in (0, 1):  # mean over the two upcoming batches of JᵀH_ℓJ
+        jac = torch.autograd.functional.jacobian(lambda f: prob.pretrain_outputs(unflat(f), t).reshape(-1), flat)
+        out = prob.pretrain_outputs(prob.theta, t)
+        h_out = torch.autograd.functional.hessian(
+            lambda o: prob.pretrain_output_loss(o.reshape(out.shape), prob.phi, t), out.reshape(-1))
+        gmat += jac.T @ h_out @ jac / 2
+    gmat += 1e-2 * torch.eye(20, dtype=torch.float64)
+    mixed = torch.autograd.functional.jacobian(
+        lambda p: torch.autograd.functional.jacobian(
+            lambda f: sum(prob.pretrain_loss(unflat(f), {"logits": p}, t) for t in (0, 1)) / 2, flat, create_graph=True),
+        prob.phi["logits"])
+    g = torch.autograd.functional.jacobian(lambda f: lv(unflat(f)), flat)
+    torch.testing.assert_close(hyper["logits"], -mixed.T @ torch.linalg.solve(gmat, g), rtol=1e-7, atol=1e-12)
+
+
+def test_trainer_takes_gauss_newton_products_from_the_problem_or_says_why_not():
+    from metapt import MetaPretrainer, MetaSchedule
+    from metapt.hypergrad import sgd
+
+    prob = _BCEProblem(1)
+    est = Estimator(solver=ConjugateGradient(max_iter=10, damping=0.1), upcoming=True, gauss_newton=True)
+    make = lambda p: MetaPretrainer(  # noqa: E731
+        p, prob.theta, {"w": torch.zeros(4, 1, dtype=torch.float64)}, prob.phi,
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
+        inner_optimizer=sgd(0.1), schedule=MetaSchedule(meta_interval=2, warmup_steps=0), estimator=est)
+    trainer = make(prob)
+    trainer.run_until(4)
+    assert trainer.meta_step_count == 2 and trainer.skipped == 0
+    assert not torch.equal(trainer.metaparams["logits"].detach(), prob.phi["logits"])
+
+    class Plain:  # the same losses, without the outputs/loss split
+        def __init__(self):
+            self.base = _BCEProblem(1)
+
+        def __getattr__(self, name):
+            if name in ("pretrain_outputs", "pretrain_output_loss"):
+                raise AttributeError(name)
+            return getattr(self.base, name)
+
+    with pytest.raises(ValueError, match="pretrain_outputs"):
+        make(Plain()).run_until(2)

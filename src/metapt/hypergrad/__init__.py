@@ -9,6 +9,7 @@ from .core import (
 from .curvature import Spectrum, gauss_newton_product, lanczos
 from .estimators import (
     Estimator,
+    GaussNewtonProblem,
     adam_preconditioner,
     default_estimator,
     differentiable_pt_optimizer,
@@ -24,6 +25,7 @@ __all__ = [
     "AdamState",
     "ConjugateGradient",
     "Estimator",
+    "GaussNewtonProblem",
     "HypergradInfo",
     "Identity",
     "InnerOptimizer",

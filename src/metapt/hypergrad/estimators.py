@@ -19,12 +19,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from ._tree import Params, tree_norm
 from .core import HypergradInfo, PretrainGraph, _check_inputs, _check_scalar, _differentiable, pretraining_hypergradient
+from .curvature import gauss_newton_product
 from .optim import AdamState, InnerOptimizer, SGDState, adam, sgd
 from .solvers import Identity, Neumann, Solver, SolverInfo
 
@@ -45,6 +47,9 @@ class Estimator:
         horizon: T > 0: reverse-mode through T differentiable PT optimiser steps on the
             upcoming batches (the exact T-step lookahead derivative, about 3T PT steps of cost
             and T graphs of memory); 0: the implicit family.
+        gauss_newton: the solver sees the Gauss–Newton matrix JᵀH_ℓJ (positive semi-definite)
+            instead of H; needs a problem that exposes its PT loss as outputs and a loss convex
+            in them (:class:`GaussNewtonProblem`).
     """
 
     solver: Solver | None = None
@@ -52,6 +57,7 @@ class Estimator:
     upcoming: bool = False
     adam_preconditioner: bool = False
     horizon: int = 0
+    gauss_newton: bool = False
 
     def __post_init__(self):
         if self.pt_batches < 1:
@@ -59,20 +65,30 @@ class Estimator:
         if self.horizon < 0:
             raise ValueError(f"Estimator: horizon must be >= 0, got {self.horizon}")
         if self.horizon and (self.solver is not None or self.adam_preconditioner or self.pt_batches != 1
-                             or self.upcoming):
+                             or self.upcoming or self.gauss_newton):
             raise ValueError("Estimator: horizon > 0 differentiates through the PT optimiser on the upcoming "
                              "batches; leave solver, pt_batches, upcoming and adam_preconditioner at their defaults")
 
     @property
     def uses_past_batch(self) -> bool:
-        """H and the mixed term come from the one PT batch just taken (so a kept PT graph applies)."""
-        return self.horizon == 0 and self.pt_batches == 1 and not self.upcoming
+        """The paper's: H and the mixed term from the one PT batch just taken (a kept PT graph applies)."""
+        return self.horizon == 0 and self.pt_batches == 1 and not self.upcoming and not self.gauss_newton
 
     def batch_offsets(self) -> list[int]:
         """Which PT batches L_PT is taken on: t = 0, 1, … upcoming; t = −1, −2, … just taken."""
         if self.horizon:
             return list(range(self.horizon))
         return list(range(self.pt_batches)) if self.upcoming else [-1 - i for i in range(self.pt_batches)]
+
+
+@runtime_checkable
+class GaussNewtonProblem(Protocol):
+    """A problem whose PT loss is ``pretrain_output_loss(pretrain_outputs(θ, batch), φ, batch)``, the
+    loss convex in the outputs (masked weighted BCE on logits is): what ``gauss_newton`` needs."""
+
+    def pretrain_outputs(self, params: Params, batch: Any) -> Tensor: ...
+
+    def pretrain_output_loss(self, outputs: Tensor, metaparams: Mapping[str, Tensor], batch: Any) -> Tensor: ...
 
 
 def default_estimator(pt_lr: float) -> Estimator:
@@ -242,6 +258,7 @@ def estimate_hypergradient(
     pt_opt: torch.optim.Optimizer,
     opt_params: Mapping[str, Tensor],
     graph: PretrainGraph | None = None,
+    gauss_newton_at: Callable[[int], tuple[Callable[[Params], Tensor], Callable[[Tensor], Tensor]]] | None = None,
 ) -> tuple[Params, HypergradInfo]:
     """dL_V/dφ as ``estimator`` describes it.
 
@@ -257,6 +274,8 @@ def estimate_hypergradient(
         opt_params: the tensors ``pt_opt`` holds state for, keyed like θ.
         graph: a kept :class:`PretrainGraph` of the PT step just taken; used only when the
             estimator takes the past batch.
+        gauss_newton_at: ``t ↦ (θ ↦ outputs, outputs ↦ loss)`` on batch t (φ fixed), for
+            ``estimator.gauss_newton``; the product is averaged over the estimator's batches.
     """
     if estimator.horizon:
         optimizer, state = differentiable_pt_optimizer(pt_opt, opt_params)
@@ -267,5 +286,16 @@ def estimate_hypergradient(
     pretrain_loss = (lambda th, ph: pretrain_loss_at(th, ph, ts[0])) if len(ts) == 1 else (
         lambda th, ph: sum(pretrain_loss_at(th, ph, t) for t in ts) / len(ts))
     precond = adam_preconditioner(pt_opt, opt_params) if estimator.adam_preconditioner else None
+    curvature = None
+    if estimator.gauss_newton:
+        if gauss_newton_at is None:
+            raise ValueError("Estimator(gauss_newton=True) needs a problem with pretrain_outputs and "
+                             "pretrain_output_loss (metapt.hypergrad.estimators.GaussNewtonProblem)")
+        products = [gauss_newton_product(*gauss_newton_at(t), theta) for t in ts]
+
+        def curvature(v: Params) -> Params:
+            out = [p(v) for p in products]
+            return {k: sum(o[k] for o in out) / len(out) for k in v}
+
     return pretraining_hypergradient(pretrain_loss, meta_loss, theta, phi, solver, preconditioner=precond,
-                                     graph=graph if estimator.uses_past_batch else None)
+                                     graph=graph if estimator.uses_past_batch else None, curvature=curvature)
