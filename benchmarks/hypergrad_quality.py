@@ -45,8 +45,9 @@ from metapt.diagnostics import DiagnoseOptions, default_estimators, diagnose, fo
 from metapt.hypergrad import Estimator, sgd
 
 
-def estimators(pt_lr: float, horizon: int) -> dict[str, Estimator]:
-    return default_estimators(pt_lr, horizon)
+def estimators(pt_lr: float, horizon: int, only: list[str] | None = None) -> dict[str, Estimator]:
+    ests = default_estimators(pt_lr, horizon)
+    return ests if not only else {k: v for k, v in ests.items() if k in only}
 
 
 def molecules_setting(args, example_weights: bool):
@@ -100,7 +101,7 @@ def measure(name, trainer, size, args, log):
     states = []
     opts = DiagnoseOptions(horizon=args.horizon, directions=args.directions, epsilon=args.epsilon,
                            val_pairs=args.val_pairs, snr_samples=args.snr_samples, lanczos_steps=args.lanczos)
-    ests = estimators(float(trainer.pt_opt.param_groups[0]["lr"]), args.horizon)
+    ests = estimators(float(trainer.pt_opt.param_groups[0]["lr"]), args.horizon, args.estimators)
     for target in args.states:
         start = time.perf_counter()
         trainer.run_until(args.warmup + target)
@@ -272,6 +273,7 @@ def main() -> None:
     ap.add_argument("--snr-samples", type=int, default=3)
     ap.add_argument("--lanczos", type=int, default=10)
     ap.add_argument("--max-cost", type=float, default=6.0)
+    ap.add_argument("--estimators", nargs="+", default=None, help="a subset of the options, by name")
     ap.add_argument("--summarise-only", metavar="JSON", help="recompute the summary and Markdown of a results file")
     ap.add_argument("--overhead-only", metavar="JSON", help="measure the default estimator's overhead and add it "
                                                             "to a results file")

@@ -37,6 +37,7 @@ from .hypergrad._tree import Params, tree_dot, tree_norm
 from .hypergrad.curvature import lanczos
 from .hypergrad.estimators import (
     Estimator,
+    GaussNewtonProblem,
     differentiable_pt_optimizer,
     estimate_hypergradient,
     pretrain_lookahead,
@@ -135,6 +136,19 @@ class StateProbe:
 
         return loss
 
+    def gauss_newton_at(self, sample: int = 0, stride: int = 1):
+        """t ↦ (θ ↦ PT outputs, outputs ↦ PT loss) on the batches of :meth:`pretrain_loss_at`, φ fixed."""
+        if not isinstance(self.problem, GaussNewtonProblem):
+            raise ValueError(f"{type(self.problem).__name__} does not expose pretrain_outputs/pretrain_output_loss")
+        phi = {k: v.detach() for k, v in self.phi.items()}
+
+        def at(t: int):
+            batch = self.problem.pretrain_batch(self.pt_batch_index(t, sample, stride))
+            return (lambda th: self.problem.pretrain_outputs(th, phi, batch),
+                    lambda out: self.problem.pretrain_output_loss(out, phi, batch))
+
+        return at
+
     def meta_loss(self, sample: int = 0) -> Callable[[Params], Tensor]:
         """θ ↦ mean over the pairs of L_V(θ, ψ_K(θ)), as the meta-step computes it."""
         sched, first = self.schedule, self.meta_index + sample * self.val_pairs
@@ -192,8 +206,9 @@ class StateProbe:
         meta_loss = self.meta_loss(sample)
         self._crn()
         start = time.perf_counter()
+        gn_at = self.gauss_newton_at(sample, stride) if estimator.gauss_newton else None
         hyper, info = estimate_hypergradient(estimator, loss_at, meta_loss, self.theta, phi, self.pt_opt,
-                                             self.trainer_params)
+                                             self.trainer_params, gauss_newton_at=gn_at)
         seconds = time.perf_counter() - start
         return _dense(hyper), info, seconds
 
@@ -344,6 +359,8 @@ def default_estimators(pt_lr: float, horizon: int) -> dict[str, Estimator]:
         "identity_next4_adam": Estimator(solver=Identity(pt_lr), pt_batches=4, upcoming=True, adam_preconditioner=True),
         "cg5_spectral_damped_next": Estimator(solver=ConjugateGradient(max_iter=5, tol=1e-6, spectrum_steps=5),
                                               upcoming=True),
+        "cg5_gauss_newton_next": Estimator(solver=ConjugateGradient(max_iter=5, tol=1e-6, damping=1e-3), upcoming=True,
+                                           gauss_newton=True),
         "unrolled_T1": Estimator(horizon=1),
         f"unrolled_T{horizon}": Estimator(horizon=horizon),
     }
@@ -358,6 +375,8 @@ def diagnose(trainer: Any, estimators: Mapping[str, Estimator] | None = None,
     probe = StateProbe(trainer, val_pairs=options.val_pairs, seed=options.seed)
     if estimators is None:
         estimators = default_estimators(probe.pt_lr, options.horizon)
+    if not isinstance(probe.problem, GaussNewtonProblem):  # Gauss-Newton needs the PT loss as outputs + loss
+        estimators = {k: v for k, v in estimators.items() if not v.gauss_newton}
     pt_seconds = probe.pt_step_seconds()
     exact = probe.exact_derivative(options.horizon)
     timing = StateProbe(trainer, val_pairs=1, seed=options.seed)  # the cost of a meta-step's single estimate

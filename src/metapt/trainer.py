@@ -554,7 +554,7 @@ def _gauss_newton_at(problem: Any, view: MetaProblem, step: int, sample: int, st
     def at(t: int):
         index = step + t + sample * stride if t >= 0 else max(step + t - sample * stride, 0)
         batch = view.pretrain_batch(index)
-        return (lambda theta: problem.pretrain_outputs(theta, batch),
+        return (lambda theta: problem.pretrain_outputs(theta, fixed, batch),
                 lambda outputs: problem.pretrain_output_loss(outputs, fixed, batch))
 
     return at

@@ -191,7 +191,7 @@ class _BCEProblem:
                       "w2": torch.randn(4, 2, generator=g, dtype=torch.float64)}
         self.phi = {"logits": torch.randn(2, generator=g, dtype=torch.float64)}
 
-    def pretrain_outputs(self, params, batch):
+    def pretrain_outputs(self, params, metaparams, batch):
         return torch.tanh(self.x[batch] @ params["w1"]) @ params["w2"]
 
     def pretrain_output_loss(self, outputs, metaparams, batch):
@@ -199,7 +199,7 @@ class _BCEProblem:
         return (2 * torch.sigmoid(metaparams["logits"]) * bce).mean()
 
     def pretrain_loss(self, params, metaparams, batch):
-        return self.pretrain_output_loss(self.pretrain_outputs(params, batch), metaparams, batch)
+        return self.pretrain_output_loss(self.pretrain_outputs(params, metaparams, batch), metaparams, batch)
 
     def finetune_loss(self, params, head, batch):
         z = torch.tanh(self.xv @ params["w1"]) @ head["w"]
@@ -225,7 +225,7 @@ def test_gauss_newton_estimator_matches_the_dense_gauss_newton_hypergradient():
     opt = torch.optim.Adam([v.clone().requires_grad_(True) for v in prob.theta.values()], lr=0.1)
     est = Estimator(solver=ConjugateGradient(max_iter=200, tol=1e-13, damping=1e-2), pt_batches=2, upcoming=True,
                     gauss_newton=True)
-    gn_at = lambda t: (lambda th: prob.pretrain_outputs(th, t), lambda o: prob.pretrain_output_loss(  # noqa: E731
+    gn_at = lambda t: (lambda th: prob.pretrain_outputs(th, prob.phi, t), lambda o: prob.pretrain_output_loss(  # noqa: E731
         o, {k: v.detach() for k, v in prob.phi.items()}, t))
     hyper, _ = estimate_hypergradient(est, lambda th, ph, t: prob.pretrain_loss(th, ph, t), lv, prob.theta, prob.phi,
                                       opt, dict(zip(prob.theta, opt.param_groups[0]["params"])), gauss_newton_at=gn_at)
@@ -236,8 +236,8 @@ def test_gauss_newton_estimator_matches_the_dense_gauss_newton_hypergradient():
 
     gmat = torch.zeros(20, 20, dtype=torch.float64)
     for t in (0, 1):  # mean over the two upcoming batches of JᵀH_ℓJ
-        jac = torch.autograd.functional.jacobian(lambda f: prob.pretrain_outputs(unflat(f), t).reshape(-1), flat)
-        out = prob.pretrain_outputs(prob.theta, t)
+        jac = torch.autograd.functional.jacobian(lambda f: prob.pretrain_outputs(unflat(f), prob.phi, t).reshape(-1), flat)
+        out = prob.pretrain_outputs(prob.theta, prob.phi, t)
         h_out = torch.autograd.functional.hessian(
             lambda o: prob.pretrain_output_loss(o.reshape(out.shape), prob.phi, t), out.reshape(-1))
         gmat += jac.T @ h_out @ jac / 2

@@ -83,10 +83,10 @@ class Estimator:
 
 @runtime_checkable
 class GaussNewtonProblem(Protocol):
-    """A problem whose PT loss is ``pretrain_output_loss(pretrain_outputs(θ, batch), φ, batch)``, the
-    loss convex in the outputs (masked weighted BCE on logits is): what ``gauss_newton`` needs."""
+    """A problem whose PT loss is ``pretrain_output_loss(pretrain_outputs(θ, φ, batch), φ, batch)``,
+    the loss convex in the outputs (masked weighted BCE on logits is): what ``gauss_newton`` needs."""
 
-    def pretrain_outputs(self, params: Params, batch: Any) -> Tensor: ...
+    def pretrain_outputs(self, params: Params, metaparams: Mapping[str, Tensor], batch: Any) -> Tensor: ...
 
     def pretrain_output_loss(self, outputs: Tensor, metaparams: Mapping[str, Tensor], batch: Any) -> Tensor: ...
 

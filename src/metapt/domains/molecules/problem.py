@@ -285,12 +285,20 @@ class MoleculesProblem:
     def pretrain_loss(self, params: Params, metaparams: Params, batch: tuple[Batch, Tensor]) -> Tensor:
         """Masked multitask BCE, weighted by task and example weights, with the noise models applied:
         z + σ ⊙ ε for the embedding, ỹ = y(1 − ρ) + (1 − y)ρ for the labels."""
-        graphs, rows = batch
+        return self.pretrain_output_loss(self.pretrain_outputs(params, metaparams, batch), metaparams, batch)
+
+    def pretrain_outputs(self, params: Params, metaparams: Params, batch: tuple[Batch, Tensor]) -> Tensor:
+        """The PT logits [B, tasks] (the outputs of :meth:`pretrain_loss`, in which it is convex: Gauss–Newton)."""
+        graphs, _ = batch
         z = self.embed(params, graphs, train=True)
         noise = self._family(GaussianNoiseScales)
         if noise is not None:
             z = z + noise.noise(metaparams, graphs.embedding_noise.to(z.dtype))
-        logits = z @ params["pt.weight"].T + params["pt.bias"]
+        return z @ params["pt.weight"].T + params["pt.bias"]
+
+    def pretrain_output_loss(self, logits: Tensor, metaparams: Params, batch: tuple[Batch, Tensor]) -> Tensor:
+        """The masked, task- and example-weighted BCE of the PT logits (convex in them)."""
+        graphs, rows = batch
         tasks, examples, flips = self._family(TaskWeights), self._family(ExampleWeights), self._family(LabelFlipRates)
         labels = graphs.y if flips is None else flips.smooth(metaparams, graphs.y.to(logits.dtype))
         task_w = tasks.weights(metaparams) if tasks is not None else None
