@@ -145,7 +145,7 @@ def test_a_second_process_is_refused_while_a_run_owns_the_folder(tmp_path):
 
 def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli("run", "synthetic", "--out", str(out), "--set", "pretrain.steps=3000",
+    proc = subprocess.Popen(_cli("run", "synthetic", "--out", str(out), "--set", "pretrain.steps=1000000",
                                  "--set", "checkpoint.every=50", "--threads", "1"),
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: len(RunFolder(out).checkpoints()) >= 1, proc)
@@ -539,3 +539,34 @@ def test_error_messages_with_brackets_are_printed_as_text():
     assert "no config file or preset named '[/oops]'" in _one_line_error(res)
     res = runner.invoke(app, ["config", "synthetic", "--set", "methods=[bold]"])
     assert "(got 'bold')" in _one_line_error(res) or "[bold]" in res.output
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowing, on purpose
+def test_a_stop_signal_whose_exception_was_swallowed_still_stops_the_run(tmp_path):
+    """Python raises a signal handler's exception wherever the main thread is; inside a __del__ or
+    a GC callback it is printed and dropped. The run must still stop, at its next step."""
+    import gc
+
+    from metapt import MetaPretrainer
+    from metapt.domains.synthetic.problem import SyntheticTaskWeighting
+    from metapt.errors import Interrupted, on_stop_signal, reset_stop
+
+    class Victim:
+        def __del__(self):
+            on_stop_signal(signal.SIGTERM)  # the handler runs here; its exception is swallowed
+
+    problem = SyntheticTaskWeighting(load_config("synthetic").problem)
+    trainer = MetaPretrainer(problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
+                             pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
+                             meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01))
+    folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
+    session = Session(folder)
+    try:
+        Victim()
+        gc.collect()
+        with pytest.raises(Interrupted) as err:
+            session.train("phase", trainer, 50)
+        assert err.value.signum == signal.SIGTERM and trainer.step == 1  # stopped at the first step, not the 50th
+    finally:
+        reset_stop()
+        session.close()

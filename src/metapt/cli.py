@@ -54,27 +54,36 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise _Terminated()
-
-
 def _guarded(debug: bool, action, folder_of=lambda: None):
     """Run ``action``; a :class:`metapt.errors.UserError` (and a full disk, a permission problem)
     becomes one line and exit status 2; anything else is a crash: traceback, status 1.
 
     ``folder_of()``: the run folder in use, if any, for advice on how to go on.
     """
+    import signal
+
+    from .errors import on_stop_signal, reset_stop
+
+    reset_stop()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. a background job's SIGINT stays ignored
+                # unlike Python's own SIGINT handler, this one is remembered: where its exception is
+                # swallowed (a __del__, a GC callback), the next step raises it again (errors.check_stop)
+                previous[signum] = signal.signal(signum, on_stop_signal)
+    try:
+        return _guarded_run(debug, action, folder_of)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _guarded_run(debug: bool, action, folder_of):
     import errno
     import signal
 
     from .errors import NonFiniteLossError
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
 
     def resume_hint() -> str:
         folder = folder_of()
@@ -118,7 +127,7 @@ def _guarded(debug: bool, action, folder_of=lambda: None):
     except KeyboardInterrupt as err:
         if debug:
             raise
-        if isinstance(err, _Terminated):
+        if getattr(err, "signum", None) == signal.SIGTERM:
             _fail(f"terminated (SIGTERM); {resume_hint()}", 143)
         _fail(f"interrupted; {resume_hint()}", 130)
 

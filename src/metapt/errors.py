@@ -12,7 +12,8 @@ The subclasses also derive from ``ValueError``, so library code that caught the
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "LaunchError", "NonFiniteLossError", "RunFolderError", "UserError"]
+__all__ = ["ConfigError", "DataError", "Interrupted", "LaunchError", "NonFiniteLossError", "RunFolderError",
+           "UserError", "check_stop", "on_stop_signal", "reset_stop"]
 
 
 class UserError(Exception):
@@ -44,3 +45,38 @@ class NonFiniteLossError(FloatingPointError):
     here (and re-exported by :mod:`metapt.trainer`) so the command line can catch it without
     importing torch.
     """
+
+
+# ---- stop signals -----------------------------------------------------------------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM: the run stops; the newest checkpoint is where it goes on from."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_STOP: list[int] = []  # signals received by this process since reset_stop()
+
+
+def on_stop_signal(signum: int, frame: object = None) -> None:  # noqa: ARG001 (signal handler signature)
+    """Signal handler for SIGINT and SIGTERM: remember the signal, then raise :class:`Interrupted`.
+
+    Python runs a handler wherever the main thread is; when that is a ``__del__`` or a garbage-
+    collector callback, the exception is printed ("Exception ignored in ...") and swallowed, and
+    the run would go on. :func:`check_stop`, called at every step, raises it again.
+    """
+    _STOP.append(signum)
+    raise Interrupted(signum)
+
+
+def check_stop() -> None:
+    """Raise :class:`Interrupted` if a stop signal arrived (and was swallowed where it landed)."""
+    if _STOP:
+        raise Interrupted(_STOP[0])
+
+
+def reset_stop() -> None:
+    _STOP.clear()

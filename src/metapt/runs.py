@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .errors import RunFolderError
+from .errors import RunFolderError, check_stop
 from .metrics import JsonlLogger, TensorBoardLogger
 from .schema import CheckpointConfig, jsonable
 from .trainer import MetaPretrainer, NonFiniteLossError
@@ -598,6 +598,7 @@ class Session:
             name = _result_name(key)
             self._index[key] = (name, _save_bytes(self.folder.results_dir / name, {"key": key, "value": value}))
         self._save(None, None, None)
+        check_stop()  # between evaluation units too
 
     def forget(self, prefix: str) -> None:
         """Drop recorded results whose key starts with ``prefix`` (``metapt eval`` redoes them)."""
@@ -638,9 +639,15 @@ class Session:
         every = self.checkpoint.every
         skipped = trainer.skipped
         run_until = getattr(trainer, "run_until", None) or trainer.run  # pre-train until trainer.step == n
+
+        def tick(step: int) -> None:
+            check_stop()  # a stop signal whose exception was swallowed where it landed stops the run here
+            if progress is not None:
+                progress(step)
+
         try:
             while trainer.step < steps:
-                run_until(min(steps, (trainer.step // every + 1) * every), progress)
+                run_until(min(steps, (trainer.step // every + 1) * every), tick)
                 if trainer.skipped > skipped:
                     self.console.print(
                         f"[yellow]{phase}: {trainer.skipped - skipped} meta-step(s) skipped at step {trainer.step} "
