@@ -202,3 +202,23 @@ def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path):
         resolve_device("cuda:0")
     with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:INDEX"):
         load_config("synthetic", ["device=tpu"])
+
+
+def test_diagnose_and_report_on_a_run_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from metapt.cli import app
+
+    out = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.steps=150",
+                              "--set", "evaluation.seeds=1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["diagnose", str(out), "--directions", "2"])
+    assert res.exit_code == 0, res.output
+    found = json.loads((out / "diagnostics.json").read_text())
+    assert found["phase"] == "synthetic/meta_task_weights"
+    unrolled = found["estimators"]["unrolled_T1"]  # the default estimator; the known answer agrees with its truth
+    assert unrolled["sign_agreement_exact"] >= 0.5 and found["truth"]["fd_vs_exact_correlation"] > 0.9
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    assert "Hypergradient health" in (out / "report.html").read_text()

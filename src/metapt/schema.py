@@ -242,6 +242,12 @@ class MetaConfig:
     def _solver_by_name(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value  # `--set meta.solver=cg`
 
+    def __post_init__(self) -> None:
+        if self.reuse_pt_graph and not self.solver.estimator(1.0).uses_past_batch:
+            raise ValueError("reuse_pt_graph needs an estimator that takes H and the mixed term on the PT batch "
+                             "just taken (meta.solver: {kind: neumann, identity or cg, upcoming: false, "
+                             "pt_batches: 1}); this one takes PT batches of its own, so a kept graph would go unused")
+
     @field_validator("lr_groups")
     @classmethod
     def _finite_rates(cls, value: dict[str, float]) -> dict[str, float]:
