@@ -32,6 +32,37 @@ def test_synthetic_known_answer_through_the_runner(tmp_path):
     assert (tmp_path / "run" / "losses.png").is_file() and (tmp_path / "run" / "task_weights.png").is_file()
 
 
+def test_pretraining_seeds_give_cis_and_paired_gains_over_pretraining_seeds(tmp_path):
+    config = load_config("synthetic", ["pretrain.steps=300", "pretrain.seeds=3", "evaluation.seeds=2",
+                                       "methods=[uniform, meta_task_weights, random_task_weights]"])
+    summary = execute(RunFolder.create(tmp_path / "run", "job: synthetic\n"), config)
+    res = summary["settings"]["synthetic"]
+    assert res["ci_over"] == "pretraining seeds"
+    assert set(summary["pretraining"]) == {f"synthetic/{m}/seed{s}" for m in ("uniform", "meta_task_weights",
+                                                                            "random_task_weights") for s in range(3)}
+    cells = {m: res["scores"][m]["linear probe"]["1"] for m in res["scores"]}
+    for cell in cells.values():
+        assert len(cell["test"]) == 6 and len(cell["per_pretrain_seed"]) == 3
+        assert cell["per_pretrain_seed"][1] == pytest.approx(sum(cell["test"][2:4]) / 2)  # seed 1's two FT seeds
+        assert cell["mean"] == pytest.approx(sum(cell["per_pretrain_seed"]) / 3)
+    gain = res["gains"]["meta task weights − random task weights"]["linear probe"]["1"]
+    expected = [a - b for a, b in zip(cells["meta task weights"]["per_pretrain_seed"],
+                                      cells["random task weights"]["per_pretrain_seed"])]
+    assert gain["diff"] == pytest.approx(expected) and gain["mean"] < 0  # learned beats random (lower MSE)
+    by_seed = res["learned"]["meta_task_weights"]["by_pretrain_seed"]
+    assert set(by_seed) == {"0", "1", "2"} and len({tuple(v["task_weights"]) for v in by_seed.values()}) == 3
+    assert "over pre-training seeds" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_random_phi_is_a_seeded_draw_held_fixed():
+    from metapt.runner import _random_phi
+
+    phi = {"task_logits": torch.zeros(8)}
+    a, b, c = _random_phi(phi, 0), _random_phi(phi, 0), _random_phi(phi, 1)
+    assert torch.equal(a["task_logits"], b["task_logits"]) and not torch.equal(a["task_logits"], c["task_logits"])
+    assert 0.3 < float(a["task_logits"].std()) < 3
+
+
 # ---- the evaluation protocol -------------------------------------------------------------------
 
 
@@ -70,9 +101,9 @@ def test_nonfinite_scores_are_counted_not_dropped_silently(tmp_path):
     from metapt.evaluation import EvalConfig
 
     ev = EvalConfig(seeds=3, linear_probe=FinetuneConfig(linear_probe=True))
-    rows = [{"method": "m", "mode": "linear probe", "fraction": 1.0, "seed": s, "test": t, "valid": 0.5,
-             "best_epoch": 0} for s, t in enumerate([0.7, math.nan, 0.9])]
-    cell = _aggregate(rows, [Method("m", "m")], ev)["m"]["linear probe"]["1"]
+    rows = [{"method": "m", "pt_seed": None, "mode": "linear probe", "fraction": 1.0, "seed": s, "test": t,
+             "valid": 0.5, "best_epoch": 0} for s, t in enumerate([0.7, math.nan, 0.9])]
+    cell = _aggregate(rows, [Method("m", "m")], ev, [0])["m"]["linear probe"]["1"]
     assert cell["nonfinite"] == 1 and cell["mean"] == pytest.approx(0.8)
     folder = RunFolder.create(tmp_path / "r", "job: synthetic\n")
     summary = {"job": "x", "config": {"pretrain": {"seed": 0}}, "pretraining": {},

@@ -56,14 +56,16 @@ class Method:
         label: what tables and plots call it (``meta task weights``).
         pretrain: False: a randomly initialised encoder (no pre-training).
         phi: ``learned`` (meta-learned online), ``frozen`` (held at φ₀: plain
-            pre-training with the same φ₀, the control for meta-learning) or ``none``.
+            pre-training with the same φ₀, the control for meta-learning), ``random`` (φ₀ plus
+            standard normal noise drawn from the pre-training seed, held there: a random
+            weighting, one draw per pre-training seed) or ``none``.
         variant: the domain's own selector of what φ is (``task_weights``, ``warp``).
     """
 
     name: str
     label: str
     pretrain: bool = True
-    phi: Literal["learned", "frozen", "none"] = "learned"
+    phi: Literal["learned", "frozen", "random", "none"] = "learned"
     variant: str = ""
 
 
@@ -149,6 +151,7 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
         session.forget("eval/")
     device = resolve_device(config.device, dist)
     methods = [domain.methods[m] for m in config.methods]
+    pt_seeds = list(range(config.pretrain.seed, config.pretrain.seed + config.pretrain.seeds))
     summary: dict[str, Any] = {"job": domain.name, "config": jsonable(asdict(config)), "settings": {},
                                "pretraining": {}, "device": str(device)}
     try:
@@ -156,31 +159,41 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
             for setting in domain.settings(config):
                 data = domain.load(config, setting, console)
                 encoders, emb_dims, learned = {}, {}, {}
-                for method in methods:
-                    phase = f"{setting}/{method.name}"
-                    built = _placed(domain.pretraining(config, data, method, config.pretrain.seed, device), device)
-                    emb_dims[method.name] = built.emb_dim
+                for method, seed in ((m, s) for m in methods for s in pt_seeds):
+                    name = _run_name(method.name, seed, pt_seeds)
+                    phase = f"{setting}/{name}"
+                    built = _placed(domain.pretraining(config, data, method, seed, device), device)
+                    if method.phi == "random":
+                        built = replace(built, metaparams=_random_phi(built.metaparams, seed))
+                    emb_dims[name] = built.emb_dim
                     if not method.pretrain:
-                        encoders[method.name] = built.encoder(built.params)
+                        encoders[name] = built.encoder(built.params)
                         continue
                     if not session.done(phase):
-                        task = bars.add_task(f"{setting}: {method.label}", total=config.pretrain.steps, info="")
-                        _pretrain(session, phase, built, config, method, dist, device,
+                        task = bars.add_task(f"{setting}: {method.label}" + (f" (seed {seed})" if len(pt_seeds) > 1 else ""),
+                                             total=config.pretrain.steps, info="")
+                        _pretrain(session, phase, built, config, method, seed, dist, device,
                                   lambda s, t=task: bars.update(t, completed=s))
                     result = session[phase]
                     if hasattr(built.problem, "load_state_dict") and result["problem"] is not None:
                         built.problem.load_state_dict(result["problem"])
-                    encoders[method.name] = built.encoder(result["params"])
+                    encoders[name] = built.encoder(result["params"])
                     summary["pretraining"][phase] = result["health"]
                     if method.phi == "learned":
-                        learned[method.name] = domain.describe(config, data, method, result["metaparams"])
+                        described = domain.describe(config, data, method, result["metaparams"])
+                        if len(pt_seeds) == 1:
+                            learned[method.name] = described
+                        else:  # the first seed's at the top (plots), every seed's below
+                            learned.setdefault(method.name, {**described, "by_pretrain_seed": {}})
+                            learned[method.name]["by_pretrain_seed"][str(seed)] = described
                 downstream = domain.downstream(config, data)
                 rows = _evaluate(session, setting, encoders, emb_dims, downstream, config.evaluation, bars, device)
                 summary["settings"][setting] = {
                     "metric": downstream.metric,
                     "sizes": {k: len(v) for k, v in downstream.labels.items()},
-                    "scores": _aggregate(rows, methods, config.evaluation),
-                    "gains": _gains(rows, domain, methods, config.evaluation),
+                    "ci_over": "pretraining seeds" if len(pt_seeds) > 1 else "fine-tuning seeds",
+                    "scores": _aggregate(rows, methods, config.evaluation, pt_seeds),
+                    "gains": _gains(rows, domain, methods, config.evaluation, pt_seeds),
                     "learned": learned,
                     "data": domain.data_summary(config, data),
                 }
@@ -193,12 +206,23 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
     return summary
 
 
-def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, method: Method, dist: Any,
+def _run_name(method: str, seed: int, pt_seeds: Sequence[int]) -> str:
+    """A method's name in phase and result keys: ``method``, or ``method/seed3`` with several seeds."""
+    return method if len(pt_seeds) == 1 else f"{method}/seed{seed}"
+
+
+def _random_phi(phi: Params, seed: int) -> Params:
+    """φ₀ plus standard normal noise, drawn from the pre-training seed (a random weighting)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+    return {k: v + torch.randn(v.shape, generator=g, dtype=v.dtype).to(v.device) for k, v in phi.items()}
+
+
+def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, method: Method, seed: int, dist: Any,
               device: torch.device, progress: Callable[[int], None]) -> None:
     """One pre-training phase through MetaPretrainer, checkpointed by the session; records its result."""
     meta, steps = config.meta, config.pretrain.steps
     rank = dist.rank if dist is not None else 0
-    torch.manual_seed(config.pretrain.seed * 1_000_003 + 1 + rank)  # dropout and other draws; per process
+    torch.manual_seed(seed * 1_000_003 + 1 + rank)  # dropout and other draws; per process
     learn = method.phi == "learned" and bool(built.metaparams)
     phi = built.metaparams if built.metaparams else {}
     problem = OnDevice(built.problem, device) if device.type != "cpu" else built.problem
@@ -325,42 +349,55 @@ def _evaluate(session: Session, setting: str, encoders: Mapping[str, nn.Module],
     task = bars.add_task(f"{setting}: fine-tune and score", total=total, info="")
     rows = []
     train_labels = downstream.labels["train"]
-    for method, encoder in encoders.items():
+    for name, encoder in encoders.items():
+        method, _, seed_part = name.partition("/seed")
         for mode, cfg in modes.items():
             for fraction in ev.label_fractions:
                 for seed in range(ev.seeds):
-                    key = f"eval/{setting}/{method}/{mode}/{fraction:g}/{seed}"
+                    key = f"eval/{setting}/{name}/{mode}/{fraction:g}/{seed}"
                     if not session.done(key):
                         subset = label_subset(train_labels, fraction, seed)
                         score = finetune_and_score(
-                            encoder, emb_dims[method], downstream.num_tasks,
+                            encoder, emb_dims[name], downstream.num_tasks,
                             downstream.iterate(subset, ev.min_batches_per_epoch), cfg, seed,
                             progress=lambda: bars.advance(task), metric=downstream.metric, device=device)
                         session.record(key, {"train_examples": int(len(subset)), **score})
                     else:
                         bars.advance(task, cfg.epochs)
-                    rows.append({"method": method, "mode": mode, "fraction": fraction, "seed": seed, **session[key]})
+                    rows.append({"method": method, "pt_seed": int(seed_part) if seed_part else None, "mode": mode,
+                                 "fraction": fraction, "seed": seed, **session[key]})
     return rows
 
 
-def _aggregate(rows: list[dict[str, Any]], methods: Sequence[Method], ev: EvalConfig) -> dict[str, Any]:
+def _aggregate(rows: list[dict[str, Any]], methods: Sequence[Method], ev: EvalConfig,
+               pt_seeds: Sequence[int]) -> dict[str, Any]:
+    """Mean ± 95 % CI per method, mode and label fraction: over fine-tuning seeds with one
+    pre-training seed; over pre-training seeds (of each one's mean over fine-tuning seeds) with several."""
     out: dict[str, Any] = {}
     for method in methods:
         for mode in ev.modes():
             for fraction in ev.label_fractions:
                 mine = [r for r in rows if (r["method"], r["mode"], r["fraction"]) == (method.name, mode, fraction)]
                 tests = [r["test"] for r in mine]
-                mean, ci = mean_ci95(tests)
-                out.setdefault(method.label, {}).setdefault(mode, {})[f"{fraction:g}"] = {
-                    "mean": mean, "ci95": ci, "test": tests, "valid": [r["valid"] for r in mine],
-                    "best_epoch": [r["best_epoch"] for r in mine], "nonfinite": nonfinite(tests)}
+                cell = {"test": tests, "valid": [r["valid"] for r in mine],
+                        "best_epoch": [r["best_epoch"] for r in mine], "nonfinite": nonfinite(tests)}
+                if len(pt_seeds) > 1:
+                    per_seed = [mean_ci95([r["test"] for r in mine if r["pt_seed"] == s])[0] for s in pt_seeds]
+                    cell["per_pretrain_seed"] = per_seed
+                    cell["mean"], cell["ci95"] = mean_ci95(per_seed)
+                else:
+                    cell["mean"], cell["ci95"] = mean_ci95(tests)
+                out.setdefault(method.label, {}).setdefault(mode, {})[f"{fraction:g}"] = cell
     return out
 
 
-def _gains(rows: list[dict[str, Any]], domain: Domain, methods: Sequence[Method], ev: EvalConfig) -> dict[str, Any]:
-    """Per-seed paired differences (same seed: same label subset, head init and batch order)."""
+def _gains(rows: list[dict[str, Any]], domain: Domain, methods: Sequence[Method], ev: EvalConfig,
+           pt_seeds: Sequence[int]) -> dict[str, Any]:
+    """Paired differences: per fine-tuning seed (same label subset, head init and batch order) with
+    one pre-training seed; per pre-training seed (of the per-seed means) with several."""
     names = {m.name for m in methods}
-    table = {(r["method"], r["mode"], r["fraction"], r["seed"]): r["test"] for r in rows}
+    table = {(r["method"], r["pt_seed"], r["mode"], r["fraction"], r["seed"]): r["test"] for r in rows}
+    seeds = pt_seeds if len(pt_seeds) > 1 else [None]
     out: dict[str, Any] = {}
     for better, base in domain.gains:
         if better not in names or base not in names:
@@ -368,7 +405,9 @@ def _gains(rows: list[dict[str, Any]], domain: Domain, methods: Sequence[Method]
         label = f"{domain.methods[better].label} − {domain.methods[base].label}"
         for mode in ev.modes():
             for fraction in ev.label_fractions:
-                diffs = [table[(better, mode, fraction, s)] - table[(base, mode, fraction, s)] for s in range(ev.seeds)]
+                per_ft = {p: [table[(better, p, mode, fraction, s)] - table[(base, p, mode, fraction, s)]
+                              for s in range(ev.seeds)] for p in seeds}
+                diffs = per_ft[None] if len(seeds) == 1 else [mean_ci95(per_ft[p])[0] for p in seeds]
                 mean, ci = mean_ci95(diffs)
                 out.setdefault(label, {}).setdefault(mode, {})[f"{fraction:g}"] = {
                     "mean": mean, "ci95": ci, "diff": diffs, "nonfinite": nonfinite(diffs)}
@@ -412,9 +451,15 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     skipped = sum(int(h.get("skipped_meta_steps", 0)) for h in health.values())
     rejected = sum(int(h.get("rejected_heads", 0)) for h in health.values())
     meta_steps = sum(int(h.get("meta_steps", 0)) for h in health.values())
+    pt = summary["config"]["pretrain"]
+    n_pt = pt.get("seeds", 1)
+    if n_pt > 1:
+        seeds = f"Each method is pre-trained with {n_pt} seeds ({pt['seed']}–{pt['seed'] + n_pt - 1}): the CIs " \
+                "and paired gains are over pre-training seeds, of each seed's mean over fine-tuning seeds."
+    else:
+        seeds = f"Each method is pre-trained once (seed {pt['seed']}): the CIs cover fine-tuning seeds only."
     lines.append(f"Meta-steps: {meta_steps}, skipped (unusable hypergradient): {skipped}, "
-                 f"non-finite heads rejected: {rejected}. Each method is pre-trained once (seed "
-                 f"{summary['config']['pretrain']['seed']}): the CIs cover fine-tuning seeds only.")
+                 f"non-finite heads rejected: {rejected}. {seeds}")
     lines.append(f"Wall time: {summary.get('wall_seconds', float('nan'))} s.")
     return "\n".join(lines) + "\n"
 

@@ -195,12 +195,15 @@ class PretrainConfig:
         seed: the pre-training seed: θ₀, φ₀, the order of the PT, FT and MetaFT-validation
             batches and their random draws (augmentations, dropout). The data split has its
             own seed (``data.split_seed``), so a new pre-training seed keeps the same data.
+        seeds: how many pre-training seeds (``seed``, ``seed`` + 1, …) each method is run
+            with; with more than one, CIs and paired gains are over pre-training seeds.
     """
 
     steps: int = Field(default=2000, ge=1)
     lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     batch_size: int = Field(default=64, ge=1)
     seed: int = Field(default=0, ge=0)
+    seeds: int = Field(default=1, ge=1, le=100)
 
 
 @schema

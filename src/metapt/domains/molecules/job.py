@@ -39,6 +39,7 @@ METHODS = {m.name: m for m in (
     Method("no_pretrain", "no pre-training", pretrain=False, phi="none", variant="task_weights"),
     Method("uniform", "uniform weights", phi="frozen", variant="task_weights"),
     Method("meta_task_weights", "meta task weights", variant="task_weights"),
+    Method("random_task_weights", "random task weights", phi="random", variant="task_weights"),  # opt-in
     Method("meta_example_weights", "meta example weights", variant="example_weights"),
     Method("meta_label_noise", "meta label noise", variant="label_noise"),  # opt-in: --set methods=[...]
     Method("meta_feature_noise", "meta embedding noise", variant="feature_noise"),
@@ -104,7 +105,7 @@ class MoleculesJob:
 class Molecules:
     name = "molecules"
     methods = METHODS
-    gains = (("meta_task_weights", "uniform"), ("meta_example_weights", "uniform"), ("uniform", "no_pretrain"))
+    gains = (("meta_task_weights", "uniform"), ("meta_task_weights", "random_task_weights"), ("meta_example_weights", "uniform"), ("uniform", "no_pretrain"))
 
     def settings(self, config: MoleculesJob) -> tuple[str, ...]:
         return config.data.settings

@@ -27,7 +27,9 @@ METHODS = {m.name: m for m in (
     Method("no_pretrain", "no pre-training", pretrain=False, phi="none"),
     Method("uniform", "uniform weights", phi="frozen"),
     Method("meta_task_weights", "meta task weights"),
+    Method("random_task_weights", "random task weights", phi="random"),  # opt-in: --set methods=[...]
 )}
+DEFAULT_METHODS = ("no_pretrain", "uniform", "meta_task_weights")
 
 
 @schema
@@ -40,7 +42,7 @@ class SyntheticJob:
 
     job: Literal["synthetic"] = "synthetic"
     device: str = "auto"
-    methods: tuple[Literal[tuple(METHODS)], ...] = Field(default=tuple(METHODS), min_length=1)
+    methods: tuple[Literal[tuple(METHODS)], ...] = Field(default=DEFAULT_METHODS, min_length=1)
     problem: SyntheticConfig = SyntheticConfig()
     pretrain: PretrainConfig = PretrainConfig(steps=1000, lr=0.01, batch_size=32)
     meta: MetaConfig = MetaConfig(interval=5, unroll_steps=1, inner_lr=0.1, lr=0.1, warmup_steps=100,
@@ -71,7 +73,7 @@ class _Linear(nn.Module):
 class Synthetic:
     name = "synthetic"
     methods = METHODS
-    gains = (("meta_task_weights", "uniform"), ("uniform", "no_pretrain"))
+    gains = (("meta_task_weights", "uniform"), ("meta_task_weights", "random_task_weights"), ("uniform", "no_pretrain"))
 
     def settings(self, config: SyntheticJob) -> tuple[str, ...]:
         return ("synthetic",)
