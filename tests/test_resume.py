@@ -111,7 +111,8 @@ def test_synthetic_run_killed_four_times_resumes_bitwise(tmp_path):
     lines = lambda: _lines(run / "metrics.jsonl")  # noqa: E731
     assert _run_and_kill(_cli("run", "synthetic", "--out", str(run), *overrides), lambda: lines() >= 10), \
         "the run finished before the first kill point"
-    assert _newest_checkpoint(run) == 0  # killed before its first checkpoint
+    # killed before the first pre-training checkpoint (results recorded before PT may have one)
+    assert _newest_checkpoint(run) == 0 or _newest_state(run)["phase"] is None
     assert _run_and_kill(_cli("resume", str(run)), lambda: _newest_checkpoint(run) >= 2 and lines() >= 60), \
         "kill 2 did not happen"
     assert _newest_state(run)["phase"] == "synthetic/uniform"  # mid-phase
