@@ -570,3 +570,20 @@ def test_a_stop_signal_whose_exception_was_swallowed_still_stops_the_run(tmp_pat
     finally:
         reset_stop()
         session.close()
+
+
+def test_two_runs_racing_for_one_out_folder_cannot_both_start(tmp_path):
+    from metapt.runs import _lock_file, _unlock_file
+
+    out = tmp_path / "run"
+    out.mkdir()  # the other run has made the folder and holds its lock, but written nothing yet
+    key = _lock_file(out)
+    try:
+        lock = out / ".metapt-lock"
+        other = subprocess.run([sys.executable, "-c", "import sys; from metapt.runs import RunFolder; "
+                                "RunFolder.create(sys.argv[1], 'job: synthetic\\n')", str(out)],
+                               env=ENV, capture_output=True, text=True, timeout=120)
+        assert other.returncode != 0 and "in use by another metapt process" in other.stderr
+        assert sorted(p.name for p in out.iterdir()) == [lock.name]  # the loser wrote and deleted nothing
+    finally:
+        _unlock_file(key)

@@ -296,7 +296,7 @@ class RunFolder:
         folder = cls(path)
         if path.exists() and not path.is_dir():
             raise RunFolderError(f"{path} exists and is not a folder; choose another --out")
-        if path.is_dir() and any(path.iterdir()):
+        if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):  # a bare lock file is no run
             if not overwrite:
                 raise RunFolderError(
                     f"run folder {path} already exists; pass --overwrite to replace it, "
