@@ -113,6 +113,11 @@ def test_nonfinite_scores_are_counted_not_dropped_silently(tmp_path):
     text = (folder.path / "summary.json").read_text()
     assert "NaN" not in text and json.loads(text)["settings"]["s"]["scores"]["m"]["linear probe"]["1"]["test"][1] is None
     assert "(1 non-finite)" in (folder.path / "summary.md").read_text()
+    assert "Every score" not in (folder.path / "summary.md").read_text()
+    nan_cell = _aggregate([{**r, "test": math.nan} for r in rows], [Method("m", "m")], ev, [0])["m"]["linear probe"]["1"]
+    summary["settings"]["s"]["scores"]["m"]["linear probe"]["1"] = nan_cell
+    write_summary(folder, summary)
+    assert "**Every score of s is NaN**" in (folder.path / "summary.md").read_text()
 
 
 # ---- batch norm: only PT steps update the statistics ------------------------------------------

@@ -445,6 +445,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             lines.append(f"| {method} | " + " | ".join(_cell(by_mode[m][f]) for m, f in columns) + " |")
         for label, by_mode in res.get("gains", {}).items():
             lines.append(f"| *{label}* (paired) | " + " | ".join(_cell(by_mode[m][f]) for m, f in columns) + " |")
+        cells = [c for by_mode in res["scores"].values() for by_fr in by_mode.values() for c in by_fr.values()]
+        if cells and all(c.get("nonfinite", 0) == len(c["test"]) for c in cells):
+            lines += ["", f"**Every score of {setting} is NaN**: no fine-tuning run could be scored (e.g. a "
+                      "split with only one class); see summary.json for the counts."]
         sizes = ", ".join(f"{k} {v}" for k, v in res["sizes"].items())
         lines += ["", f"Downstream examples: {sizes}. The epoch is chosen on 'valid'; test is read at that epoch.", ""]
     health = summary.get("pretraining", {})
