@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from _results import ROOT, provenance, write
 
 from metapt.config import load_config
@@ -24,8 +26,10 @@ def main() -> None:
     ap.add_argument("--settings", default="b3db,heldout")
     ap.add_argument("--set", action="append", default=[], help="override a config key, e.g. meta.lr=0.1")
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the metapt command's default: 1)")
     ap.add_argument("--allow-dirty", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     source = provenance(args.allow_dirty)
     config = load_config(args.preset, [f"data.settings=[{args.settings}]", *args.set])
     name = "molecules_auroc" + (f"_{args.tag}" if args.tag else "")
