@@ -195,3 +195,20 @@ def test_non_finite_unrolled_head_is_not_kept():
     assert t.skipped == 2
     for k in head0:
         assert torch.equal(t.head[k], head0[k])
+
+
+def test_a_non_finite_unrolled_head_is_rejected_and_counted():
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
+
+    class NanHead(Strategy):
+        def reduce_head(self, head):
+            return {k: v * float("nan") for k, v in head.items()}
+
+    rec = Recorder()
+    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1), strategy=NanHead(), loggers=[rec])
+    head0 = {k: v.clone() for k, v in t.head.items()}
+    t.run_until(3)
+    assert t.rejected_heads == 3 and t.skipped == 0  # the hypergradient was fine; only the head was refused
+    assert all(torch.equal(t.head[k], head0[k]) for k in head0)
+    assert [m["rejected_heads"] for _, m in rec.rows] == [1.0, 2.0, 3.0]
+    assert t.state_dict()["counters"]["rejected_heads"] == 3
