@@ -191,8 +191,8 @@ def _threads(threads: int | None) -> None:
     """Set torch's CPU threads, at most the machine's CPUs (more oversubscribes, or crashes OpenMP).
 
     Default 1 (unless OMP_NUM_THREADS is set): on a machine shared with one other CPU-bound
-    process, torch's default of a thread per core made the molecules job many times slower,
-    while one thread stays near its idle speed (benchmarks/results/threads.md).
+    process, torch's default of a thread per core slows the molecules job several-fold, while one
+    thread stays near its idle speed (benchmarks/results/threads.md).
     """
     import os
 
