@@ -51,7 +51,9 @@ def test_pretraining_seeds_give_cis_and_paired_gains_over_pretraining_seeds(tmp_
     assert gain["diff"] == pytest.approx(expected) and gain["mean"] < 0  # learned beats random (lower MSE)
     by_seed = res["learned"]["meta_task_weights"]["by_pretrain_seed"]
     assert set(by_seed) == {"0", "1", "2"} and len({tuple(v["task_weights"]) for v in by_seed.values()}) == 3
-    assert "over pre-training seeds" in (tmp_path / "run" / "summary.md").read_text()
+    md = (tmp_path / "run" / "summary.md").read_text()
+    assert md.startswith("# synthetic: downstream test scores, mean ± 95 % CI over pre-training seeds")
+    assert "the CIs and paired gains are over pre-training seeds" in md
 
 
 def test_random_phi_is_a_seeded_draw_held_fixed():

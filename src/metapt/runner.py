@@ -433,7 +433,8 @@ def _cell(v: Mapping[str, Any]) -> str:
 
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
-    lines = [f"# {summary.get('job', 'run')}: downstream test scores, mean ± 95 % CI over fine-tuning seeds", ""]
+    over = "pre-training seeds" if summary["config"]["pretrain"].get("seeds", 1) > 1 else "fine-tuning seeds"
+    lines = [f"# {summary.get('job', 'run')}: downstream test scores, mean ± 95 % CI over {over}", ""]
     for setting, res in summary["settings"].items():
         metric = "AUROC" if res["metric"] == "auroc" else "MSE (lower is better)"
         columns = [(mode, fr) for by_mode in list(res["scores"].values())[:1] for mode, by_fr in by_mode.items()
