@@ -109,10 +109,14 @@ def test_synthetic_run_killed_four_times_resumes_bitwise(tmp_path):
     # before the first checkpoint, just after one (mid-phase), in the second phase, right at the end;
     # each kill must happen (a run that finished first would make the test vacuous) and where meant
     lines = lambda: _lines(run / "metrics.jsonl")  # noqa: E731
-    assert _run_and_kill(_cli("run", "synthetic", "--out", str(run), *overrides), lambda: lines() >= 10), \
+    assert _run_and_kill(_cli("run", "synthetic", "--out", str(run), *overrides), lambda: lines() >= 3), \
         "the run finished before the first kill point"
-    # killed before the first pre-training checkpoint (results recorded before PT may have one)
-    assert _newest_checkpoint(run) == 0 or _newest_state(run)["phase"] is None
+    # killed early in the first phase: before its first checkpoint (step 25), or, when the process ran
+    # ahead of the kill (a synthetic step takes about a millisecond), right after it
+    if _newest_checkpoint(run):
+        first = _newest_state(run)
+        assert first["phase"] == "synthetic/uniform" and first["trainer"]["counters"]["step"] <= 25, \
+            "the first kill came later than the first checkpoint of the first phase"
     assert _run_and_kill(_cli("resume", str(run)), lambda: _newest_checkpoint(run) >= 2 and lines() >= 60), \
         "kill 2 did not happen"
     assert _newest_state(run)["phase"] == "synthetic/uniform"  # mid-phase
