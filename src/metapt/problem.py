@@ -155,3 +155,24 @@ class EpochShuffler:
             self._cache = (epoch, torch.randperm(self.num_examples, generator=g))
         start = within * self.batch_size
         return self._cache[1][start : start + self.batch_size]
+
+
+class LabelledBatches:
+    """``finetune_batch`` and ``metaval_batch`` for a problem that holds its labelled data as tensors.
+
+    The problem sets ``ft_train`` and ``metaval`` (``(inputs, labels)`` pairs) and ``_ft_order``,
+    ``_val_order`` (:class:`EpochShuffler`); batch ``i`` is the rows ``_ft_order.indices(i)``.
+    """
+
+    ft_train: tuple[Tensor, Tensor]
+    metaval: tuple[Tensor, Tensor]
+    _ft_order: EpochShuffler
+    _val_order: EpochShuffler
+
+    def finetune_batch(self, index: int) -> tuple[Tensor, Tensor]:
+        i = self._ft_order.indices(index)
+        return self.ft_train[0][i], self.ft_train[1][i]
+
+    def metaval_batch(self, index: int) -> tuple[Tensor, Tensor]:
+        i = self._val_order.indices(index)
+        return self.metaval[0][i], self.metaval[1][i]

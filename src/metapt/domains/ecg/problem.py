@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ...problem import EpochShuffler, Params
+from ...problem import EpochShuffler, LabelledBatches, Params
 from ...schema import schema
 from ...metaparams import AugmentationNetwork, GaussianNoiseScales
 from .augment import BandNoiseConfig, LearnedWarp, WarpConfig, band_split, default_augment
@@ -286,7 +286,7 @@ def _index_generator(seed: int, index: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + index) * 4 + stream)
 
 
-class ECGSimCLRProblem:
+class ECGSimCLRProblem(LabelledBatches):
     """SimCLR pre-training with a learned warp, PVC (or superclass) fine-tuning; a MetaProblem.
 
     Args:
@@ -452,14 +452,6 @@ class ECGSimCLRProblem:
             b1, b2 = (band_split(torch.randn(x.shape, generator=gb, dtype=torch.float64), c.noise.bands).to(self.dtype)
                       for _ in range(2))
         return PretrainBatch(views[0], views[1], n1, n2, b1, b2)
-
-    def finetune_batch(self, index: int) -> tuple[Tensor, Tensor]:
-        i = self._ft_order.indices(index)
-        return self.ft_train[0][i], self.ft_train[1][i]
-
-    def metaval_batch(self, index: int) -> tuple[Tensor, Tensor]:
-        i = self._val_order.indices(index)
-        return self.metaval[0][i], self.metaval[1][i]
 
     def warp_module(self, metaparams: Mapping[str, Tensor]) -> LearnedWarp:
         """A standalone warp holding φ (detached), for inspection and plots."""

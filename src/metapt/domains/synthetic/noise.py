@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ...metaparams import GaussianNoiseScales
-from ...problem import EpochShuffler, Params
+from ...problem import EpochShuffler, LabelledBatches, Params
 from ...schema import schema
 
 __all__ = ["FeatureNoiseConfig", "SyntheticFeatureNoise"]
@@ -54,7 +54,7 @@ class FeatureNoiseConfig:
     seed: int = 0
 
 
-class SyntheticFeatureNoise:
+class SyntheticFeatureNoise(LabelledBatches):
     """The synthetic noise-model problem; implements :class:`metapt.problem.MetaProblem`."""
 
     def __init__(self, config: FeatureNoiseConfig = FeatureNoiseConfig(), dtype: torch.dtype = torch.float32):
@@ -120,14 +120,6 @@ class SyntheticFeatureNoise:
         rows = self._pt_order.indices(index)
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
         return rows, torch.randn(len(rows), self.dim, generator=g, dtype=torch.float64).to(self.dtype)
-
-    def finetune_batch(self, index: int) -> tuple[Tensor, Tensor]:
-        i = self._ft_order.indices(index)
-        return self.ft_train[0][i], self.ft_train[1][i]
-
-    def metaval_batch(self, index: int) -> tuple[Tensor, Tensor]:
-        i = self._val_order.indices(index)
-        return self.metaval[0][i], self.metaval[1][i]
 
     def describe_metaparams(self, metaparams: Params) -> Mapping[str, float]:
         """Mean learned σ on the informative and on the nuisance features."""

@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ...metaparams import TaskWeights
-from ...problem import EpochShuffler, Params
+from ...problem import EpochShuffler, LabelledBatches, Params
 from ...schema import schema
 
 
@@ -50,7 +50,7 @@ class SyntheticConfig:
 MAX_ELEMENTS = 50_000_000
 
 
-class SyntheticTaskWeighting:
+class SyntheticTaskWeighting(LabelledBatches):
     """Task weighting on the synthetic problem; implements :class:`metapt.problem.MetaProblem`."""
 
     def __init__(self, config: SyntheticConfig = SyntheticConfig(), dtype: torch.dtype = torch.float32):
@@ -125,14 +125,6 @@ class SyntheticTaskWeighting:
 
     def pretrain_batch(self, index: int) -> Tensor:
         return self._pt_order.indices(index)
-
-    def finetune_batch(self, index: int) -> tuple[Tensor, Tensor]:
-        i = self._ft_order.indices(index)
-        return self.ft_train[0][i], self.ft_train[1][i]
-
-    def metaval_batch(self, index: int) -> tuple[Tensor, Tensor]:
-        i = self._val_order.indices(index)
-        return self.metaval[0][i], self.metaval[1][i]
 
     def describe_metaparams(self, metaparams: Params) -> Mapping[str, float]:
         w = self.task_weights.weights({"task_logits": metaparams["task_logits"].detach()})
