@@ -135,10 +135,9 @@ def test_a_second_process_is_refused_while_a_run_owns_the_folder(tmp_path):
             assert second.returncode == 2, second.stdout + second.stderr
             assert "in use by another metapt process" in second.stderr and f"pid {first.pid}" in second.stderr
             assert first.poll() is None  # the first run was left alone
-    finally:
-        first.send_signal(signal.SIGTERM)
-        _, err = first.communicate(timeout=60)
-    assert first.returncode == 143, err
+    finally:  # SIGTERM's own behaviour is test_sigterm_stops_like_ctrl_c_and_the_run_resumes
+        first.kill()
+        first.communicate(timeout=60)
     rows = read_jsonl(out / "metrics.jsonl")  # one writer: every (phase, step) once
     assert len(rows) == len({(r["phase"], r["step"]) for r in rows}) > 0
 
