@@ -105,7 +105,9 @@ class MoleculesJob:
 class Molecules:
     name = "molecules"
     methods = METHODS
-    gains = (("meta_task_weights", "uniform"), ("meta_task_weights", "random_task_weights"), ("meta_example_weights", "uniform"), ("uniform", "no_pretrain"))
+    gains = (("meta_task_weights", "uniform"), ("meta_task_weights", "random_task_weights"),
+             ("meta_example_weights", "uniform"), ("meta_label_noise", "uniform"),
+             ("meta_feature_noise", "uniform"), ("uniform", "no_pretrain"))
 
     def settings(self, config: MoleculesJob) -> tuple[str, ...]:
         return config.data.settings
