@@ -15,8 +15,10 @@ from metapt.domains.ecg.problem import (
     ECGSimCLRProblem,
     PTBXLFolds,
     RecordFractions,
+    cross_validation_folds,
     label_subset,
     split_beats_by_record,
+    split_beats_cross_validation,
     split_ptbxl_by_fold,
 )
 from metapt.hypergrad import ConjugateGradient, pretraining_hypergradient, sgd, unrolled_finetune
@@ -324,3 +326,37 @@ def test_noise_only_problem_learns_the_amplitudes_alone():
     # the clean views are the baseline's: only the learned noise differs
     base = tiny_problem(ECGProblemConfig(**{**TINY.__dict__, "use_warp": False}))
     torch.testing.assert_close(base.pretrain_batch(1).view1, batch.view1, rtol=0, atol=0)
+
+
+def test_cross_validation_tests_every_record_once_and_pretrains_on_all_the_others():
+    ds = _dataset({"a": 9, "b": 0, "c": 5, "d": 0, "e": 4, "f": 0, "g": 1, "h": 3, "i": 0})
+    folds = cross_validation_folds(ds, 4, seed=1)
+    assert sorted(r for g in folds for r in g) == sorted(set(ds.patient_ids)), "a record is not tested exactly once"
+    positives = ds.positives_per_patient(0)
+    # the snake deal: the four records with most positives open the four folds
+    assert sorted(max(g, key=lambda r: positives.get(r, 0)) for g in folds) == ["a", "c", "e", "h"]
+    for k, test in enumerate(folds):
+        split = split_beats_cross_validation(ds, 4, k, RecordFractions(), seed=1, min_positives=1)
+        assert split.records["test"] == test
+        tested = np.isin(ds.patient_ids, np.array(test))
+        assert np.array_equal(split.test, np.flatnonzero(tested))
+        assert np.array_equal(split.pretrain, np.flatnonzero(~tested)), "pre-training must take every other record"
+        assert not set(split.ft_train) & set(split.metaval)
+        assert set(split.ft_train) | set(split.metaval) == set(split.pretrain)
+        for name in ("ft_train", "metaval"):
+            assert ds.labels[torch.from_numpy(getattr(split, name))].sum() >= 1, name
+    with pytest.raises(ValueError, match="no positives"):
+        cross_validation_folds(ds, 7)  # only 5 records have positives
+    with pytest.raises(ValueError, match="cv_fold"):
+        split_beats_cross_validation(ds, 4, 4)
+    with pytest.raises(ValueError, match="cv_folds must be between"):
+        cross_validation_folds(ds, 8)
+
+
+def test_data_config_refuses_a_fold_without_folds():
+    from metapt.domains.ecg.splits import DataConfig
+
+    with pytest.raises(ValueError, match="needs data.cv_folds"):
+        DataConfig(cv_fold=2)
+    with pytest.raises(ValueError, match="below data.cv_folds"):
+        DataConfig(cv_folds=3, cv_fold=3)

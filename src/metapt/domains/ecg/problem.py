@@ -54,7 +54,9 @@ __all__ = [
     "RecordFractions",
     "SimCLRNet",
     "label_subset",
+    "cross_validation_folds",
     "split_beats_by_record",
+    "split_beats_cross_validation",
     "split_ptbxl_by_fold",
     "split_ecg",
 ]
@@ -153,6 +155,71 @@ def split_beats_by_record(
         f"no split of the {len(unique)} records in {max_tries} seeded draws gives FT-train, MetaFT-validation and "
         f"test {min_positives} positives each (positives per record: {positives}); lower min_positives or "
         "change the record fractions"
+    )
+
+
+def cross_validation_folds(ds: ECGDataset, folds: int, *, seed: int = 0, class_index: int = 0) -> list[tuple[str, ...]]:
+    """Every record in exactly one of ``folds`` test folds, the positives spread evenly.
+
+    Records are dealt in snake order (0…K−1, K−1…0, …) from most to fewest positives (a
+    seeded draw breaks ties), so each fold gets one of the records that hold most positives
+    and every fold can be scored. A fold without positives is an error: AUROC needs both classes.
+    """
+    unique = sorted({str(p) for p in ds.patient_ids})
+    if not 2 <= folds <= len(unique) - 2:
+        raise ValueError(f"data.cv_folds must be between 2 and {len(unique) - 2} with {len(unique)} records "
+                         f"(the other folds must fill FT-train and MetaFT-validation), got {folds}")
+    positives = ds.positives_per_patient(class_index)
+    tiebreak = np.random.default_rng(seed).permutation(len(unique))
+    order = sorted(range(len(unique)), key=lambda i: (-positives.get(unique[i], 0), tiebreak[i]))
+    groups: list[list[str]] = [[] for _ in range(folds)]
+    for rank, i in enumerate(order):
+        lap, pos = divmod(rank, folds)
+        groups[pos if lap % 2 == 0 else folds - 1 - pos].append(unique[i])
+    empty = [k for k, g in enumerate(groups) if sum(positives.get(r, 0) for r in g) == 0]
+    if empty:
+        raise ValueError(f"data.cv_folds={folds}: test fold(s) {empty} would hold no positives (positives per "
+                         f"record: {positives}); choose fewer folds")
+    return [tuple(sorted(g)) for g in groups]
+
+
+def split_beats_cross_validation(
+    ds: ECGDataset,
+    folds: int,
+    fold: int,
+    fractions: RecordFractions = RecordFractions(),
+    *,
+    seed: int = 0,
+    min_positives: int = 20,
+    class_index: int = 0,
+    max_tries: int = 10_000,
+) -> ECGSplit:
+    """Test on fold ``fold`` of :func:`cross_validation_folds`; pre-train on every other record.
+
+    Self-supervised pre-training reads no labels, so it takes every record not tested
+    (FT-train's and MetaFT-validation's too). The other records are split by record between
+    FT-train and MetaFT-validation in the ratio of ``fractions``, the first seeded
+    permutation that gives each ``min_positives`` positives.
+    """
+    groups = cross_validation_folds(ds, folds, seed=seed, class_index=class_index)
+    if not 0 <= fold < folds:
+        raise ValueError(f"data.cv_fold must be in [0, {folds}), got {fold}")
+    test = groups[fold]
+    rest = sorted(r for g in groups for r in g if r not in test)
+    n_meta = min(len(rest) - 1, max(1, round(len(rest) * fractions.metaval / (fractions.ft_train + fractions.metaval))))
+    positives = ds.positives_per_patient(class_index)
+    rng = np.random.default_rng(seed * 1009 + fold)
+    for _ in range(max_tries):
+        order = [str(r) for r in rng.permutation(rest)]
+        metaval, ft_train = tuple(sorted(order[:n_meta])), tuple(sorted(order[n_meta:]))
+        if all(sum(positives.get(r, 0) for r in g) >= min_positives for g in (ft_train, metaval)):
+            records = {"pretrain": tuple(rest), "ft_train": ft_train, "metaval": metaval, "test": test}
+            index = {n: np.flatnonzero(np.isin(ds.patient_ids, np.array(g, dtype=str))) for n, g in records.items()}
+            return ECGSplit(**index, records=records)
+    raise ValueError(
+        f"cross-validation fold {fold}: no split of the other {len(rest)} records in {max_tries} seeded draws gives "
+        f"FT-train and MetaFT-validation {min_positives} positives each (positives per record: {positives}); lower "
+        "data.min_positives"
     )
 
 

@@ -18,7 +18,8 @@ from ...metrics import read_jsonl
 from ...problem import Params
 from ...schema import schema
 from .data import ECGDataset, detect_layout, load_beat_folder, load_ptbxl
-from .problem import ECGSimCLRProblem, ECGSplit, PTBXLFolds, RecordFractions, split_ecg
+from .problem import (ECGSimCLRProblem, ECGSplit, PTBXLFolds, RecordFractions, split_beats_cross_validation,
+                      split_ecg)
 
 
 @schema
@@ -41,6 +42,13 @@ class DataConfig:
         cap_keeps_positives: under the cap, keep a record's positive beats first (up to half
             the cap) and fill with the rest, so a small cap still leaves both classes to score
             (the ``quick`` preset; the uniform subsample keeps each record's PVC share).
+        cv_folds, cv_fold: beat layout: record-wise cross-validation. With ``cv_folds: K`` the
+            records are dealt into K test folds (each record in exactly one, positives spread
+            evenly) and this run tests on fold ``cv_fold``; it pre-trains on every other record
+            (SimCLR reads no labels) and splits those records between FT-train and
+            MetaFT-validation in the ratio of ``record_fractions`` (its ``pretrain`` and
+            ``test`` shares are then unused). Run K folds for a CI over patients:
+            ``benchmarks/ecg_cv.py``.
         ptbxl_folds: PTB-XL: strat_fold groups.
         ptbxl_sampling_rate, ptbxl_max_records: PTB-XL: records100/ or records500/, and a cap
             on records for quick runs.
@@ -54,12 +62,19 @@ class DataConfig:
     split_seed: int = 0
     max_labelled_per_record: int | None = None
     cap_keeps_positives: bool = False
+    cv_folds: int | None = Field(default=None, ge=2)
+    cv_fold: int = Field(default=0, ge=0)
     ptbxl_folds: PTBXLFolds = PTBXLFolds()
     ptbxl_sampling_rate: int = 100
     ptbxl_max_records: int | None = None
     cache_dir: str | None = None
     valid_fraction: float = Field(default=0.25, gt=0, lt=1)
 
+    def __post_init__(self) -> None:
+        if self.cv_folds is not None and self.cv_fold >= self.cv_folds:
+            raise ValueError(f"data.cv_fold must be below data.cv_folds ({self.cv_folds}), got {self.cv_fold}")
+        if self.cv_folds is None and self.cv_fold != 0:
+            raise ValueError("data.cv_fold needs data.cv_folds (the number of folds)")
 
 
 def load_and_split(folder: Path, config: DataConfig) -> tuple[ECGDataset, ECGSplit]:
@@ -69,8 +84,15 @@ def load_and_split(folder: Path, config: DataConfig) -> tuple[ECGDataset, ECGSpl
                         max_records=config.ptbxl_max_records, cache_dir=config.cache_dir)
     else:
         ds = load_beat_folder(folder, window=config.window, resample_fs=config.resample_fs, cache_dir=config.cache_dir)
-    split = split_ecg(ds, config.record_fractions, config.ptbxl_folds, seed=config.split_seed,
-                      min_positives=config.min_positives)
+    if config.cv_folds is not None:
+        if ds.folds is not None:
+            raise ValueError("data.cv_folds is for the beat layout; PTB-XL is split by its own strat_fold "
+                             "(data.ptbxl_folds)")
+        split = split_beats_cross_validation(ds, config.cv_folds, config.cv_fold, config.record_fractions,
+                                             seed=config.split_seed, min_positives=config.min_positives)
+    else:
+        split = split_ecg(ds, config.record_fractions, config.ptbxl_folds, seed=config.split_seed,
+                          min_positives=config.min_positives)
     if config.max_labelled_per_record is not None:
         split = _cap_labelled(ds, split, config.max_labelled_per_record, config.split_seed,
                               keep_positives=config.cap_keeps_positives)
