@@ -74,6 +74,38 @@ def plot_bars(
     return _save(fig, path)
 
 
+def plot_hbars(
+    labels: Sequence[str],
+    values: Sequence[tuple[float, float]],
+    path: str | Path,
+    *,
+    points: Sequence[Sequence[float]] | None = None,
+    reference: float | None = None,
+    xlabel: str = "",
+    title: str = "",
+) -> Path:
+    """Horizontal bars (mean, CI half-width) for long category names, top to bottom in the given
+    order; ``points`` adds each category's individual values (e.g. one per seed) as dots."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(11, 0.28 * n + 1.6))
+    ys = list(range(n))[::-1]
+    means = [m for m, _ in values]
+    errs = [0.0 if (e is None or math.isnan(e)) else e for _, e in values]
+    ax.barh(ys, means, xerr=errs if any(errs) else None, capsize=2, color="C0", alpha=0.7)
+    if points is not None:
+        for y, vals in zip(ys, points):
+            ax.plot(list(vals), [y] * len(vals), "o", color="k", ms=2.5, alpha=0.6)
+    if reference is not None:
+        ax.axvline(reference, color="k", lw=0.8, ls="--")
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

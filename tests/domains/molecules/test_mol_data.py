@@ -42,6 +42,19 @@ def test_chembl_matrix(chembl):
     assert observed.any(dim=1).all()  # each molecule has at least one label
 
 
+def test_every_pretraining_target_has_its_sourced_name(chembl):
+    from metapt.domains.molecules.data import target_name
+
+    names = {t: target_name(t) for t in chembl.target_names}
+    assert all(n != t and n.endswith(f"({t.replace('_', ', ')})") for t, n in names.items()), names
+    # spot checks against the source (data/README.md): the three PPARs are told apart
+    assert names["CHEMBL235_EC50"].startswith("Peroxisome proliferator-activated receptor gamma")
+    assert names["CHEMBL3979_EC50"].startswith("Peroxisome proliferator-activated receptor delta")
+    assert names["CHEMBL239_EC50"].startswith("Peroxisome proliferator-activated receptor alpha")
+    assert names["CHEMBL204_Ki"] == "Prothrombin (CHEMBL204, Ki)"
+    assert target_name("BBB+") == "BBB+" and target_name("CHEMBL1_Ki") == "CHEMBL1_Ki"  # unknown: unchanged
+
+
 def test_b3db(b3db):
     assert len(b3db) == 7_807 - 2  # two SMILES RDKit rejects are dropped at build time
     assert b3db.labels.dtype == torch.float32 and int(b3db.labels.sum()) == 4_956

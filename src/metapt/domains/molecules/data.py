@@ -14,6 +14,7 @@ library (gzip + csv), so loading needs neither pandas nor pickle.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import importlib.resources
 import io
@@ -128,6 +129,30 @@ def load_chembl_pretraining(path: str | os.PathLike[str] | None = None) -> Chemb
     return ChemblPretraining(
         smiles=cols["smiles"], labels=torch.from_numpy(labels), target_names=targets, scaffolds=cols["scaffold"]
     )
+
+
+TARGETS_FILE = "chembl_targets.csv"
+
+
+@functools.cache
+def _target_names() -> dict[str, str]:
+    resource = importlib.resources.files("metapt.domains.molecules").joinpath("data").joinpath(TARGETS_FILE)
+    with resource.open("r", encoding="utf-8", newline="") as f:
+        return {row["chembl_id"]: row["target_name"] for row in csv.DictReader(f)}
+
+
+def target_name(task: str) -> str:
+    """The readable name of a pre-training column or held-out task: ``"CHEMBL235_EC50"`` →
+    ``"Peroxisome proliferator-activated receptor gamma (CHEMBL235, EC50)"``.
+
+    From the shipped fact table (``data/chembl_targets.csv``, sourced in ``data/README.md``);
+    an ID it does not list comes back unchanged.
+    """
+    chembl_id, _, measure = task.partition("_")
+    name = _target_names().get(chembl_id)
+    if name is None:
+        return task
+    return f"{name} ({chembl_id}{', ' + measure if measure else ''})"
 
 
 # --------------------------------------------------------------------------------------------

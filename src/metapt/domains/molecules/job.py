@@ -19,11 +19,12 @@ import torch
 from pydantic import Field
 from rich.console import Console
 
-from ...evaluation import Downstream, EvalConfig, FinetuneConfig
+from ...evaluation import Downstream, EvalConfig, FinetuneConfig, mean_ci95
 from ...metaparams import GaussianNoiseScales, LabelFlipRates, weights_from_logits
-from ...plots import plot_bars
+from ...plots import plot_hbars
 from ...runner import Method, Pretraining
 from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
+from .data import target_name
 from .models import GINEncoder
 from .problem import MoleculeData, MoleculesProblem, NoiseModelConfig, WeightingConfig, load_molecule_data
 
@@ -145,6 +146,8 @@ class Molecules:
     def data_summary(self, config: MoleculesJob, data: MoleculeData) -> dict[str, Any]:
         return {"pretrain_molecules": len(data.pretrain_positions), "pretrain_tasks": list(data.pretrain_task_names),
                 "downstream_tasks": list(data.downstream_task_names),
+                "target_names": {t: target_name(t) for t in [*data.pretrain_task_names, *data.downstream_task_names]
+                                 if target_name(t) != t},
                 "downstream": {k: len(v) for k, v in data.split.items()}}
 
     def describe(self, config: MoleculesJob, data: MoleculeData, method: Method, phi: dict) -> dict[str, Any]:
@@ -165,12 +168,18 @@ class Molecules:
 
     def plots(self, out: Path, summary: dict[str, Any]) -> None:
         for setting, res in summary["settings"].items():
-            weights = res["learned"].get("meta_task_weights", {}).get("task_weights")
-            if weights:
-                names = sorted(weights, key=weights.get, reverse=True)
-                plot_bars(names, {"learned weight": [(weights[n], float("nan")) for n in names]},
-                          out / f"task_weights_{setting}.png", ylabel="2·sigmoid(logit)",
-                          title=f"{setting}: learned task weights (1 = uniform)", rotate=True)
+            learned = res["learned"].get("meta_task_weights", {})
+            by_seed = [v["task_weights"] for v in learned.get("by_pretrain_seed", {}).values()] or \
+                [learned["task_weights"]] * bool(learned.get("task_weights"))
+            if not by_seed:
+                continue
+            stats = {t: mean_ci95([w[t] for w in by_seed]) for t in by_seed[0]}
+            order = sorted(stats, key=lambda t: stats[t][0], reverse=True)
+            over = f"mean ± 95 % CI over {len(by_seed)} pre-training seeds (dots: each seed)" if len(by_seed) > 1 else ""
+            plot_hbars([target_name(t) for t in order], [stats[t] for t in order], out / f"task_weights_{setting}.png",
+                       points=[[w[t] for w in by_seed] for t in order] if len(by_seed) > 1 else None, reference=1.0,
+                       xlabel="learned task weight 2·sigmoid(logit) (1 = uniform)",
+                       title=f"{setting}: learned task weights" + (f"\n{over}" if over else ""))
 
 
 DOMAIN = Molecules()
