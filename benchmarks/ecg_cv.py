@@ -1,6 +1,9 @@
 """ECG with a CI over patients: record-wise cross-validation over every MIT-BIH record.
 
     .venv/bin/python benchmarks/ecg_cv.py [--folds 6] [--grid 0.01,0.1] [--set key=value ...]
+    # two processes, one thread each, then the table from their finished folds:
+    .venv/bin/python benchmarks/ecg_cv.py --only-folds 0,1,2 & .venv/bin/python benchmarks/ecg_cv.py --only-folds 3,4,5; wait
+    .venv/bin/python benchmarks/ecg_cv.py
 
 Fold k tests on its records (``data.cv_folds=K, data.cv_fold=k``: each record is tested in
 exactly one fold), pre-trains with seed k on every other record, and runs every method
@@ -68,6 +71,8 @@ def main() -> None:
     ap.add_argument("--methods", default="no_pretrain,simclr,simclr_fixed_warp,simclr_meta_warp")
     ap.add_argument("--grid", default="0.01,0.1", help="other initial magnitudes of the frozen warp ('' for none)")
     ap.add_argument("--set", action="append", default=[], help="override a config key of every run")
+    ap.add_argument("--only-folds", default="", help="run just these folds (e.g. 0,1,2: two processes can share "
+                    "the folds) and write no results; a later run without it reuses them and writes the table")
     ap.add_argument("--tag", default="")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--allow-dirty", action="store_true")
@@ -81,8 +86,9 @@ def main() -> None:
     name = "ecg_cv" + (f"_{args.tag}" if args.tag else "")
     start = time.perf_counter()
 
+    only = [int(k) for k in args.only_folds.split(",") if k]
     folds: list[dict[str, Any]] = []
-    for k in range(args.folds):
+    for k in only or range(args.folds):
         base = [f"data_dir={args.data.resolve()}", f"data.cv_folds={args.folds}", f"data.cv_fold={k}",
                 f"pretrain.seed={k}", *args.set]
         config = load_config(args.preset, [*base, f"methods=[{', '.join(methods)}]"])
@@ -112,6 +118,9 @@ def main() -> None:
                       "scores": scores, "picked_magnitude": picked,
                       "learned": {m: v for m, v in learned.items()}})
 
+    if only:
+        print(f"folds {only} done in runs/{name}/; run again without --only-folds for the table")
+        return
     rows = [(key, label) for key, label in ROWS if all(key in f["scores"] for f in folds)]
     modes = list(folds[0]["scores"][rows[0][0]])
     fractions = list(folds[0]["scores"][rows[0][0]][modes[0]])
