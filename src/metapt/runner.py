@@ -220,7 +220,23 @@ def _random_phi(phi: Params, seed: int) -> Params:
 def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, method: Method, seed: int, dist: Any,
               device: torch.device, progress: Callable[[int], None]) -> None:
     """One pre-training phase through MetaPretrainer, checkpointed by the session; records its result."""
-    meta, steps = config.meta, config.pretrain.steps
+    trainer = build_trainer(built, config, method, seed, dist, device)
+    session.train(phase, trainer, config.pretrain.steps, built.problem, progress=progress)
+    session.record(phase, {
+        "params": {k: v.detach() for k, v in trainer.params.items()},
+        "metaparams": {k: v.detach() for k, v in trainer.metaparams.items()},
+        "problem": built.problem.state_dict() if hasattr(built.problem, "state_dict") else None,
+        "health": {"meta_steps": trainer.meta_step_count, "skipped_meta_steps": trainer.skipped,
+                   "rejected_heads": trainer.rejected_heads},
+    })
+
+
+def build_trainer(built: Pretraining, config: Any, method: Method, seed: int, dist: Any = None,
+                  device: torch.device = torch.device("cpu")) -> MetaPretrainer:
+    """The :class:`MetaPretrainer` of one phase, as the runner configures it from ``config``
+    (seeds this process's dropout and other draws from ``seed``; checks the device placement).
+    Benchmarks that drive phases themselves (e.g. a black-box search over φ) start here."""
+    meta = config.meta
     rank = dist.rank if dist is not None else 0
     torch.manual_seed(seed * 1_000_003 + 1 + rank)  # dropout and other draws; per process
     learn = method.phi == "learned" and bool(built.metaparams)
@@ -242,14 +258,7 @@ def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, met
         strategy=strategy,
     )
     check_device(trainer, device)
-    session.train(phase, trainer, steps, built.problem, progress=progress)
-    session.record(phase, {
-        "params": {k: v.detach() for k, v in trainer.params.items()},
-        "metaparams": {k: v.detach() for k, v in trainer.metaparams.items()},
-        "problem": built.problem.state_dict() if hasattr(built.problem, "state_dict") else None,
-        "health": {"meta_steps": trainer.meta_step_count, "skipped_meta_steps": trainer.skipped,
-                   "rejected_heads": trainer.rejected_heads},
-    })
+    return trainer
 
 
 def _meta_optimizer(meta: Any, phi: Params) -> torch.optim.Optimizer:
