@@ -685,143 +685,9 @@ def _table(rows, unit: str) -> list[str]:
     return lines
 
 
-GOAL = r"""The goal (issue 7): metapt at least 1.5x as fast as each peer (peer CPU time / metapt CPU time
-≥ 1.5) with no more peak memory (peer peak / metapt peak ≥ 1). Read against this run:
-
-- **One meta-step alone** (like for like, one hypergradient): **not met** against either peer in
-  any setting. Betty does the same passes in the same order (0.97x, 1.06x, 1.16x metapt's time;
-  0.96–1.05x its memory); TorchOpt takes 1.26–1.31x the time and 1.26–1.33x the memory, so metapt
-  wins on both, short of 1.5x.
-- **One cycle** (a PT step, then a meta-step: what training runs every `meta_interval` steps),
-  metapt with `reuse_pt_graph=True`: reuse itself makes a cycle 1.19–1.23x as fast as metapt's
-  own cycle without it. Against **TorchOpt** the goal is **met** in all three settings, narrowly
-  (1.51x, 1.57x, 1.54x; TorchOpt's peak 1.08–1.20x metapt's). Against **Betty** it is **not**:
-  1.15x, 1.27x, 1.21x, and metapt's cycle peak is *higher* than Betty's (Betty 0.83–0.87x), because
-  the kept PT graph is alive during the meta-step (+4.0 to +4.6 MB on 3x64, +21 MB on 5x300 over
-  metapt without reuse).
-- Over a run the other `meta_interval − 1` PT steps (paper: 9 of every 10) cost the same in every
-  framework, so whole-run ratios lie between 1 and the cycle ratios.
-- Reuse changes the quantity, not only the cost: H and the mixed term are taken at θ *before*
-  the PT update (checked separately: equal, to 8e-7, to an independent computation with H and the
-  mixed term at θ before and g at θ after). At this random-initialised state one Adam step moves
-  the hypergradient a lot by itself: metapt's meta-step alone before vs after the same PT step
-  agrees only to cosine 0.75 (3x64) and 0.18 (5x300), which is why the cycle table's cosines to
-  `metapt` are 0.85–0.87 and 0.07. Whether that difference matters for training is not measured
-  here."""
-
-
-EXPLANATION = r"""
-## What each method computes, and why the numbers are what they are
-
-All four compute dL_V/dφ = −(∂²L_PT/∂φ∂θ)ᵀ x with x ≈ H⁻¹ g, g = dL_V/dθ through the K unrolled
-head steps, at the current PT iterate θ (nobody solves pre-training to convergence inside a
-meta-step). L_V does not depend on φ here, so there is no direct term.
-
-- **metapt** (`pretraining_hypergradient`): one meta-loss forward (encoder on the FT batch, head
-  gradient with `create_graph`, encoder on the validation batch) and one backward for g; one PT
-  forward with ∇θ L_PT kept differentiable; M Hessian-vector products by double backward; one more
-  double backward of ⟨∇θ L_PT, x⟩ to φ. Neumann: x = α Σ_{j=0..M} (I − αH)^j g.
-- **Betty `neumann`**: `betty/hypergradient/neumann.py` is the same series (`p = v; v ← v − αHv;
-  p ← p + v; return αp`) with `neumann_alpha`, `neumann_iterations`, and the same sign
-  (`backward(in_grad, inputs=φ, grad_tensors=−αp)`). The method and its options are read from the
-  **lower** (pre-training) problem's `Config`, not from the meta problem's. It recomputes L_PT on
-  the lower problem's `cur_batch` at the current θ, exactly as metapt does, so it does the same
-  passes in the same order: same quantity (float64: bit-identical), same cost. For one meta-step
-  alone metapt has no algorithmic advantage over it at the paper's defaults, which is why the 1.5x
-  goal is not met there; in a cycle Betty recomputes the PT forward/backward that metapt's reuse
-  skips, which is all of metapt's cycle advantage over it.
-- **Betty `darts`**: H⁻¹ ≈ I (no α) and the mixed product by a central finite difference of
-  ∇φ L_PT at θ ± εg, ε = `darts_alpha`/‖g‖: metapt's M = 0 with α = 1 up to the finite-difference
-  error (float64 agreement above, cosine 0.996; ReLU kinks and batch norm make it O(ε), not O(ε²)).
-- **Betty `cg`**: not conjugate gradient past the first iteration. `betty/hypergradient/cg.py`
-  updates the search direction with the *old* residual (`p_new = [rr + beta * pp for rr, pp in
-  zip(r, p)]`, r instead of r_new), so N = 1 agrees with metapt and TorchOpt exactly and N = 5 does
-  not (cosine 0.9956, rel. L2 0.13). Re-implementing Betty's recurrence reproduces Betty to 1e-15;
-  the corrected recurrence reproduces metapt to 6e-16. `cg_alpha` scales Hp in the step's
-  denominator but not in the residual update (we use 1, where that is harmless), and there is no
-  damping option: we add λ/2‖θ‖² to Betty's PT loss, which adds λI to H and nothing to
-  ∂²L_PT/∂φ∂θ (metapt: `ConjugateGradient(damping=λ)`; TorchOpt: `solve_cg(ridge=λ)`).
-- **TorchOpt**: `custom_root(F, argnums=φ, solve=...)` with F(θ, φ) = `torch.func.grad` of L_PT in
-  θ and a solver function that returns the current θ. Its backward solves (∂F/∂θ)ᵀ u = −v,
-  v = dL_V/dθ*, and returns (∂F/∂φ)ᵀ u = −(∂²L_PT/∂φ∂θ)ᵀ H⁻¹ v: metapt's sign and quantity.
-  `solve_inv(ns=True, maxiter=M, alpha=α)` is α Σ_{j=0..M}(I − αA)^j b, the same truncation as
-  metapt's `Neumann(steps=M)`. `solve_cg` is textbook CG (port of jaxopt) but starts from
-  r₀ = b − A·0, one extra HVP (N + 1 in all); `solve_normal_cg` would be CG on HᵀH (two products
-  per iteration, a different iterate), so it is not compared. It costs more because it
-  differentiates F twice from scratch: one `functorch.vjp` of F in θ (a PT forward and backward)
-  for the HVPs and a second `functorch.vjp` of F in φ (another PT forward and backward, then the
-  double backward) for the mixed product, plus functorch's wrapping; the extra PT graph is also
-  where its extra memory goes.
-- **metapt-fwdrev**: metapt's own `forward_over_reverse=True` (HVP as a JVP of `torch.func.grad`):
-  slower and more memory on CPU here; the default double backward is the right choice.
-
-Setting, identical for all: `GINEncoder` with dropout 0 and batch norm on batch statistics without
-running statistics (so every method evaluates the same deterministic function however many PT
-forwards it does), 30 tasks, batches of 64 random chain molecules (10–39 atoms), per-task BCE
-weighted by 2·sigmoid(φ) and averaged over examples and tasks, FT head ψ ∈ R^emb+1 unrolled K = 1
-SGD step (lr 0.1) on an FT batch, L_V = BCE on a validation batch, Neumann M = 1, α = PT lr = 1e-3.
-Betty has no unrolling helper: its meta problem's `training_step` unrolls the head with
-`torch.autograd.grad(create_graph=True)`, as a Betty user would; a Betty meta-step is the meta
-problem's `one_step_descent()` (data, L_V, implicit gradient, Adam on φ), which is what `Engine`
-runs after each PT step. TorchOpt unrolls with `torchopt.sgd(...).update(..., inplace=False)` and
-`apply_updates(..., inplace=False)`. Every meta-step includes the Adam step on φ. CG uses damping
-λ = 3 because at this (random-init) θ the Hessian is indefinite: metapt's CG meets non-positive
-curvature at iteration 2 for λ ≤ 0.3 and at iteration 6 for λ = 1. At α = 1e-3 the Neumann term
-αHg is about 4e-4 of g, so the float32 agreement above barely tests the HVP; the float64 table uses
-α = 0.5·‖g‖/‖Hg‖ and M = 5, and a control row (metapt with M = 0, or another N) shows how far
-apart two different quantities land.
-
-This run had the machine (2 cores) otherwise quiet: wall and CPU times agree within 1 %, and the
-ratios are read on CPU time (`time.process_time`, one thread). The previous run of the meta-step
-table, on a loaded machine (load 4–5), had CPU times about twice these (contention slows CPU time
-too: shared cores and caches) and ratios up to 0.18 lower (TorchOpt CG 1.08 then, 1.26 now; Betty
-5x300 1.02 then, 1.16 now): read the ratios to about ±0.1.
-"""
-
-
-IDEAS = r"""
-## What would make metapt's meta-step cheaper (from the phase profile)
-
-The phases are CPU time of one meta-step of the same sequence as `pretraining_hypergradient`.
-At the paper's defaults a meta-step costs about 5–6 plain PT steps (the issue's estimate: 5–6).
-Of the phases, the Hessian-vector product takes 29 % (3x64) to 34 % (5x300), the backward for g
-20 %, the PT forward with its differentiable gradient 17–19 %, the FT and validation forwards
-14–19 %, the mixed product 14–15 %. On 5x300 the phases add up to 1148 ms against 1193 ms for a
-whole `metapt` meta-step (about 4 % outside the autograd passes: Python-side tree arithmetic,
-`float()` of norms, zero filling, Adam on φ). On 3x64 this run's phase timings came out *above* a
-whole meta-step (116 ms against 77 ms; its `plain_pt_step` also took 22.9 ms against 14.4 ms wall
-timed in the main loop), so only their shares are usable there, not the gap; the previous run
-put that gap at about 15 %. Betty does exactly the same work, so only doing *less* work can give
-the 1.5x:
-
-1. **Reuse the PT step's graph** (the issue's first idea, now `MetaPretrainer(reuse_pt_graph=True)`,
-   opt-in: by default every derivative is taken at the same θ, see README): the PT step right before a meta-step runs its backward with `create_graph=True`
-   and hands its ∇θ L_PT graph to the hypergradient, removing `pt_forward` + `pt_grad_create_graph`
-   (17–19 % of a meta-step) from the meta-step at the price of a heavier PT backward on that step.
-   Measured in the cycle table: a cycle with reuse takes 0.82–0.84x the time of one without
-   (5x300: 1.19 s, about what a meta-step alone costs), at a higher peak (+4.0 to +4.6 MB on 3x64,
-   +21 MB on 5x300), and H is taken at θ before the PT update instead of after it: O(lr) in θ,
-   but at this random-initialised state not small in the hypergradient (see the goal section).
-   The first table calls `meta_step()` on its own (no PT step in between), so its `metapt` rows
-   are the path *without* reuse, the like-for-like comparison of one hypergradient.
-2. **One encoder pass for the FT and validation batches** when fine-tuning runs the encoder in
-   eval mode (the molecules job does: batch norm on running statistics, so graphs are
-   independent): concatenate the two batches, embed once, split. Same FLOPs, but half the calls
-   into `functional_call` and message passing, whose fixed overhead matters on CPU for small
-   graphs (FT + validation forwards are 15–19 % of the meta-step; how much of that is overhead
-   was not measured).
-3. **Head-only unroll in closed form** for a linear head with BCE: ∇ψ = Zᵀ(σ(Zw + b) − y)/B needs no
-   `autograd.grad(create_graph=True)` through the head; the unrolled ψ_K is then an explicit
-   function of the embeddings Z, and g needs one backward through the encoder per batch.
-4. **Leave `forward_over_reverse` off** on CPU (slower and 1.8x memory here), and fewer θ-sized
-   temporaries in the solver (`tree_add` materialises α·b before adding, `hvp` allocates a
-   `zeros_like` for every leaf before overwriting it, `tree_scale` copies the sum): at 5x300 metapt's
-   peak is one θ-sized float32 vector (θ ≈ 1.87M floats, 7.5 MB) above Betty's, which is what these
-   would explain (not verified leaf by leaf).
-5. Not tried: `torch.compile` of the PT loss and of the HVP (double backward through compiled
-   graphs is limited in torch 2.13), and a forward-mode directional derivative for the mixed term
-   of task weights (∂/∂φ_t ⟨∇θ L_PT, x⟩ = w′(φ_t)·D_x ℓ_t(θ): one JVP of the per-task losses along x).
-"""
+GOAL = ("The goal (issue 7): metapt at least 1.5x as fast as each peer (peer CPU time / metapt CPU time "
+        "≥ 1.5) with no more peak memory (peer peak / metapt peak ≥ 1). The verdicts below are computed from "
+        "this run's table; benchmarks/peers_notes.md explains what each peer computes.")
 
 
 def markdown(result) -> str:
@@ -882,7 +748,6 @@ def markdown(result) -> str:
             total = sum(x for k, x in ph.items() if k != "plain_pt_step")
             lines.append(f"| {name} | " + " | ".join(f"{x * 1e3:.1f} ms" for x in ph.values())
                          + f" | {total * 1e3:.0f} ms = {total / ph['plain_pt_step']:.1f} PT steps |")
-    lines += [EXPLANATION, IDEAS]
     return "\n".join(lines)
 
 
