@@ -22,7 +22,7 @@ thread): the machine is shared, and wall time moves with other people's load.
     .venv/bin/python benchmarks/blackbox_search.py --smoke --allow-dirty  # seconds, end to end
 
 Per-seed records go to runs/blackbox_search[_TAG]/seedS.json (reused by a later run with the same
-arguments and commit); the table to benchmarks/results/blackbox_search[_TAG].{json,md}.
+arguments; each keeps the commit it was run at); the table to benchmarks/results/blackbox_search[_TAG].{json,md}.
 Needs Optuna: ``pip install -e ".[bench]"``.
 """
 
@@ -120,7 +120,8 @@ def main() -> None:
     name = "blackbox_search" + (f"_{args.tag}" if args.tag else "") + ("_smoke" if args.smoke else "")
     folder = ROOT / "runs" / name
     folder.mkdir(parents=True, exist_ok=True)
-    key = {"commit": source["commit"], "dirty": source["dirty"], "setting": args.setting, "overrides": overrides + args.set}
+    # a seed's record is reused by a later run with the same arguments; it keeps its own commit
+    key = {"dirty": source["dirty"], "setting": args.setting, "overrides": overrides + args.set}
     data = DOMAIN.load(config, args.setting, Console(stderr=True))
     downstream = DOMAIN.downstream(config, data)
 
@@ -131,13 +132,13 @@ def main() -> None:
         if path.is_file() and json.loads(path.read_text()).get("key") == key:
             records.append(json.loads(path.read_text()))
             continue
-        record = {"key": key, **search_seed(config, data, downstream, seed, max(BUDGETS))}
+        record = {"key": key, "commit": source["commit"], **search_seed(config, data, downstream, seed, max(BUDGETS))}
         path.write_text(json.dumps(record, indent=1, allow_nan=False))
         records.append(record)
     if only:
         print(f"seeds {only} done in {folder}; run again without --only-seeds for the table")
         return
-    result = {**source, "setting": args.setting, "overrides": key["overrides"], "budgets": list(BUDGETS),
+    result = {**source, "seed_commits": sorted({r["commit"] for r in records}), "setting": args.setting, "overrides": key["overrides"], "budgets": list(BUDGETS),
               "pretrain_tasks": {t: target_name(t) for t in data.pretrain_task_names},
               "summary": summarise(records), "seeds": records}
     write(name, result, markdown(result))
@@ -202,7 +203,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {x['seed']} | {x['meta']['cpu_seconds']:.1f} | {g(x['meta']['test'])} | {g(x['uniform']['test'])} | "
                      + " | ".join("–" if p is None else g(p["test"]) for p in picks) + f" | {len(x['trials'])} |")
     lines += ["", f"Configuration: preset molecules with {', '.join(f'`{o}`' for o in r['overrides'])}. Every trial is in "
-              "the JSON.", "", f"Command: `{r['command']}` at commit {r['commit']}.", ""]
+              "the JSON.", "", f"Command: `{r['command']}` at commit {r['commit']}; the seeds were run at commit(s) "
+              f"{', '.join(r['seed_commits'])}.", ""]
     return "\n".join(lines)
 
 
