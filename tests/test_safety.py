@@ -587,3 +587,25 @@ def test_two_runs_racing_for_one_out_folder_cannot_both_start(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == [lock.name]  # the loser wrote and deleted nothing
     finally:
         _unlock_file(key)
+
+
+def test_inside_a_run_a_stop_signal_waits_for_the_next_step_boundary():
+    """Raised inside a library call (a TensorBoard writer's queue, a file write), the handler's
+    exception can leave a lock held that the cleanup then waits on for ever: inside the run's
+    loops the handler only records the signal, and check_stop raises it between two steps."""
+    from metapt.errors import Interrupted, check_stop, deferred_stop, immediate_stop, on_stop_signal, reset_stop
+
+    try:
+        with deferred_stop():
+            on_stop_signal(signal.SIGTERM)  # as if it landed in the middle of a write: no exception here
+            with pytest.raises(Interrupted) as err:
+                check_stop()
+            assert err.value.signum == signal.SIGTERM
+            reset_stop()
+            with immediate_stop(), pytest.raises(Interrupted):  # loading data: it stops at once
+                on_stop_signal(signal.SIGINT)
+            reset_stop()
+        with pytest.raises(Interrupted):  # outside a run, as before: at once
+            on_stop_signal(signal.SIGINT)
+    finally:
+        reset_stop()

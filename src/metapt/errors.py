@@ -12,8 +12,11 @@ The subclasses also derive from ``ValueError``, so library code that caught the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 __all__ = ["ConfigError", "DataError", "Interrupted", "LaunchError", "NonFiniteLossError", "RunFolderError",
-           "UserError", "check_stop", "on_stop_signal", "reset_stop"]
+           "UserError", "check_stop", "deferred_stop", "immediate_stop", "on_stop_signal", "reset_stop"]
 
 
 class UserError(Exception):
@@ -59,23 +62,49 @@ class Interrupted(KeyboardInterrupt):
 
 
 _STOP: list[int] = []  # signals received by this process since reset_stop()
+_DEFERRED = [0]  # > 0: inside deferred_stop(), the handler only records the signal
 
 
 def on_stop_signal(signum: int, frame: object = None) -> None:  # noqa: ARG001 (signal handler signature)
-    """Signal handler for SIGINT and SIGTERM: remember the signal, then raise :class:`Interrupted`.
+    """Signal handler for SIGINT and SIGTERM: remember the signal; raise :class:`Interrupted` at
+    once, unless inside :func:`deferred_stop`, where :func:`check_stop` raises it at the next step.
 
-    Python runs a handler wherever the main thread is; when that is a ``__del__`` or a garbage-
-    collector callback, the exception is printed ("Exception ignored in ...") and swallowed, and
-    the run would go on. :func:`check_stop`, called at every step, raises it again.
+    Python runs a handler wherever the main thread is. Raised in the middle of a library call (a
+    TensorBoard writer's queue, a file being written), the exception can leave a lock held that
+    the cleanup then waits on for ever; raised in a ``__del__`` or a garbage-collector callback, it
+    is printed and swallowed. The run's loops therefore only record it and stop at a step boundary.
     """
     _STOP.append(signum)
-    raise Interrupted(signum)
+    if not _DEFERRED[0]:
+        raise Interrupted(signum)
 
 
 def check_stop() -> None:
-    """Raise :class:`Interrupted` if a stop signal arrived (and was swallowed where it landed)."""
+    """Raise :class:`Interrupted` if a stop signal arrived (called at every step of a run)."""
     if _STOP:
         raise Interrupted(_STOP[0])
+
+
+@contextmanager
+def deferred_stop() -> Iterator[None]:
+    """Inside, a stop signal is only recorded; the loops in it call :func:`check_stop` at each
+    step (PT step, fine-tuning batch, evaluation unit), so the run stops between two steps."""
+    _DEFERRED[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED[0] -= 1
+
+
+@contextmanager
+def immediate_stop() -> Iterator[None]:
+    """Inside (e.g. loading data, which holds no state a cleanup needs), a stop signal raises at once."""
+    saved, _DEFERRED[0] = _DEFERRED[0], 0
+    try:
+        check_stop()
+        yield
+    finally:
+        _DEFERRED[0] = saved
 
 
 def reset_stop() -> None:

@@ -27,6 +27,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
+from .errors import check_stop
 from .losses import masked_bce
 from .schema import schema
 
@@ -298,6 +299,7 @@ def finetune_and_score(
     for epoch in range(config.epochs):
         model.train()
         for x, y in iterate("train", config.batch_size, True, seed * 10_007 + epoch):
+            check_stop()  # a run's stop signal ends fine-tuning at a batch boundary
             opt.zero_grad(set_to_none=True)
             labels = y.reshape(len(y), -1)
             loss_of(model(x).reshape(labels.shape), labels).backward()

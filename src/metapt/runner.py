@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, deferred_stop, immediate_stop
 from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset, mean_ci95, nonfinite, to_device
 from .hypergrad import sgd
 from .metrics import progress_bar, read_jsonl
@@ -155,9 +155,11 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
     summary: dict[str, Any] = {"job": domain.name, "config": jsonable(asdict(config)), "settings": {},
                                "pretraining": {}, "device": str(device)}
     try:
-        with progress_bar(console) as bars:
+        # a stop signal stops the run between two steps, never inside a write (errors.deferred_stop)
+        with deferred_stop(), progress_bar(console) as bars:
             for setting in domain.settings(config):
-                data = domain.load(config, setting, console)
+                with immediate_stop():  # loading holds nothing a cleanup needs: Ctrl-C stops it at once
+                    data = domain.load(config, setting, console)
                 encoders, emb_dims, learned = {}, {}, {}
                 for method, seed in ((m, s) for m in methods for s in pt_seeds):
                     name = _run_name(method.name, seed, pt_seeds)

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .errors import RunFolderError, check_stop
+from .errors import RunFolderError, check_stop, deferred_stop
 from .metrics import JsonlLogger, TensorBoardLogger
 from .schema import CheckpointConfig, jsonable
 from .trainer import MetaPretrainer, NonFiniteLossError
@@ -641,29 +641,30 @@ class Session:
         run_until = getattr(trainer, "run_until", None) or trainer.run  # pre-train until trainer.step == n
 
         def tick(step: int) -> None:
-            check_stop()  # a stop signal whose exception was swallowed where it landed stops the run here
+            check_stop()  # a stop signal (recorded by the handler, errors.deferred_stop) stops the run here
             if progress is not None:
                 progress(step)
 
-        try:
-            while trainer.step < steps:
-                run_until(min(steps, (trainer.step // every + 1) * every), tick)
-                if trainer.skipped > skipped:
-                    self.console.print(
-                        f"[yellow]{phase}: {trainer.skipped - skipped} meta-step(s) skipped at step {trainer.step} "
-                        "(non-finite hypergradient or diverging Neumann series); if this keeps happening, lower "
-                        "meta.solver.alpha or use meta.solver.kind=cg[/]"
-                    )
-                    skipped = trainer.skipped
-                if trainer.step < steps:
-                    self._save(phase, trainer, problem)
-        except NonFiniteLossError:
-            self._set_aside_diverged(phase, trainer.step)
-            raise
-        finally:
-            trainer.loggers = own_loggers
-            if tb is not None:
-                tb.close()
+        with deferred_stop():  # a stop signal stops the phase at a step boundary, not inside a write
+            try:
+                while trainer.step < steps:
+                    run_until(min(steps, (trainer.step // every + 1) * every), tick)
+                    if trainer.skipped > skipped:
+                        self.console.print(
+                            f"[yellow]{phase}: {trainer.skipped - skipped} meta-step(s) skipped at step {trainer.step} "
+                            "(non-finite hypergradient or diverging Neumann series); if this keeps happening, lower "
+                            "meta.solver.alpha or use meta.solver.kind=cg[/]"
+                        )
+                        skipped = trainer.skipped
+                    if trainer.step < steps:
+                        self._save(phase, trainer, problem)
+            except NonFiniteLossError:
+                self._set_aside_diverged(phase, trainer.step)
+                raise
+            finally:
+                trainer.loggers = own_loggers
+                if tb is not None:
+                    tb.close()
 
     # ---- checkpoint --------------------------------------------------------------------------
 
