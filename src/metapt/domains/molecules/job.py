@@ -44,6 +44,9 @@ METHODS = {m.name: m for m in (
     Method("meta_example_weights", "meta example weights", variant="example_weights"),
     Method("meta_label_noise", "meta label noise", variant="label_noise"),  # opt-in: --set methods=[...]
     Method("meta_feature_noise", "meta embedding noise", variant="feature_noise"),
+    # the noise models' frozen-φ₀ controls: the same noise, held at its initial level
+    Method("frozen_label_noise", "label noise frozen at φ₀", phi="frozen", variant="label_noise"),
+    Method("frozen_feature_noise", "embedding noise frozen at φ₀", phi="frozen", variant="feature_noise"),
 )}
 #: The methods run unless ``methods`` says otherwise (the noise models are opt-in).
 DEFAULT_METHODS = ("no_pretrain", "uniform", "meta_task_weights", "meta_example_weights")
@@ -108,7 +111,8 @@ class Molecules:
     methods = METHODS
     gains = (("meta_task_weights", "uniform"), ("meta_task_weights", "random_task_weights"),
              ("meta_example_weights", "uniform"), ("meta_label_noise", "uniform"),
-             ("meta_feature_noise", "uniform"), ("uniform", "no_pretrain"))
+             ("meta_label_noise", "frozen_label_noise"), ("meta_feature_noise", "uniform"),
+             ("meta_feature_noise", "frozen_feature_noise"), ("uniform", "no_pretrain"))
 
     def settings(self, config: MoleculesJob) -> tuple[str, ...]:
         return config.data.settings
@@ -169,8 +173,9 @@ class Molecules:
     def plots(self, out: Path, summary: dict[str, Any]) -> None:
         for setting, res in summary["settings"].items():
             learned = res["learned"].get("meta_task_weights", {})
-            by_seed = [v["task_weights"] for v in learned.get("by_pretrain_seed", {}).values()] or \
-                [learned["task_weights"]] * bool(learned.get("task_weights"))
+            by_seed = [v["task_weights"] for v in learned.get("by_pretrain_seed", {}).values()]
+            if not by_seed and learned.get("task_weights"):
+                by_seed = [learned["task_weights"]]
             if not by_seed:
                 continue
             stats = {t: mean_ci95([w[t] for w in by_seed]) for t in by_seed[0]}
