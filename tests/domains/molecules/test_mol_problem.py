@@ -178,3 +178,27 @@ def test_summary_names_every_family(b3db_small):
         assert key in summary
     with pytest.raises(ValueError, match="label_flip_init"):
         NoiseModelConfig(label_flip_init=0.7)
+
+
+@pytest.mark.parametrize("variant, key", [("label_noise", "label_flip"), ("feature_noise", "feature_noise")])
+def test_frozen_noise_controls_pretrain_with_the_noise_held_at_its_initial_value(b3db_small, variant, key):
+    # the control for a learned noise model: the same noise in the PT loss, φ never moved
+    from metapt.domains.molecules.job import DOMAIN, METHODS
+    from metapt.runner import build_trainer
+
+    config = load_config("molecules-test", ["meta.interval=2", "meta.warmup_steps=0"])
+    frozen, learned = METHODS[f"frozen_{variant}"], METHODS[f"meta_{variant}"]
+    assert frozen.variant == learned.variant == variant and frozen.phi == "frozen"
+    built = DOMAIN.pretraining(config, b3db_small, frozen, 0, torch.device("cpu"))
+    assert key in built.metaparams
+    phi0 = {k: v.detach().clone() for k, v in built.metaparams.items()}
+    trainer = build_trainer(built, config, frozen, seed=0)
+    trainer.run_until(6)
+    assert trainer.meta_step_count == 0
+    assert all(torch.equal(trainer.metaparams[k].detach(), phi0[k]) for k in phi0)
+    # the noise acts: the PT loss at φ₀ differs from the same batch's loss without the noise model
+    uniform = DOMAIN.pretraining(config, b3db_small, METHODS["uniform"], 0, torch.device("cpu"))
+    batch = built.problem.pretrain_batch(0)
+    noisy = built.problem.pretrain_loss(built.params, phi0, batch)
+    plain = uniform.problem.pretrain_loss(uniform.params, uniform.metaparams, batch)
+    assert not torch.allclose(noisy, plain)
