@@ -37,11 +37,14 @@ from metapt.runs import RunFolder
 #: table rows: (key, label); "fixed_best" is the grid's pick by validation, per fold
 ROWS = (("no_pretrain", "no pre-training"), ("simclr", "SimCLR (default augmentations)"),
         ("simclr_fixed_warp", "SimCLR + warp frozen at φ₀"), ("fixed_best", "SimCLR + fixed warp, magnitude picked on valid"),
-        ("simclr_meta_warp", "SimCLR + meta-learned warp"), ("simclr_meta_noise", "SimCLR + meta-learned noise"))
+        ("simclr_meta_warp", "SimCLR + meta-learned warp"), ("simclr_fixed_noise", "SimCLR + noise frozen at φ₀"),
+        ("simclr_meta_noise", "SimCLR + meta-learned noise"))
 GAINS = (("simclr_meta_warp", "simclr"), ("simclr_meta_warp", "simclr_fixed_warp"), ("simclr_meta_warp", "fixed_best"),
-         ("simclr_meta_noise", "simclr"), ("simclr_fixed_warp", "simclr"), ("simclr", "no_pretrain"))
+         ("simclr_meta_noise", "simclr"), ("simclr_meta_noise", "simclr_fixed_noise"), ("simclr_fixed_warp", "simclr"),
+         ("simclr", "no_pretrain"))
 LABELS = {"no_pretrain": "no pre-training", "simclr": "SimCLR", "simclr_fixed_warp": "SimCLR + fixed warp",
-          "simclr_meta_warp": "SimCLR + meta warp", "simclr_meta_noise": "SimCLR + meta noise"}
+          "simclr_meta_warp": "SimCLR + meta warp", "simclr_meta_noise": "SimCLR + meta noise",
+          "simclr_fixed_noise": "SimCLR + fixed noise"}
 
 
 def run_or_reuse(path: Path, config: Any) -> dict[str, Any]:
@@ -162,19 +165,20 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# ECG: record-wise cross-validation over {r['folds']} folds of the MIT-BIH records", "",
              f"Each fold tests on its own records and pre-trains (seed = fold) on every other record; "
              f"test AUROC, mean ± 95 % CI over the {r['folds']} folds (each fold's value is its mean over "
-             "fine-tuning seeds). 'Magnitude picked on valid': per fold, the frozen warp whose initial magnitude "
-             f"(grid {r['grid']}) scores best on the downstream valid split.", "",
+             "fine-tuning seeds)." + (" 'Magnitude picked on valid': per fold, the frozen warp whose initial magnitude "
+                                      f"(grid {r['grid']}) scores best on the downstream valid split." if r["grid"] else ""), "",
              "## Test AUROC", "", head.rstrip("\n")]
     lines += [f"| {label} | " + " | ".join(_fmt(by_mode[m][f]) for m, f in cols) + " |" for label, by_mode in r["table"].items()]
     lines += ["", "## Paired differences per fold (AUROC points)", "", head.rstrip("\n")]
     lines += [f"| {label} | " + " | ".join(_fmt(by_mode[m][f], True) for m, f in cols) + " |" for label, by_mode in r["gains"].items()]
-    lines += ["", "## Folds", "", "| fold | test records | test beats (PVC) | FT-train records | MetaFT-val records | learned warp magnitude |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Folds", "", "| fold | test records | test beats (PVC) | FT-train records | MetaFT-val records | "
+              "learned warp magnitude | learned noise amplitude, mean over bands |", "|---|---|---|---|---|---|---|"]
     for fd in r["per_fold"]:
         mag = fd["learned"].get("simclr_meta_warp", {}).get("magnitude")
+        amp = fd["learned"].get("simclr_meta_noise", {}).get("band_noise_mean")
         lines.append(f"| {fd['fold']} | {', '.join(fd['test_records'])} | {fd['test_beats']} ({fd['test_positives']}) | "
                      f"{', '.join(fd['ft_train_records'])} | {', '.join(fd['metaval_records'])} | "
-                     f"{'' if mag is None else f'{mag:.4f}'} |")
+                     f"{'' if mag is None else f'{mag:.4f}'} | {'' if amp is None else f'{amp:.4f}'} |")
     lines += ["", f"{r['wall_seconds'] / 60:.1f} min. Command: `{r['command']}` at commit {r['commit']}.", ""]
     return "\n".join(lines)
 

@@ -221,3 +221,16 @@ def test_every_ecg_phase_resumes_mid_phase_after_sigkill(beat_folder, tmp_path):
     assert not (run / "summary.json").exists()
     _finish(_cli("resume", str(run)))
     _assert_same_run(ref, run)
+
+
+def test_the_noise_models_frozen_control_keeps_its_initial_amplitude(beat_folder, tmp_path):
+    config = load_config("ecg-quick", [f"data_dir={beat_folder}", "methods=[simclr_fixed_noise, simclr_meta_noise]",
+                                       "evaluation.seeds=1", "evaluation.linear_probe=null"])
+    folder = RunFolder.create(tmp_path / "run", "job: ecg\n")
+    summary = execute(folder, config)
+    health = summary["pretraining"]
+    assert health["ecg/simclr_fixed_noise"]["meta_steps"] == 0 and health["ecg/simclr_meta_noise"]["meta_steps"] > 0
+    assert set(summary["settings"]["ecg"]["learned"]) == {"simclr_meta_noise"}
+    rows = _rows(folder.path)
+    assert any("phi/band_noise_mean" in r for r in rows if r["phase"] == "ecg/simclr_meta_noise")
+    assert "SimCLR + meta noise − SimCLR + fixed noise" in summary["settings"]["ecg"]["gains"]

@@ -41,6 +41,7 @@ METHODS = {m.name: m for m in (
     # opt-in (--set methods=[...]): the learned band-limited noise model, alone or with the warp
     Method("simclr_meta_noise", "SimCLR + meta noise", variant="noise"),
     Method("simclr_meta_warp_noise", "SimCLR + meta warp + noise", variant="warp_noise"),
+    Method("simclr_fixed_noise", "SimCLR + fixed noise", phi="frozen", variant="noise"),  # its frozen-φ₀ control
 )}
 #: The methods run unless ``methods`` says otherwise (the noise models are opt-in).
 DEFAULT_METHODS = ("no_pretrain", "simclr", "simclr_fixed_warp", "simclr_meta_warp")
@@ -83,6 +84,7 @@ class ECG:
     name = "ecg"
     methods = METHODS
     gains = (("simclr_meta_warp", "simclr"), ("simclr_meta_warp", "simclr_fixed_warp"),
+             ("simclr_meta_noise", "simclr"), ("simclr_meta_noise", "simclr_fixed_noise"),
              ("simclr_fixed_warp", "simclr"), ("simclr", "no_pretrain"))
 
     def settings(self, config: ECGJob) -> tuple[str, ...]:
