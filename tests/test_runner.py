@@ -260,3 +260,22 @@ def test_diagnose_and_report_on_a_run_folder(tmp_path):
     assert unrolled["sign_agreement_exact"] >= 0.5 and found["truth"]["fd_vs_exact_correlation"] > 0.9
     assert runner.invoke(app, ["report", str(out)]).exit_code == 0
     assert "Hypergradient health" in (out / "report.html").read_text()
+
+
+def test_diagnose_a_phase_of_one_pretraining_seed(tmp_path):
+    # with several pre-training seeds a phase is SETTING/METHOD/seedN; diagnose rebuilds that seed's phase
+    from typer.testing import CliRunner
+
+    from metapt.cli import app
+
+    out = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.steps=120", "--set",
+                              "pretrain.seeds=2", "--set", "evaluation.seeds=1", "--set", "methods=[meta_task_weights]"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["diagnose", str(out), "--directions", "1", "--phase", "synthetic/meta_task_weights/seed1"])
+    assert res.exit_code == 0, res.output
+    found = json.loads((out / "diagnostics.json").read_text())
+    assert found["phase"] == "synthetic/meta_task_weights/seed1" and "seed1" in found["source"]
+    res = runner.invoke(app, ["diagnose", str(out), "--phase", "synthetic/meta_task_weights/seed7"])
+    assert res.exit_code != 0 and "seed7" in res.output

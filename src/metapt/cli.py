@@ -446,8 +446,9 @@ def show_config(
 @app.command()
 def diagnose(
     run_dir: Annotated[Path, typer.Argument(help="A run folder.")],
-    phase: Annotated[Optional[str], typer.Option(help="The pre-training phase, SETTING/METHOD (default: the "
-                                                      "newest one with meta-parameters).")] = None,
+    phase: Annotated[Optional[str], typer.Option(help="The pre-training phase, SETTING/METHOD, or "
+                                                      "SETTING/METHOD/seedN with several pre-training seeds "
+                                                      "(default: the newest one with meta-parameters).")] = None,
     horizon: Annotated[Optional[int], typer.Option(min=1, help="Lookahead PT steps T (default: meta.interval).")] = None,
     directions: Annotated[int, typer.Option(min=0, help="Random directions in φ besides each estimator's own.")] = 8,
     threads: ThreadsOption = None,
