@@ -47,8 +47,11 @@ LABELS = {"no_pretrain": "no pre-training", "simclr": "SimCLR", "simclr_fixed_wa
           "simclr_fixed_noise": "SimCLR + fixed noise"}
 
 
-def run_or_reuse(path: Path, config: Any) -> dict[str, Any]:
-    """The summary of ``config`` in ``path``: reused if finished with this config, resumed if interrupted."""
+def run_or_reuse(path: Path, config: Any, commit: str) -> dict[str, Any]:
+    """The summary of ``config`` in ``path``: reused if finished with this config, resumed if interrupted.
+
+    A new run notes ``commit`` in the folder (``made_at_commit``), so a table built from reused folds
+    can say which code made each of them."""
     text = to_yaml(config)
     if (path / "config.yaml").is_file() and (path / "config.yaml").read_text() == text:
         if (path / "summary.json").is_file():
@@ -56,7 +59,15 @@ def run_or_reuse(path: Path, config: Any) -> dict[str, Any]:
         folder = RunFolder.open(path)
         if folder.checkpoints():
             return execute(folder, load_config(folder.config_file), resume=True)
-    return execute(RunFolder.create(path, text, overwrite=True), config)
+    folder = RunFolder.create(path, text, overwrite=True)
+    (folder.path / "made_at_commit").write_text(commit + "\n")
+    return execute(folder, config)
+
+
+def made_at(path: Path) -> str | None:
+    """The commit that made the run in ``path`` (None for runs made before the note existed)."""
+    note = path / "made_at_commit"
+    return note.read_text().strip() if note.is_file() else None
 
 
 def fold_scores(summary: dict[str, Any], method: str) -> dict[str, dict[str, dict[str, float]]]:
@@ -95,13 +106,16 @@ def main() -> None:
         base = [f"data_dir={args.data.resolve()}", f"data.cv_folds={args.folds}", f"data.cv_fold={k}",
                 f"pretrain.seed={k}", *args.set]
         config = load_config(args.preset, [*base, f"methods=[{', '.join(methods)}]"])
-        summary = run_or_reuse(ROOT / "runs" / name / f"fold{k}", config)
+        commit = source["commit"]
+        summary = run_or_reuse(ROOT / "runs" / name / f"fold{k}", config, commit)
+        runs = {f"fold{k}": summary}
         scores = {m: fold_scores(summary, m) for m in methods}
         grid_scores = {}
         for g in grid:
             gc = load_config(args.preset, [*base, "methods=[simclr_fixed_warp]", f"problem.warp.init_magnitude={g}"])
-            grid_scores[g] = fold_scores(run_or_reuse(ROOT / "runs" / name / f"fold{k}_magnitude{g:g}", gc),
-                                         "simclr_fixed_warp")
+            runs[f"fold{k}_magnitude{g:g}"] = grid_summary = run_or_reuse(
+                ROOT / "runs" / name / f"fold{k}_magnitude{g:g}", gc, commit)
+            grid_scores[g] = fold_scores(grid_summary, "simclr_fixed_warp")
         if "simclr_fixed_warp" in methods:  # φ₀'s own magnitude is in the grid too
             grid_scores[config.problem.warp.init_magnitude] = scores["simclr_fixed_warp"]
         picked: dict[str, dict[str, float]] = {}
@@ -119,6 +133,8 @@ def main() -> None:
                       "test_beats": data["test"]["examples"], "test_positives": data["test"]["positives"][0],
                       "ft_train_records": data["ft_train"]["record_ids"], "metaval_records": data["metaval"]["record_ids"],
                       "scores": scores, "picked_magnitude": picked,
+                      "run_seconds": round(sum(r.get("wall_seconds", 0.0) for r in runs.values()), 1),
+                      "made_at_commits": sorted({str(made_at(ROOT / "runs" / name / d)) for d in runs}),
                       "learned": {m: v for m, v in learned.items()}})
 
     if only:
@@ -179,7 +195,11 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {fd['fold']} | {', '.join(fd['test_records'])} | {fd['test_beats']} ({fd['test_positives']}) | "
                      f"{', '.join(fd['ft_train_records'])} | {', '.join(fd['metaval_records'])} | "
                      f"{'' if mag is None else f'{mag:.4f}'} | {'' if amp is None else f'{amp:.4f}'} |")
-    lines += ["", f"{r['wall_seconds'] / 60:.1f} min. Command: `{r['command']}` at commit {r['commit']}.", ""]
+    folds_min = sum(fd.get("run_seconds", 0.0) for fd in r["per_fold"]) / 60
+    made = sorted({c for fd in r["per_fold"] for c in fd.get("made_at_commits", [])})
+    lines += ["", f"Fold runs: {folds_min:.1f} min in all (wall time of each run, summed), made at commit(s) "
+              + ", ".join("not noted (before the note existed)" if c == "None" else c for c in made)
+              + f"; this table: {r['wall_seconds'] / 60:.1f} min. Command: `{r['command']}` at commit {r['commit']}.", ""]
     return "\n".join(lines)
 
 
