@@ -42,6 +42,7 @@ METHODS = {m.name: m for m in (
     Method("meta_task_weights", "meta task weights", variant="task_weights"),
     Method("random_task_weights", "random task weights", phi="random", variant="task_weights"),  # opt-in
     Method("meta_example_weights", "meta example weights", variant="example_weights"),
+    Method("random_example_weights", "random example weights", phi="random", variant="example_weights"),  # opt-in
     Method("meta_label_noise", "meta label noise", variant="label_noise"),  # opt-in: --set methods=[...]
     Method("meta_feature_noise", "meta embedding noise", variant="feature_noise"),
     # the noise models' frozen-φ₀ controls: the same noise, held at its initial level
@@ -110,7 +111,8 @@ class Molecules:
     name = "molecules"
     methods = METHODS
     gains = (("meta_task_weights", "uniform"), ("meta_task_weights", "random_task_weights"),
-             ("meta_example_weights", "uniform"), ("meta_label_noise", "uniform"),
+             ("meta_example_weights", "uniform"), ("meta_example_weights", "random_example_weights"),
+             ("meta_label_noise", "uniform"),
              ("meta_label_noise", "frozen_label_noise"), ("meta_feature_noise", "uniform"),
              ("meta_feature_noise", "frozen_feature_noise"), ("uniform", "no_pretrain"))
 
