@@ -100,13 +100,13 @@ def main() -> None:
     name = "ecg_cv" + (f"_{args.tag}" if args.tag else "")
     start = time.perf_counter()
 
+    commit = source["commit"]  # noted in each run folder this invocation makes
     only = [int(k) for k in args.only_folds.split(",") if k]
     folds: list[dict[str, Any]] = []
     for k in only or range(args.folds):
         base = [f"data_dir={args.data.resolve()}", f"data.cv_folds={args.folds}", f"data.cv_fold={k}",
                 f"pretrain.seed={k}", *args.set]
         config = load_config(args.preset, [*base, f"methods=[{', '.join(methods)}]"])
-        commit = source["commit"]
         summary = run_or_reuse(ROOT / "runs" / name / f"fold{k}", config, commit)
         runs = {f"fold{k}": summary}
         scores = {m: fold_scores(summary, m) for m in methods}

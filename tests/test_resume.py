@@ -152,30 +152,6 @@ def test_molecules_run_killed_in_pretraining_and_in_evaluation_resumes_bitwise(t
     _assert_same_run(ref, run)
 
 
-def test_ecg_run_killed_in_the_learned_phase_and_in_evaluation_resumes_bitwise(tmp_path):
-    # the ECG job keeps more RNG consumers than the others (augmentation draws, the warp network,
-    # per-index generators): a resume must restore every one of them
-    from ecg_records import write_beat_folder  # tests/ecg_records.py
-
-    (tmp_path / "beats").mkdir()
-    data = write_beat_folder(tmp_path / "beats")
-    args = ["--data", str(data), "--set", "pretrain.steps=30", "--set", "checkpoint.every=5",
-            "--set", "evaluation.seeds=1", "--set", "evaluation.label_fractions=[1.0]"]
-    ref, run = tmp_path / "reference", tmp_path / "killed"
-    _finish(_cli("run", "ecg-quick", "--out", str(ref), *args))
-    pt_rows = _lines(ref / "metrics.jsonl")
-    assert pt_rows == 90  # three pre-training phases of 30 steps
-    assert _run_and_kill(_cli("run", "ecg-quick", "--out", str(run), *args),
-                         lambda: _lines(run / "metrics.jsonl") >= 70), "the pre-training kill did not happen"
-    assert _newest_state(run)["phase"] == "ecg/simclr_meta_warp"  # killed in the meta-learned phase
-    evaluations_started = _newest_checkpoint(ref)
-    assert _run_and_kill(_cli("resume", str(run)), lambda: _lines(run / "metrics.jsonl") >= pt_rows
-                         and _newest_checkpoint(run) >= evaluations_started - 2), "the evaluation kill did not happen"
-    assert not (run / "summary.json").exists()
-    _finish(_cli("resume", str(run)))
-    _assert_same_run(ref, run)
-
-
 # ---- the pieces -------------------------------------------------------------------------------
 
 

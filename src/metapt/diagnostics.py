@@ -482,15 +482,6 @@ def _part(params: Mapping[str, Tensor], prefix: str) -> Params:
 
 # ---- a run folder ------------------------------------------------------------------------------
 
-def _parse_phase(phase: str, default_seed: int) -> tuple[str, str, int]:
-    """``SETTING/METHOD`` or, in a run with several pre-training seeds, ``SETTING/METHOD/seedN``."""
-    parts = phase.split("/")
-    if len(parts) == 3 and parts[2].startswith("seed") and parts[2][4:].isdigit():
-        return parts[0], parts[1], int(parts[2][4:])
-    setting, _, method_name = phase.rpartition("/")
-    return setting, method_name, default_seed
-
-
 def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: DiagnoseOptions | None = None,
                  warm_steps: int = 50, console: Any = None) -> dict[str, Any]:
     """:func:`diagnose` at a checkpointed state of a run folder; writes ``RUN/diagnostics.json``.
@@ -509,6 +500,7 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
     from .domains import domain as domain_of
     from .errors import UserError
     from .runs import RunFolder, _CKPT, _load_verified, write_text_atomic
+    from .runner import parse_phase
 
     folder = RunFolder.open(run_dir)
     config = load_config(folder.config_file)
@@ -535,7 +527,7 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
             raise UserError(f"{folder.path} holds no pre-training phase with meta-parameters"
                             + (f" named {phase!r}" if phase else ""))
         phase = learned[-1]
-    setting, method_name, seed = _parse_phase(phase, config.pretrain.seed)
+    setting, method_name, seed = parse_phase(phase, config.pretrain.seed)
     if method_name not in dom.methods:
         raise UserError(f"phase {phase!r} of {folder.path} is not a method of the {config.job} job")
     if console is None:

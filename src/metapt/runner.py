@@ -213,6 +213,14 @@ def _run_name(method: str, seed: int, pt_seeds: Sequence[int]) -> str:
     return method if len(pt_seeds) == 1 else f"{method}/seed{seed}"
 
 
+def parse_phase(phase: str, default_seed: int) -> tuple[str, str, int]:
+    """(setting, method, pre-training seed) of a phase key, ``SETTING/METHOD`` (the seed is then
+    ``default_seed``) or ``SETTING/METHOD/seedN``: the inverse of the names the runner gives phases."""
+    setting, _, name = phase.partition("/") if "/" in phase else ("", "", phase)
+    method, _, seed = name.partition("/seed")
+    return setting, method, int(seed) if seed.isdigit() else default_seed
+
+
 def _random_phi(phi: Params, seed: int) -> Params:
     """φ₀ plus standard normal noise, drawn from the pre-training seed (a random weighting)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
