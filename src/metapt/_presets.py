@@ -13,3 +13,14 @@ def presets() -> list[str]:
 
 def preset_text(name: str) -> str:
     return (resources.files("metapt") / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def preset_description(name: str) -> str:
+    """The preset's one-line description: the first comment line of its YAML file."""
+    for line in preset_text(name).splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line:
+            break
+    return ""

@@ -89,6 +89,9 @@ def _guarded_run(debug: bool, action, folder_of):
         folder = folder_of()
         if folder is None or not folder.path.is_dir():
             return "nothing was kept"
+        if getattr(folder, "restored", False):
+            return (f"nothing of the new run was kept, and the run it was to replace is back in {folder.path} as it was "
+                    "(run with --overwrite again to replace it)")
         if not folder.checkpoints():
             return f"no checkpoint was written in {folder.path}"
         return f"the newest checkpoint is kept: `metapt resume {folder.path}` continues the run"
@@ -101,7 +104,9 @@ def _guarded_run(debug: bool, action, folder_of):
         if debug:
             raise
         folder = folder_of()
-        if folder is not None and folder.checkpoints():
+        if folder is not None and getattr(folder, "restored", False):
+            kept = f"Nothing of the new run was kept; {folder.path} holds the run it was to replace, as it was"
+        elif folder is not None and folder.checkpoints():
             kept = (f"The last good checkpoint is kept; after changing the config, `metapt resume {folder.path}` "
                     "continues from it")
         elif folder is not None and folder.path.is_dir():
@@ -256,7 +261,7 @@ def run(
                 return str(holder["folder"].path)
 
             path = _on_main(ctx, create)
-            folder = holder.get("folder") or RunFolder(path)
+            folder = holder.setdefault("folder", RunFolder(path))  # every rank: where its checkpoints are
             if ctx.is_main:
                 err_console.print(f"run folder: {folder.path}")
             try:
@@ -434,7 +439,12 @@ def show_config(
         from ._presets import presets
 
         if list_presets or preset is None:
-            console.print("\n".join(presets()), markup=False, highlight=False)
+            from ._presets import preset_description
+
+            names = presets()
+            width = max(map(len, names))
+            lines = [f"{name:<{width}}  {preset_description(name)}" for name in names]
+            console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
             return
         from .config import load_config, to_yaml
 
@@ -479,6 +489,22 @@ def version() -> None:
     from . import __version__
 
     console.print(__version__)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"metapt {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                               help="Print the installed version and exit.")] = False,
+) -> None:
+    """Meta-learn pre-training hyperparameters by gradient (Raghu et al., NeurIPS 2021)."""
 
 
 def main() -> None:

@@ -1,0 +1,80 @@
+"""The front door (issue 22): --version, described presets, and the MIT-BIH conversion script."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from metapt._presets import preset_description, presets
+from metapt.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def test_version_option_prints_the_version():
+    import metapt
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"metapt {metapt.__version__}"
+
+
+def test_every_preset_has_a_one_line_description_that_fits_80_columns():
+    res = runner.invoke(app, ["config", "--list"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == len(presets())
+    for name, line in zip(presets(), lines):
+        description = preset_description(name)
+        assert description and line.split()[0] == name and line.endswith(description), line
+        assert len(line) <= 80, line
+    for smoke in ("molecules-test", "ecg-quick", "ecg-benchmark", "synthetic"):
+        assert smoke in res.output
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("mitbih_beats", ROOT / "scripts" / "mitbih_beats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mitbih_script_writes_the_layout_the_loader_reads(tmp_path):
+    import wfdb
+
+    from metapt.domains.ecg.data import load_beat_folder
+
+    source, out = tmp_path / "mitdb", tmp_path / "beats"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    fs, n = 360, 360 * 20
+    for name, leads in (("100", ["MLII", "V5"]), ("102", ["V5", "V2"])):
+        sig = rng.normal(0, 0.1, (n, 2))
+        peaks = np.arange(300, n - 300, 300)
+        sig[peaks] += 1.0
+        wfdb.wrsamp(name, fs=fs, units=["mV", "mV"], sig_name=leads, p_signal=sig, fmt=["16", "16"],
+                    write_dir=str(source))
+        samples = np.concatenate([[10], peaks])  # a rhythm annotation first, then beats
+        symbols = ["+"] + ["V" if i % 4 == 0 else "N" for i in range(len(peaks))]
+        wfdb.wrann(name, "atr", samples, symbols, write_dir=str(source))
+    assert _script().convert(source, out) == ["100", "102"]
+    header = (out / "100_beats.csv").read_text().splitlines()
+    assert header[0] == "sample,pvc" and header[1] == "300,1" and len(header) == 1 + len(peaks)
+    ds = load_beat_folder(out, window=128)
+    assert len(ds) > 0 and ds.labels.sum() > 0
+
+
+def test_script_runs_from_the_command_line(tmp_path):
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "mitbih_beats.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "mitdb" in res.stdout + res.stderr
+
+
+def test_readme_shows_the_preset_list_as_printed():
+    res = runner.invoke(app, ["config", "--list"])
+    readme = (ROOT / "README.md").read_text()
+    assert f"```text\n{res.output.strip()}\n```" in readme
