@@ -279,6 +279,7 @@ class RunFolder:
         self._aside_lock: tuple[int, int] | None = None
         self._created = self._existed = False
         self._committed = True
+        self.restored = False  # rollback() put back the run that --overwrite was to replace
 
     # ---- create, open, replace -------------------------------------------------------------
 
@@ -293,6 +294,7 @@ class RunFolder:
         path = Path(path)
         if path.is_symlink():
             raise RunFolderError(f"{path} is a symbolic link; give the folder it points to, or another --out")
+        recover_set_aside(path)
         folder = cls(path)
         if path.exists() and not path.is_dir():
             raise RunFolderError(f"{path} exists and is not a folder; choose another --out")
@@ -305,8 +307,10 @@ class RunFolder:
             if path.resolve() == cwd or path.resolve() in cwd.parents:
                 raise RunFolderError(f"--out {path} holds the working directory; --overwrite will not replace it")
             if not is_run_folder(path):
-                raise RunFolderError(f"{path} is not a metapt run folder (no {MARKER}); --overwrite only replaces "
-                                     "run folders, so move its files away yourself or choose another --out")
+                raise RunFolderError(
+                    f"{path} is not a metapt run folder (no {MARKER} marker); --overwrite only replaces run folders: "
+                    f"move its files away yourself or choose another --out (if it is a run of an older metapt, "
+                    f"`touch {path / MARKER}` marks it as one)")
             folder._aside_lock = _lock_file(path)  # refused if a live run owns it
             aside = path.with_name(f".{path.name}.replaced-{os.getpid()}-{time.time_ns()}")
             os.rename(path, aside)
@@ -329,6 +333,7 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: str | Path) -> RunFolder:
+        recover_set_aside(path)
         folder = cls(path)
         if not folder.path.exists():
             raise RunFolderError(f"run folder {folder.path} does not exist")
@@ -374,6 +379,7 @@ class RunFolder:
         if self._aside is not None:
             if not self.path.exists():
                 os.rename(self._aside, self.path)
+                self.restored = True
             _unlock_file(self._aside_lock)
             self._aside = self._aside_lock = None
 
@@ -454,18 +460,86 @@ class RunFolder:
 
 
 def is_run_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a metapt run folder: it holds the marker, or (written before markers
-    existed) a config.yaml with a ``job`` key and a checkpoints folder."""
-    path = Path(path)
-    if (path / MARKER).is_file():
-        return True
-    config = path / "config.yaml"
-    if not (config.is_file() and (path / "checkpoints").is_dir()):
-        return False
+    """Whether ``path`` is a metapt run folder: it holds the marker ``.metapt-run``. Nothing else
+    counts (a ``config.yaml`` and a ``checkpoints/`` folder can be anyone's); a run written before
+    markers existed is adopted by creating the marker by hand."""
+    return (Path(path) / MARKER).is_file()
+
+
+_ASIDE = re.compile(r"^\.(?P<name>.+)\.replaced-\d+-\d+$")
+
+
+def _set_aside_of(path: Path) -> list[Path]:
+    """The folders ``--overwrite`` set aside for ``path`` (``.NAME.replaced-PID-NS``), oldest first."""
     try:
-        return any(line.startswith("job:") for line in config.read_text(encoding="utf-8").splitlines())
-    except (OSError, UnicodeDecodeError):
-        return False
+        entries = list(path.parent.iterdir()) if path.name else []
+    except OSError:
+        return []
+    found = [p for p in entries if (m := _ASIDE.match(p.name)) and m.group("name") == path.name
+             and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+
+def _lock_if_free(path: Path) -> tuple[int, int] | None:
+    """This process's lock of ``path``, or None when another process (or this one, already) holds it."""
+    try:
+        st = (path / LOCK).stat()
+    except FileNotFoundError:
+        st = None
+    except OSError:
+        return None
+    if st is not None and (st.st_dev, st.st_ino) in _HELD:
+        return None
+    try:
+        return _lock_file(path)
+    except (RunFolderError, OSError):  # in use, or a lock that cannot be made (a folder, no permission)
+        return None
+
+
+def recover_set_aside(path: str | Path, console: Console | None = None) -> None:
+    """Find a run that an ``--overwrite`` killed without a chance to clean up (SIGKILL, power cut)
+    left set aside as ``.NAME.replaced-PID-NS`` next to ``path``, and deal with it.
+
+    If the new run in ``path`` never wrote a checkpoint (or ``path`` is gone), the set-aside run is
+    moved back to ``path`` (what the new run had written is removed, as its own rollback would
+    have). If the new run got under way, the old one should have been deleted: refused with a
+    :class:`RunFolderError` that says where it is, rather than decide for the user. A set-aside
+    folder whose ``--overwrite`` process is alive (it holds the folder's lock) is left alone.
+    """
+    path = Path(path)
+    asides = _set_aside_of(path)
+    if not asides:
+        return
+    held = [(p, key) for p in asides if (key := _lock_if_free(p)) is not None]
+    own = None
+    try:
+        if not held:
+            return  # a live --overwrite owns them
+        if path.exists() or path.is_symlink():
+            if not path.is_dir() or path.is_symlink() or (own := _lock_if_free(path)) is None:
+                return  # in use, or not ours to judge: the command itself refuses what it cannot use
+        stuck = ", ".join(str(p) for p, _ in held)
+        new = RunFolder(path)
+        if len(held) > 1:
+            raise RunFolderError(f"several runs were set aside by interrupted --overwrite runs of {path}: {stuck}; "
+                                 f"keep one (`mv` it to {path}) and delete the others")
+        aside = held[0][0]
+        foreign = path.is_dir() and any(p.name not in (LOCK, MARKER) for p in path.iterdir()) and not is_run_folder(path)
+        if new.checkpoints() or foreign:
+            raise RunFolderError(
+                f"{aside} holds the run that an interrupted `--overwrite` replaced with {path}; it was never deleted. "
+                f"Delete it (`rm -r {aside}`) to keep {path}, or move it back in place of {path} to keep it")
+        if path.is_dir():
+            shutil.rmtree(path)  # the killed overwrite's new run, which never wrote a checkpoint
+        os.rename(aside, path)
+        _fsync_dir(path.parent)
+        (console or Console(stderr=True)).print(
+            f"[yellow]restored {path} from {aside.name}: an `--overwrite` run that was to replace it was killed "
+            "before its first checkpoint[/]", highlight=False)
+    finally:
+        _unlock_file(own)
+        for _, key in held:
+            _unlock_file(key)
 
 
 def _finite(value: Any) -> bool:

@@ -1,0 +1,153 @@
+"""The last holes a hostile re-probe found (issue 23): nothing lost, nothing silently wrong, and
+every user error one line with exit status 2.
+
+Each test failed before its fix. Runs are the synthetic preset with a few steps; processes are
+real only where a SIGKILL is the point.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from metapt.cli import app
+from metapt.runs import MARKER, RunFolder
+
+runner = CliRunner()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+FAST = ["--set", "pretrain.steps=60", "--set", "checkpoint.every=20", "--set", "meta.warmup_steps=10", "--threads", "1"]
+
+
+def _one_line_error(res, code: int = 2) -> str:
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output, res.output
+    assert len([line for line in res.output.splitlines() if line.startswith("error:")]) == 1, res.output
+    return " ".join(res.output.split())
+
+
+def _run(out: Path, *extra: str):
+    return runner.invoke(app, ["run", "synthetic", "--out", str(out), *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hostile") / "done"
+    res = _run(out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    (to / ".metapt-lock").unlink(missing_ok=True)
+    return to
+
+
+def _kept(path: Path) -> dict[str, bytes]:
+    """What a run must keep: its config, checkpoints, results and step log."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+            and (p.name in ("config.yaml", "metrics.jsonl", MARKER) or p.parent.name in ("checkpoints", "results"))}
+
+
+def _asides(run: Path) -> list[Path]:
+    return [p for p in run.parent.iterdir() if p.name.startswith(f".{run.name}.replaced-")]
+
+
+# ---- data lost --------------------------------------------------------------------------------------
+
+
+def test_overwrite_refuses_a_folder_that_only_looks_like_an_old_run(tmp_path):
+    folder = tmp_path / "P"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text("job: nightly\n")
+    (folder / "paper.tex").write_text("years of work")
+    (folder / "checkpoints" / "m.pt").write_bytes(b"weights")
+    out = _one_line_error(_run(folder, "--overwrite"))
+    assert "not a metapt run folder" in out and f"touch {folder / MARKER}" in out
+    assert (folder / "paper.tex").read_text() == "years of work"
+    assert (folder / "checkpoints" / "m.pt").read_bytes() == b"weights"
+    assert not _asides(folder)
+
+
+def _overwrite_then_sigkill(run: Path, *, checkpoint: bool = False) -> None:
+    """A process that starts `--overwrite` of ``run`` and dies by SIGKILL before it can clean up."""
+    code = ("import os, signal, sys\n"
+            "from metapt.runs import RunFolder\n"
+            "folder = RunFolder.create(sys.argv[1], 'job: synthetic\\n', overwrite=True)\n"
+            + ("folder.save_checkpoint({'format': 2}, 1, 3)\n" if checkpoint else "")
+            + "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(run)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert len(_asides(run)) == 1
+
+
+def test_a_run_set_aside_by_a_sigkilled_overwrite_is_restored_by_the_next_command(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    before = _kept(run)
+    _overwrite_then_sigkill(run)
+    assert _kept(run) != before  # the killed run's own folder took its place
+    res = runner.invoke(app, ["resume", str(run), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "restored" in res.output
+    assert _kept(run) == before and not _asides(run)  # the old run, whole; not the new config resumed
+
+
+def test_a_run_set_aside_where_no_new_folder_was_made_is_restored(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    before = _kept(run)
+    os.rename(run, run.with_name(f".{run.name}.replaced-1-2"))  # killed between the rename and the new folder
+    res = runner.invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    assert _kept(run) == before and not _asides(run)
+
+
+def test_a_set_aside_run_after_the_new_run_started_is_named_not_hidden(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    _overwrite_then_sigkill(run, checkpoint=True)  # the new run was under way: which one to keep is the user's call
+    aside = _asides(run)[0]
+    for args in (["resume", str(run)], ["run", "synthetic", "--out", str(run), "--overwrite"]):
+        out = _one_line_error(runner.invoke(app, args))
+        assert str(aside) in out and "rm -r" in out
+    assert aside.is_dir() and (aside / "summary.json").is_file()
+
+
+def test_the_message_after_a_rolled_back_overwrite_says_the_old_run_is_back(finished, tmp_path, monkeypatch):
+    import metapt.jobs
+
+    run = _copy(finished, tmp_path / "run")
+    before = _kept(run)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metapt.jobs, "execute", interrupted)
+    res = _run(run, "--overwrite")
+    out = _one_line_error(res, code=130)
+    assert "back in" in out and "metapt resume" not in out
+    assert _kept(run) == before and not _asides(run)
+
+
+def test_rank_1_of_torchrun_does_not_say_nothing_was_kept(finished, tmp_path, monkeypatch):
+    import contextlib
+    import types
+
+    import metapt.jobs
+    from metapt import cli
+
+    run = _copy(finished, tmp_path / "run")
+    ctx = types.SimpleNamespace(distributed=True, is_main=False, rank=1, world_size=2)
+    monkeypatch.setattr(cli, "_distributed", lambda *a, **k: contextlib.nullcontext(ctx))
+    monkeypatch.setattr(cli, "_on_main", lambda ctx, fn: str(run))  # rank 0 made the folder
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metapt.jobs, "execute", interrupted)
+    out = _one_line_error(_run(tmp_path / "unused"), code=130)
+    assert "nothing was kept" not in out and f"metapt resume {run}" in out
