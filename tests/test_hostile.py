@@ -151,3 +151,36 @@ def test_rank_1_of_torchrun_does_not_say_nothing_was_kept(finished, tmp_path, mo
     monkeypatch.setattr(metapt.jobs, "execute", interrupted)
     out = _one_line_error(_run(tmp_path / "unused"), code=130)
     assert "nothing was kept" not in out and f"metapt resume {run}" in out
+
+
+# ---- silently wrong ---------------------------------------------------------------------------------
+
+
+def test_an_lr_groups_key_matching_no_phi_entry_is_an_error_naming_them(tmp_path):
+    out = _one_line_error(_run(tmp_path / "run", "--set", "meta.lr_groups={foo: 2}"))
+    assert "'foo'" in out and "task_logits" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_lr_groups_keys_that_match_or_are_the_jobs_defaults_are_accepted():
+    from metapt.schema import MetaConfig
+
+    meta = MetaConfig(lr_groups={"task": 0.1, "band_noise": 0.03})
+    meta.check_lr_groups(["task_logits"], exempt={"band_noise": 0.03})  # the ECG default names an opt-in method's φ
+    with pytest.raises(ValueError, match="'band_noise'.*task_logits"):
+        meta.check_lr_groups(["task_logits"])
+
+
+def test_computing_a_lost_phase_again_does_not_log_its_rows_twice(finished, tmp_path):
+    import torch
+
+    run = _copy(finished, tmp_path / "run")
+    before = (run / "metrics.jsonl").read_bytes()
+    lost = [p for p in (run / "results").iterdir()
+            if torch.load(p, weights_only=True)["key"].endswith("meta_task_weights")]
+    assert len(lost) == 1
+    lost[0].unlink()
+    res = runner.invoke(app, ["resume", str(run), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "computed again" in res.output
+    assert (run / "metrics.jsonl").read_bytes() == before  # as the uninterrupted run's

@@ -160,6 +160,7 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
             for setting in domain.settings(config):
                 with immediate_stop():  # loading holds nothing a cleanup needs: Ctrl-C stops it at once
                     data = domain.load(config, setting, console)
+                _check_lr_groups(domain, config, data, methods, pt_seeds[0], device)
                 encoders, emb_dims, learned = {}, {}, {}
                 for method, seed in ((m, s) for m in methods for s in pt_seeds):
                     name = _run_name(method.name, seed, pt_seeds)
@@ -208,6 +209,24 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
     return summary
 
 
+def _check_lr_groups(domain: Domain, config: Any, data: Any, methods: Sequence[Method], seed: int,
+                     device: torch.device) -> None:
+    """Every ``meta.lr_groups`` key the user set must be the prefix of a φ entry of a meta-learned
+    method of this run (checked before any phase runs; φ is only built when there is such a key)."""
+    exempt = getattr(getattr(type(config)(), "meta", None), "lr_groups", {})  # the job's defaults
+    if all(key in exempt for key in config.meta.lr_groups):
+        return
+    from .runs import capture_rng, restore_rng
+
+    rng = capture_rng()  # building may seed the global generators: leave them as they were
+    try:
+        keys = [k for m in methods if m.phi == "learned"
+                for k in domain.pretraining(config, data, m, seed, device).metaparams]
+    finally:
+        restore_rng(rng)
+    config.meta.check_lr_groups(keys, exempt)
+
+
 def _run_name(method: str, seed: int, pt_seeds: Sequence[int]) -> str:
     """A method's name in phase and result keys: ``method``, or ``method/seed3`` with several seeds."""
     return method if len(pt_seeds) == 1 else f"{method}/seed{seed}"
@@ -234,7 +253,7 @@ def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, met
     session.train(phase, trainer, config.pretrain.steps, built.problem, progress=progress)
     session.record(phase, {
         "params": {k: v.detach() for k, v in trainer.params.items()},
-        "metaparams": {k: v.detach() for k, v in trainer.metaparams.items()},
+        "metaparams": trainer.averaged_metaparams,  # the live φ unless meta.average says otherwise
         "problem": built.problem.state_dict() if hasattr(built.problem, "state_dict") else None,
         "health": {"meta_steps": trainer.meta_step_count, "skipped_meta_steps": trainer.skipped,
                    "rejected_heads": trainer.rejected_heads},
@@ -279,7 +298,7 @@ def _meta_optimizer(meta: Any, phi: Params) -> torch.optim.Optimizer:
     """
     if not phi:
         return torch.optim.SGD([torch.zeros(0, requires_grad=True)], lr=0.0)
-    return LazyAdam(meta.param_groups(phi), lr=meta.lr)
+    return LazyAdam(meta.param_groups(phi), lr=meta.lr, betas=(meta.momentum, 0.999))
 
 
 # ---- devices ----------------------------------------------------------------------------------

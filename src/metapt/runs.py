@@ -709,7 +709,8 @@ class Session:
         if self.is_main:
             self.log.phase = phase
             tb = TensorBoardLogger(self.folder.tensorboard_dir / _safe(phase), purge_step=trainer.step)
-            trainer.loggers = [*own_loggers, self.log, tb]
+            logged = self._logged_steps(phase)  # a phase computed again (its result was lost) has its rows already
+            trainer.loggers = [*own_loggers, _SkipLogged(self.log, logged) if logged else self.log, tb]
         every = self.checkpoint.every
         skipped = trainer.skipped
         run_until = getattr(trainer, "run_until", None) or trainer.run  # pre-train until trainer.step == n
@@ -739,6 +740,24 @@ class Session:
                 trainer.loggers = own_loggers
                 if tb is not None:
                     tb.close()
+
+    def _logged_steps(self, phase: str) -> dict[int, int]:
+        """How many rows of ``phase`` ``metrics.jsonl`` holds at each step: rows a phase that is
+        computed again (its results file was deleted or damaged) must not log a second time."""
+        self.log.flush()
+        counts: dict[int, int] = {}
+        tag = json.dumps(phase)
+        with open(self.folder.metrics_file, "rb") as f:
+            for line in f:
+                if tag.encode() not in line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and row.get("phase") == phase and isinstance(row.get("step"), int):
+                    counts[row["step"]] = counts.get(row["step"], 0) + 1
+        return counts
 
     # ---- checkpoint --------------------------------------------------------------------------
 
@@ -802,6 +821,19 @@ class Session:
             self.log = None
         _unlock_file(self._lock_key)
         self._lock_key = None
+
+
+class _SkipLogged:
+    """A step log that passes on only the rows not already in the file (``counts``: rows per step)."""
+
+    def __init__(self, log: JsonlLogger, counts: dict[int, int]):
+        self.log_to, self.counts = log, dict(counts)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.counts.get(step, 0) > 0:
+            self.counts[step] -= 1
+            return
+        self.log_to.log(step, metrics)
 
 
 def _short(value: Any, limit: int = 40) -> str:

@@ -86,6 +86,7 @@ SOLVER_KEYS: dict[str, tuple[str, ...]] = {
     "cg": ("max_iter", "tol", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner",
            "gauss_newton"),
     "unrolled": ("horizon",),
+    "accumulated": ("alpha", "every", "adam_preconditioner"),
 }
 #: Defaults of the kind-specific keys; kind ``unrolled`` with ``horizon`` 1, and ``upcoming`` and
 #: ``adam_preconditioner`` for the implicit kinds, were chosen by measurement
@@ -93,7 +94,7 @@ SOLVER_KEYS: dict[str, tuple[str, ...]] = {
 #: ``{kind: neumann, upcoming: false, adam_preconditioner: false}``.
 _SOLVER_DEFAULTS: dict[str, Any] = {"terms": 1, "max_iter": 20, "tol": 1e-6, "damping": 0.0, "spectrum_steps": 0,
                                     "horizon": 1, "pt_batches": 1, "upcoming": True, "adam_preconditioner": True,
-                                    "gauss_newton": False}
+                                    "gauss_newton": False, "every": 1}
 
 
 @schema
@@ -113,8 +114,11 @@ class SolverConfig:
             "T1–T2" hypergradient, no HVP), ``cg`` (conjugate gradient on (H + λI) x = g; stops at
             negative curvature with its last good iterate, as truncated Newton-CG) or
             ``unrolled`` (reverse-mode through ``horizon`` PT optimiser steps on the upcoming
-            batches: the exact T-step lookahead derivative).
-        alpha: neumann, identity: the step α; unset: the PT learning rate (the paper's choice).
+            batches: the exact T-step lookahead derivative) or ``accumulated`` (every
+            ``every``-th PT batch adds its one-step mixed term against the validation direction
+            of the last meta-step, and each meta-step averages them: ``interval / every`` times
+            the PT draws per update; :mod:`metapt.hypergrad.accumulate`).
+        alpha: neumann, identity, accumulated: the step α; unset: the PT learning rate (the paper's choice).
         terms: neumann: M, Hessian-vector products after the first term [1].
         max_iter: cg: the most Hessian-vector products [20].
         tol: cg: stop when ‖r‖ ≤ tol·‖g‖ [1e-6].
@@ -126,13 +130,14 @@ class SolverConfig:
             term [1].
         upcoming: neumann, identity, cg: take those batches among the ones pre-training takes
             next instead of the one(s) just taken (the paper's) [true].
-        adam_preconditioner: neumann, identity, cg: solve in Adam's geometry P = 1/(√v̂ + ε) of
+        every: accumulated: PT steps between two draws (1: every PT batch) [1].
+        adam_preconditioner: neumann, identity, cg, accumulated: solve in Adam's geometry P = 1/(√v̂ + ε) of
             the PT optimiser (the paper's formula assumes SGD) [true].
         gauss_newton: neumann, cg: solve with the Gauss–Newton matrix JᵀH_ℓJ instead of H (the
             problem must expose ``pretrain_outputs``/``pretrain_output_loss``) [false].
     """
 
-    kind: Literal["neumann", "cg", "identity", "unrolled"] = "unrolled"
+    kind: Literal["neumann", "cg", "identity", "unrolled", "accumulated"] = "unrolled"
     alpha: float | None = Field(default=None, gt=0)
     terms: int | None = Field(default=None, ge=0)
     max_iter: int | None = Field(default=None, ge=1)
@@ -144,6 +149,7 @@ class SolverConfig:
     upcoming: bool | None = None
     adam_preconditioner: bool | None = None
     gauss_newton: bool | None = None
+    every: int | None = Field(default=None, ge=1, le=1_000_000)
 
     def __post_init__(self):
         allowed = SOLVER_KEYS[self.kind]
@@ -171,7 +177,7 @@ class SolverConfig:
         if self.kind == "cg":
             return ConjugateGradient(max_iter=self.get("max_iter"), tol=self.get("tol"), damping=self.get("damping"),
                                      spectrum_steps=self.get("spectrum_steps"))
-        if self.kind == "identity":
+        if self.kind in ("identity", "accumulated"):
             return Identity(alpha=alpha)
         return None
 
@@ -179,6 +185,9 @@ class SolverConfig:
         """The :class:`metapt.hypergrad.Estimator` for ``MetaPretrainer(estimator=...)``."""
         if self.kind == "unrolled":
             return Estimator(horizon=self.get("horizon"))
+        if self.kind == "accumulated":
+            return Estimator(solver=self.build(pt_lr), accumulate=self.get("every"),
+                             adam_preconditioner=self.get("adam_preconditioner"))
         return Estimator(solver=self.build(pt_lr), pt_batches=self.get("pt_batches"), upcoming=self.get("upcoming"),
                          adam_preconditioner=self.get("adam_preconditioner"),
                          gauss_newton=bool(self.get("gauss_newton")) if self.kind in ("neumann", "cg") else False)
@@ -221,6 +230,15 @@ class MetaConfig:
         head_steps: plain head steps before each meta-step's unroll (paper: 0).
         lr_groups: Adam learning rates for the φ entries whose key starts with a given prefix
             (e.g. ``{log_magnitude: 0.03}``); the others use ``lr``.
+        momentum: β₁ of Adam on φ, the decay of its running mean of hypergradients (0.9:
+            about 10 meta-steps averaged; higher averages more of the batch noise away).
+        average: the φ a run reports (summary, seed agreement): ``none`` the last φ, ``polyak``
+            its mean over every meta-step, ``ema`` a moving average (``average_decay``).
+            Pre-training always uses the live φ.
+        average_decay: the EMA's decay per meta-step.
+        normalize_weights: task weights K·softmax(φ) (they sum to the number of tasks) and
+            example weights scaled within each batch to sum to its size: a drift shared by
+            every weight cannot move the loss's scale, only the weights' ratios.
         reuse_pt_graph: take H and the mixed term from the gradient graph of the PT step just
             before each meta-step instead of a second PT forward/backward (cheaper, but H is
             one PT step older than g; off by default: every derivative at the same θ, as in the
@@ -237,6 +255,10 @@ class MetaConfig:
     warmup_steps: int = Field(default=100, ge=0)
     head_steps: int = Field(default=0, ge=0)
     lr_groups: dict[str, float] = Field(default_factory=dict)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    average: Literal["none", "polyak", "ema"] = "none"
+    average_decay: float = Field(default=0.95, gt=0, lt=1)
+    normalize_weights: bool = False
     reuse_pt_graph: bool = False
     solver: SolverConfig = SolverConfig()
 
@@ -259,6 +281,21 @@ class MetaConfig:
             raise ValueError(f"learning rates must be finite and >= 0, got {bad}")
         return value
 
+    def check_lr_groups(self, phi_keys: Any, exempt: Any = ()) -> None:
+        """Raise a :class:`metapt.errors.ConfigError` naming the φ entries if an ``lr_groups`` key
+        (other than those in ``exempt``: a job's own defaults, which may name opt-in methods' φ)
+        is the prefix of none of ``phi_keys`` (the φ entries of every learned method of the run);
+        such a key would silently leave every entry at ``lr``."""
+        from .errors import ConfigError
+
+        keys = sorted(set(phi_keys))
+        bad = [p for p in self.lr_groups if p not in exempt and not any(k.startswith(p) for k in keys)]
+        if bad:
+            shown = ", ".join(keys[:20]) + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
+            raise ConfigError(f"meta.lr_groups: {', '.join(map(repr, bad))} matches no meta-parameter (φ) entry of "
+                              f"this run's meta-learned methods, so its rate would never be used; a key is a prefix "
+                              f"of these entries: {shown or '(none: no method of this run meta-learns φ)'}")
+
     def param_groups(self, metaparams: Mapping[str, Any]) -> list[dict[str, Any]]:
         """torch.optim parameter groups for φ: ``lr_groups`` prefixes first, ``lr`` for the rest."""
         groups: dict[float, list] = {}
@@ -270,5 +307,6 @@ class MetaConfig:
     def schedule(self, **overrides) -> MetaSchedule:
         values = {"meta_interval": self.interval, "unroll_steps": self.unroll_steps,
                   "unroll_encoder": self.unroll_encoder, "meta_batches": self.batches,
-                  "warmup_steps": self.warmup_steps, "head_steps": self.head_steps}
+                  "warmup_steps": self.warmup_steps, "head_steps": self.head_steps,
+                  "average": self.average, "average_decay": self.average_decay}
         return MetaSchedule(**(values | overrides))
