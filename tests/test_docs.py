@@ -34,7 +34,7 @@ def site(tmp_path_factory):
 
 
 def _page(site: Path, name: str) -> str:
-    return (site / name / "index.html").read_text()
+    return (site / f"{name}.html").read_text()  # use_directory_urls: false, so build/docs opens from disk
 
 
 def test_every_cli_command_is_on_the_cli_page_with_its_help(site):
@@ -73,7 +73,7 @@ def test_quick_start_is_example_one(site):
 
 def test_api_reference_documents_every_public_name(site):
     ids = set()
-    for page in (site / "reference").rglob("index.html"):
+    for page in (site / "reference").rglob("*.html"):
         ids |= set(re.findall(r'id="(metapt[\w.]*)"', page.read_text()))
     documented = {i.rsplit(".", 1)[-1] for i in ids}
     missing = [name for name in metapt.__all__ if name not in documented]
@@ -89,3 +89,43 @@ def test_the_guide_states_the_batch_index_contract(site):
                    "finetune_batch((m * meta_batches + j) * max(unroll_steps, 1) + k)",
                    "metaval_batch(m * meta_batches + j)"):
         assert stream in page, stream
+
+
+def test_nav_links_open_from_disk(site):
+    index = (site / "index.html").read_text()
+    for name in ("guide", "examples", "math", "cli", "config"):
+        assert f'href="{name}.html"' in index, name
+        assert (site / f"{name}.html").is_file(), name
+
+
+def _hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_reference_lists_every_key_with_its_default_and_meaning(site):
+    from metapt.config import JOBS
+
+    page = html.unescape(_page(site, "config"))
+    hooks = _hooks()
+    for job in JOBS:
+        rows = list(hooks.config_rows(JOBS[job]))
+        assert len(rows) > 20, job
+        for key, default, meaning in rows:
+            assert meaning, f"{job}: {key} has no meaning; document it in its class's Attributes: docstring"
+            assert key in page, key
+    # the defaults shown are the schema's: a job's own section defaults, e.g. the synthetic job's PT steps
+    assert ("pretrain.steps", "1000") in {(k, d) for k, d, _ in hooks.config_rows(JOBS["synthetic"])}
+    assert ("meta.solver.kind", '"unrolled"') in {(k, d) for k, d, _ in hooks.config_rows(JOBS["molecules"])}
+
+
+def test_every_exit_status_of_the_cli_is_in_the_table(site):
+    codes = {int(c) for c in re.findall(r"_fail\(.*?, (\d+)\)$", (ROOT / "src/metapt/cli.py").read_text(), re.M | re.S)}
+    codes |= {0, 1, 2}
+    assert {3, 4, 130, 143} <= codes
+    page = html.unescape(_page(site, "cli"))
+    table = page.split('id="exit-status"', 1)[1].split('id="every-command"', 1)[0]
+    for code in codes:
+        assert f"<td>{code}</td>" in table, code

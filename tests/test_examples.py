@@ -1,6 +1,7 @@
 """Every script in examples/ runs and does what its docstring promises; the README shows example (1)."""
 
 import re
+import statistics
 import runpy
 from pathlib import Path
 
@@ -37,11 +38,42 @@ def test_hypergradient_matches_finite_differences_and_down_weights_corrupted_lab
         assert grad[corrupted].mean() > 0 > grad[~corrupted].mean()
 
 
+def _documented(text: str, *pages: str) -> None:
+    """Each figure the docs quote is produced here: ``text`` must appear in every page named."""
+    for page in pages:
+        content = " ".join((ROOT / page).read_text().split())  # line breaks do not matter
+        assert text in content, f"{page} should say {text!r}: re-measured by the test, update the page"
+
+
+def _sci(x: float) -> str:
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa} × 10{str(int(exponent)).translate(str.maketrans('-0123456789', '⁻⁰¹²³⁴⁵⁶⁷⁸⁹'))}"
+
+
 def test_task_weighting_down_weights_the_coin_flip(capsys):
-    ns = _run("task_weighting.py")
+    source = (EXAMPLES / "task_weighting.py").read_text()
+    schedule = "schedule=metapt.MetaSchedule(meta_interval=5),"
+    assert source.count(schedule) == 1
+    norms = []
+
+    class Norms:
+        def log(self, step, metrics):
+            if "hypergrad_norm" in metrics:
+                norms.append(metrics["hypergrad_norm"])
+
+    ns = {"__name__": "__main__", "_norms": Norms()}
+    exec(compile(source.replace(schedule, schedule + " loggers=[_norms],"), "task_weighting", "exec"), ns)
     result = ns["result"]
     w = dict(zip(ns["tasks"].names, ns["weights"].tolist()))
     assert w["coin"] < 0.9 < 1.2 < min(w["a"], w["b"]), w
+    # the figures README and docs quote
+    _documented(f"lowest ({w['coin']:.2f}; the other two {w['a']:.2f} and {w['b']:.2f})",
+                "README.md", "docs/examples.md")
+    norms.sort()
+    _documented(f"its norm runs from {_sci(norms[0])} to {_sci(norms[-1])}, median {_sci(statistics.median(norms))}",
+                "docs/guide.md")
+    _documented(f"the norm runs from {_sci(norms[0])} to {_sci(norms[-1])}, median {_sci(statistics.median(norms))}",
+                "docs/math.md")
     assert result.step == 600 and result.meta_step_count == 120 and result.skipped == 0
     # the model the user passed in now holds the pre-trained θ
     for k, v in ns["net"].state_dict().items():
@@ -84,3 +116,4 @@ def test_task_weighting_control_backwards_raises_the_coin_flip():
     exec(compile(source.replace(original, "torch.optim.Adam(φ, lr=0.05, maximize=True)"), "control", "exec"), ns)
     w = dict(zip(ns["tasks"].names, ns["weights"].tolist()))
     assert w["coin"] > 1.2 > 0.8 > max(w["a"], w["b"]), w
+    _documented(f"(to {w['coin']:.2f}, the other two down to {w['a']:.2f} and {w['b']:.2f};", "docs/guide.md")

@@ -96,6 +96,10 @@ class BandNoiseConfig:
     Gaussian noise filtered to that band and scaled to unit variance per sample, then multiplied by
     its learned amplitude a_b = exp(φ_b) and the lead's own std (as the default noise is).
     ``init_amplitude``: a₀, every band.
+
+    Attributes:
+        bands: equal-width frequency bands from 0 to the Nyquist frequency, one learned amplitude each.
+        init_amplitude: a₀, the initial amplitude of every band (φ₀), relative to the lead's std.
     """
 
     bands: int = 4
@@ -141,6 +145,16 @@ class WarpConfig:
     in knot spacings. ``squarings``: k in scaling and squaring (the flow is integrated over 2^k
     steps). ``init_magnitude``: initial global magnitude, the velocity std at the knots as a
     fraction of the signal length (0.01 = 2.6 samples for a 256-sample beat).
+
+    Attributes:
+        in_channels: ECG leads the warp network reads.
+        widths: channels of the per-example scale CNN's stride-2 convolutions.
+        kernel_size: odd kernel length of that CNN.
+        n_knots: interior points of the coarse velocity grid.
+        smooth_sigma: Gaussian smoothing width of the velocity, in knot spacings.
+        squarings: k of scaling and squaring (the flow is integrated over 2^k steps).
+        init_magnitude: initial global magnitude (φ₀): velocity std at the knots as a fraction of
+            the signal length.
     """
 
     in_channels: int = 1

@@ -34,6 +34,13 @@ class EncoderConfig:
     ``norm="batch"`` is the paper's choice; ``"group"`` (GroupNorm, groups of up to 8 channels)
     and ``"none"`` avoid batch statistics and running-stat buffers, which is convenient when
     unrolled inner loops must be a pure function of the parameters.
+
+    Attributes:
+        in_channels: ECG leads in the input.
+        widths: output channels of each stride-2 stage.
+        blocks: basic residual blocks per stage (one entry per width).
+        kernel_size: odd convolution kernel length, in samples.
+        norm: ``batch``, ``group`` (GroupNorm) or ``none``.
     """
 
     in_channels: int = 1

@@ -67,7 +67,14 @@ __all__ = [
 
 @schema
 class RecordFractions:
-    """Shares of the records (patients) in each group of the beat layout."""
+    """Shares of the records (patients) in each group of the beat layout.
+
+    Attributes:
+        pretrain: share of the records whose beats pre-train (SimCLR, no labels).
+        ft_train: share whose labelled beats fine-tune (and give the downstream 'valid' split).
+        metaval: share that makes the MetaFT-validation set of the meta-objective.
+        test: share held out for the test scores.
+    """
 
     pretrain: float = 0.4
     ft_train: float = 0.2
@@ -90,6 +97,12 @@ class PTBXLFolds:
     The default follows the paper and the PTB-XL benchmark: pre-train on the unlabelled
     ECGs of folds 1-8, fine-tune on (a label fraction of) the same folds, MetaFT-validation on
     fold 9, test on fold 10, which no pre-training, fine-tuning or meta-step ever sees.
+
+    Attributes:
+        pretrain: strat_folds whose ECGs pre-train.
+        ft_train: strat_folds whose labelled ECGs fine-tune.
+        metaval: strat_folds of the MetaFT-validation set.
+        test: strat_folds held out for the test scores.
     """
 
     pretrain: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)

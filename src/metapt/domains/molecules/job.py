@@ -59,6 +59,12 @@ class GINConfig:
 
     ``norm: layer`` is the CPU default; with ``batch``, only PT steps update the running
     statistics (meta-steps restore them; see :class:`metapt.MetaPretrainer`).
+
+    Attributes:
+        num_layers: GIN message-passing layers.
+        emb_dim: width of every node embedding.
+        dropout: dropout rate after each layer.
+        norm: ``layer``, ``batch`` or ``none`` normalisation after each layer.
     """
 
     num_layers: int = Field(default=3, ge=1)

@@ -23,6 +23,24 @@ from ...schema import schema
 
 @schema
 class SyntheticConfig:
+    """The synthetic problem's data (``seed`` draws it all).
+
+    Attributes:
+        dim: d, the input dimension.
+        subspace: k, the dimension of the subspace S the downstream target lives in, and the
+            width of the linear bottleneck encoder.
+        helpful_tasks: pre-training tasks with linear targets inside S.
+        noise_tasks: pre-training tasks whose labels are fixed random noise.
+        pretrain_examples: size of the pre-training set.
+        finetune_examples: size of the FT-train set.
+        metaval_examples: size of the MetaFT-validation set.
+        test_examples: size of the test set.
+        valid_examples: size of the downstream 'valid' set on which evaluation picks its epoch.
+        batch_size: examples per batch of every stream (set by ``pretrain.batch_size`` in a job).
+        noise_scale: standard deviation of the noise tasks' labels.
+        seed: seed of the data.
+    """
+
     dim: int = Field(default=32, ge=1)
     subspace: int = Field(default=4, ge=1)
     helpful_tasks: int = Field(default=4, ge=1)
