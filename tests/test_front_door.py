@@ -78,3 +78,43 @@ def test_readme_shows_the_preset_list_as_printed():
     res = runner.invoke(app, ["config", "--list"])
     readme = (ROOT / "README.md").read_text()
     assert f"```text\n{res.output.strip()}\n```" in readme
+
+
+# ---- metapt compare at 80 columns ----------------------------------------------------------------
+
+
+def _first_column(output: str) -> str:
+    """The first column of rich's tables, its folded pieces joined."""
+    return "".join(line.split("│")[1].strip() for line in output.splitlines() if line.startswith("│"))
+
+
+def test_compare_at_80_columns_keeps_every_key_whole_and_says_no_differences(tmp_path):
+    import shutil
+
+    import yaml
+
+    from metapt.report import compare
+    from metapt.runs import RunFolder
+
+    first = tmp_path / "first"
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(first), "--set", "pretrain.steps=110",
+                              "--set", "methods=[uniform]", "--set", "evaluation.seeds=1", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    second, third = tmp_path / "second_run_with_a_long_name", tmp_path / "third"
+    for other, solver in ((second, {"kind": "neumann", "adam_preconditioner": False, "upcoming": False}),
+                          (third, {"kind": "cg", "adam_preconditioner": False, "gauss_newton": True})):
+        shutil.copytree(first, other)
+        config = yaml.safe_load((other / "config.yaml").read_text())
+        config["meta"]["solver"] = solver
+        (other / "config.yaml").write_text(yaml.safe_dump(config))
+    wide = runner.invoke(app, ["compare", str(first), str(second), str(third)], env={"COLUMNS": "80"})
+    assert wide.exit_code == 0, wide.output
+    assert "…" not in wide.output
+    assert max(len(line) for line in wide.output.splitlines()) <= 80
+    keys = _first_column(wide.output)
+    _, _, diffs = compare([RunFolder.open(p) for p in (first, second, third)])
+    assert len(diffs) >= 3
+    for key, _ in diffs:
+        assert key in keys, key
+    same = runner.invoke(app, ["compare", str(first), str(first)], env={"COLUMNS": "80"})
+    assert same.exit_code == 0 and "no differences" in same.output and "so are the scores" in same.output

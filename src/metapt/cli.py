@@ -409,12 +409,22 @@ def compare(
             if not body:
                 continue
             table = Table(title=title)
-            table.add_column("")
+            # keys are one long word (meta.solver.adam_preconditioner): fold them, never cut them short
+            longest = max(len(label) for label, _ in body)
+            borders = 3 * (len(names) + 1) + 1  # a rule and two spaces of padding per column
+            widest = max(len(c) for _, cells in body for c in [*cells, *names])
+            run_width = max(8, min(widest, (console.width - borders - 16) // len(names)))  # keys keep 16 or more
+            key_width = max(12, min(longest, console.width - borders - run_width * len(names)))
+            table.add_column("", overflow="fold", width=key_width)
             for name in names:
-                table.add_column(name)
+                table.add_column(name, overflow="fold", width=run_width)
             for label, cells in body:
                 table.add_row(label, *cells)
             console.print(table)
+        if not diffs:
+            same = all(len(set(cells)) == 1 for _, cells in rows)
+            console.print("no differences: the configurations are identical"
+                          + (" and so are the scores" if same else "; the scores differ (see above)"))
         if out is not None:
             if out.is_dir():
                 raise _UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'compare.md'}")

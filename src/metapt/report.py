@@ -177,6 +177,10 @@ def compare_markdown(folders: Sequence[RunFolder]) -> str:
     if diffs:
         text += "\n## Configuration differences\n\n" + head
         text += "".join(f"| {k} | " + " | ".join(c) + " |\n" for k, c in diffs)
+    else:
+        same = all(len(set(cells)) == 1 for _, cells in rows)
+        text += ("\nno differences: the configurations are identical"
+                 + (" and so are the scores\n" if same else "; the scores differ\n"))
     return text
 
 
