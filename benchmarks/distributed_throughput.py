@@ -145,12 +145,14 @@ def main() -> None:
     }
     result = {
         "command": " ".join(["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distributed_throughput.py", *sys.argv[1:]]),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "workload": f"molecules GIN (3 layers, 64 dims, layer norm), {args.molecules} ChEMBL molecules, task weights, "
                     "K=1, Neumann M=1; gloo on CPU, 1 thread per process",
         "ratios": ratios,
         "best_of_repeats": best,
         "all_repeats": runs,
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "python": platform.python_version(),
                     "load_average_1min_during": load},
         "note": "load_average_1min_during above the process count means other jobs competed for the cores, "
                 "and the 2-process ratios are then lower bounds",

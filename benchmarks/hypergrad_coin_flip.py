@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -61,6 +63,8 @@ def main() -> None:
         print(name, rows[name], file=sys.stderr, flush=True)
     result = {"command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
               "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__},
               "threads": torch.get_num_threads(), "seeds": args.seeds, "options": rows}
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -321,6 +322,8 @@ def main() -> None:
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__},
         "options": {"horizon": args.horizon, "directions": args.directions, "epsilon": args.epsilon,
                     "val_pairs": args.val_pairs, "snr_samples": args.snr_samples, "states": args.states,
                     "warmup": args.warmup, "max_cost": args.max_cost},

@@ -371,6 +371,7 @@ def main():
         print(json.dumps({size: row}), file=sys.stderr, flush=True)
     result = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "pretrain_molecules": len(data.pretrain_positions),

@@ -808,6 +808,7 @@ def main():
     agree += agreement_only(replace(small, solver="identity", alpha=1.0), methods)
     result = {
         "command": "python " + " ".join(sys.argv),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
         "versions": _versions(),
         "settings": [asdict(s) for s in timed],
