@@ -45,7 +45,7 @@ def test_overrides_are_read_as_yaml_values():
     ("modle.emb_dim=8", "unknown key 'modle'; did you mean 'model'?"),
     ("meta.solver.kindd=cg", "did you mean 'meta.solver.kind'?"),
     ("meta.lr=-1", "meta.lr: Input should be greater than or equal to 0 (got -1)"),
-    ("meta.solver=newton", "meta.solver.kind: Input should be 'neumann', 'cg', 'identity' or 'unrolled' (got 'newton')"),
+    ("meta.solver=newton", "meta.solver.kind: Input should be 'neumann', 'cg', 'identity', 'unrolled' or 'accumulated' (got 'newton')"),
     ("meta.solver.terms=3", "solver kind 'unrolled' does not read terms (terms is read by kind neumann)"),
     ("model.norm=group", "model.norm: Input should be 'layer', 'batch' or 'none'"),
     ("pretrain.steps=many", "pretrain.steps: Input should be a valid integer"),

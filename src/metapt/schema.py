@@ -46,6 +46,14 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+#: Bounds of the count-like keys, so that an absurd value is a config error, not an overflow deep in a run:
+#: seeds fit every generator (numpy's legacy seeds, and ``seed * 1_000_003 + k`` in torch's 64 bits);
+#: step counts, batch sizes and per-step counts are far beyond any run that could finish.
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 10**9
+MAX_BATCH = 10**7
+MAX_PER_STEP = 10**6
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -74,8 +82,8 @@ class CheckpointConfig:
         keep: the newest checkpoints kept; older ones are deleted after a new one is safely on disk.
     """
 
-    every: int = Field(default=200, ge=1)
-    keep: int = Field(default=3, ge=1)
+    every: int = Field(default=200, ge=1, le=MAX_STEPS)
+    keep: int = Field(default=3, ge=1, le=MAX_PER_STEP)
 
 
 #: Which keys each solver kind reads (every other kind-specific key must stay unset).
@@ -208,11 +216,16 @@ class PretrainConfig:
             with; with more than one, CIs and paired gains are over pre-training seeds.
     """
 
-    steps: int = Field(default=2000, ge=1)
+    steps: int = Field(default=2000, ge=1, le=MAX_STEPS)
     lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
-    batch_size: int = Field(default=64, ge=1)
-    seed: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=64, ge=1, le=MAX_BATCH)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     seeds: int = Field(default=1, ge=1, le=100)
+
+    def __post_init__(self) -> None:
+        if self.seed + self.seeds - 1 > MAX_SEED:
+            raise ValueError(f"pretrain.seed + pretrain.seeds - 1 must be at most {MAX_SEED} (the seeds used are "
+                             f"seed, seed + 1, ...), got {self.seed} + {self.seeds} - 1")
 
 
 @schema
@@ -246,14 +259,14 @@ class MetaConfig:
         solver: the inverse-HVP solver.
     """
 
-    interval: int = Field(default=10, ge=1)
-    unroll_steps: int = Field(default=1, ge=0)
+    interval: int = Field(default=10, ge=1, le=MAX_STEPS)
+    unroll_steps: int = Field(default=1, ge=0, le=MAX_PER_STEP)
     unroll_encoder: bool = False
     inner_lr: float = Field(default=0.1, gt=0)
     lr: float = Field(default=0.05, ge=0)
-    batches: int = Field(default=1, ge=1)
-    warmup_steps: int = Field(default=100, ge=0)
-    head_steps: int = Field(default=0, ge=0)
+    batches: int = Field(default=1, ge=1, le=MAX_PER_STEP)
+    warmup_steps: int = Field(default=100, ge=0, le=MAX_STEPS)
+    head_steps: int = Field(default=0, ge=0, le=MAX_PER_STEP)
     lr_groups: dict[str, float] = Field(default_factory=dict)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     average: Literal["none", "polyak", "ema"] = "none"

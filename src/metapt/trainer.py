@@ -34,6 +34,10 @@ from torch import Tensor
 
 from .hypergrad import (
     Estimator,
+    HypergradInfo,
+    Identity,
+    SolverInfo,
+    directional_mixed_term,
     InnerOptimizer,
     Neumann,
     Solver,
@@ -77,6 +81,13 @@ class MetaSchedule:
             the head rather than the representation).
         learn_phi: False runs plain pre-training with φ held at its initial value: no
             warm-up head steps, no meta-steps (the frozen-φ baselines).
+        average: which φ the trainer reports as its result (``averaged_metaparams``):
+            ``none`` the last φ, ``polyak`` the mean of φ over every meta-step, ``ema`` an
+            exponential moving average with ``average_decay``. A single φ at the last step
+            is the endpoint of a noisy walk; its average over the run is what the
+            hypergradients agreed on. Pre-training always uses the live φ.
+        average_decay: the EMA's decay per meta-step (the first meta-steps average
+            uniformly: decay min(d, (1 + n)/(10 + n)) after n updates).
     """
 
     meta_interval: int = 10
@@ -86,8 +97,14 @@ class MetaSchedule:
     warmup_steps: int = 0
     head_steps: int = 0
     learn_phi: bool = True
+    average: str = "none"
+    average_decay: float = 0.95
 
     def __post_init__(self):
+        if self.average not in ("none", "polyak", "ema"):
+            raise ValueError(f"MetaSchedule: average must be none, polyak or ema, got {self.average!r}")
+        if not 0.0 < self.average_decay < 1.0:
+            raise ValueError(f"MetaSchedule: average_decay must be in (0, 1), got {self.average_decay}")
         for name in ("meta_interval", "meta_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MetaSchedule: {name} must be >= 1, got {getattr(self, name)}")
@@ -207,13 +224,21 @@ class MetaPretrainer:
                              "not both solver= and estimator=")
         if estimator is None:  # the measured default, or the paper's estimator with the solver given
             estimator = default_estimator(_first_lr(self.pt_opt)) if solver is None else Estimator(solver=solver)
-        self.solver = estimator.solver if estimator.solver is not None else Neumann(steps=1, alpha=_first_lr(self.pt_opt))
+        default_solver = Identity if estimator.accumulate else (lambda alpha: Neumann(steps=1, alpha=alpha))
+        self.solver = estimator.solver if estimator.solver is not None else default_solver(alpha=_first_lr(self.pt_opt))
         self.estimator = estimator if estimator.horizon else dataclasses.replace(estimator, solver=self.solver)
         self.loggers = list(loggers)
         self.step = 0  # PT steps taken
         self.meta_step_count = 0  # meta-steps attempted
         self.skipped = 0  # meta-steps whose hypergradient was unusable
         self.rejected_heads = 0  # meta-steps whose unrolled head was non-finite (the previous one kept)
+        # the accumulated estimator: the last validation direction v, and Σ of the mixed-term draws since
+        self._direction: Params | None = None
+        self._accumulated: Params | None = None
+        self._accumulated_count = 0
+        # φ averaged over meta-steps (schedule.average), and how many updates it holds
+        self._phi_average: Params = {k: v.detach().clone() for k, v in self.metaparams.items()}
+        self._phi_average_count = 0
 
     # ---- Algorithm 1 --------------------------------------------------------------------------
 
@@ -258,6 +283,9 @@ class MetaPretrainer:
                 f"pre-training loss became {loss.item()} at step {self.step}; lower the PT learning rate "
                 "or the meta learning rate"
             )
+        k = self.estimator.accumulate
+        if k and self._direction is not None and self.schedule.learn_phi and self.step % k == 0:
+            self._add_to_accumulator(self._mixed_draw(self.problem, batch, self._direction))  # θ before its update
         self.pt_opt.step()
         self.step += 1
         return {"pt_loss": float(loss)}
@@ -286,7 +314,7 @@ class MetaPretrainer:
             self.head = self.strategy.reduce_head({k: v.detach() for k, v in head.items()})
             catch_up = {"head_ft_loss": loss}
         total: Params | None = None
-        infos, heads = [], []
+        infos, heads, directions = [], [], []
         kept = self.strategy.pt_graph(self)  # H and the mixed term at the PT step just taken, if kept
         for view, j in itertools.product(self.strategy.meta_views(self), range(sched.meta_batches)):
             index = self.meta_step_count * sched.meta_batches + j
@@ -302,7 +330,10 @@ class MetaPretrainer:
                 outcome["head"] = head
                 return self.problem.finetune_loss(theta_ft, head, val_batch)
 
-            if self.estimator.uses_past_batch:  # the paper's: H and the mixed term on the PT batch just taken
+            if self.estimator.accumulate:  # v and the direct term here; mixed terms from every k-th PT batch
+                hyper, info, direction = self._accumulated_draw(view, meta_loss, j)
+                directions.append(direction)
+            elif self.estimator.uses_past_batch:  # the paper's: H and the mixed term on the PT batch just taken
                 hyper, info = pretraining_hypergradient(
                     lambda th, ph: self.problem.pretrain_loss(th, ph, pt_batch),
                     meta_loss,
@@ -333,6 +364,8 @@ class MetaPretrainer:
         if len(infos) > 1:
             for v in total.values():
                 v.div_(len(infos))
+        if self.estimator.accumulate:
+            total = self._with_accumulated(total, len(infos), directions)
         if not all(i.usable for i in infos):  # NaN survives the cross-process mean: every process skips alike
             total = {k: torch.full(v.shape, math.nan, dtype=v.dtype) for k, v in total.items()}
         if type(self.strategy).reduce_hypergrad is not Strategy.reduce_hypergrad:  # collectives take dense tensors
@@ -352,6 +385,7 @@ class MetaPretrainer:
                 g = hyper[k].to(v.dtype)
                 v.grad = g.to_dense() if g.is_sparse and not sparse_ok else g
             self.meta_opt.step()
+            self._update_phi_average()
         else:
             self.skipped += 1
             reason = ("the inverse-HVP solve diverged" if any(i.solver.diverged for i in infos)
@@ -387,6 +421,81 @@ class MetaPretrainer:
         return metrics
 
     # ---- pieces -------------------------------------------------------------------------------
+
+    def _mixed_draw(self, view: MetaProblem, batch: Any, direction: Params) -> Params:
+        """One draw of the accumulated estimator on a PT batch: −α ∂/∂φ⟨∇θ L_PT(θ, φ; batch), P v⟩."""
+        solver = self.estimator.solver
+        alpha = solver.alpha if isinstance(solver, Identity) else _first_lr(self.pt_opt)
+        if self.estimator.adam_preconditioner:
+            precond = adam_preconditioner(self.pt_opt, self.params)
+            direction = {k: v * precond[k] for k, v in direction.items()}
+        with _buffers_kept(self.problem):  # its forwards must not count the batch twice (batch norm)
+            mixed = directional_mixed_term(lambda th, ph: view.pretrain_loss(th, ph, batch), self.params,
+                                           self.metaparams, direction)
+        return {k: -alpha * v for k, v in mixed.items()}
+
+    def _add_to_accumulator(self, draw: Params) -> None:
+        if self._accumulated is None:
+            self._accumulated = draw
+        else:
+            self._accumulated = {k: self._accumulated[k] + draw[k] for k in draw}
+        self._accumulated_count += 1
+
+    def _accumulated_draw(self, view: MetaProblem, meta_loss: Callable[[Params], Tensor],
+                          j: int) -> tuple[Params, HypergradInfo, Params]:
+        """v = ∇θ L_V and the direct term ∂L_V/∂φ, plus one fresh mixed draw on the upcoming PT batch."""
+        theta = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+        keys_t, keys_p = list(theta), list(self.metaparams)
+        with torch.enable_grad():
+            lv = meta_loss(theta)
+            grads = torch.autograd.grad(lv, [theta[k] for k in keys_t] + [self.metaparams[k] for k in keys_p],
+                                        allow_unused=True)
+        direction = {k: torch.zeros_like(theta[k]) if g is None else g.detach() for k, g in zip(keys_t, grads)}
+        direct = dict(zip(keys_p, grads[len(keys_t):]))
+        batch = view.pretrain_batch(self.step + j)  # the batch pre-training takes next (j: the j-th after)
+        hyper = self._mixed_draw(view, batch, direction)
+        for k, d in direct.items():
+            if d is not None:
+                hyper[k] = hyper[k] + d.detach()
+        norm = math.sqrt(sum(float(torch.sum((v.coalesce().values() if v.is_sparse else v) ** 2))
+                             for v in hyper.values()))
+        info = HypergradInfo(solver=SolverInfo(0, None, 0.0, False), meta_loss=float(lv.detach()),
+                             pretrain_loss=float("nan"), norm=norm,
+                             direct_norm=math.sqrt(sum(float(torch.sum(d.detach() ** 2)) for d in direct.values()
+                                                       if d is not None)),
+                             finite=math.isfinite(norm))
+        return hyper, info, direction
+
+    def _with_accumulated(self, fresh: Params, draws: int, directions: Sequence[Params]) -> Params:
+        """The meta-step's hypergradient: its ``draws`` fresh draws (mean ``fresh``, direct term
+        included) pooled with the PT steps' draws since the last meta-step; v becomes the mean of
+        this meta-step's directions."""
+        if self._accumulated is not None and self._accumulated_count:
+            n = draws + self._accumulated_count
+            fresh = {k: (v * draws + self._accumulated[k].to(v.device)) / n for k, v in fresh.items()}
+        direction = _mean(directions)
+        if all(bool(torch.isfinite(v).all()) for v in direction.values()):
+            self._direction = direction  # a non-finite v would poison every draw until the next meta-step
+        self._accumulated, self._accumulated_count = None, 0
+        return fresh
+
+    def _update_phi_average(self) -> None:
+        """Fold the updated φ into the reported average (``schedule.average``)."""
+        self._phi_average_count += 1
+        n, kind = self._phi_average_count, self.schedule.average
+        if kind == "none":
+            return
+        weight = 1.0 / n if kind == "polyak" else 1.0 - min(self.schedule.average_decay, (1 + n) / (10 + n))
+        with torch.no_grad():
+            for k, v in self.metaparams.items():
+                self._phi_average[k].lerp_(v.detach(), weight)
+
+    @property
+    def averaged_metaparams(self) -> Params:
+        """φ as the run reports it: the live φ (``average: none``) or its average over meta-steps."""
+        if self.schedule.average == "none" or not self._phi_average_count:
+            return {k: v.detach().clone() for k, v in self.metaparams.items()}
+        return {k: v.clone() for k, v in self._phi_average.items()}
 
     def _unroll(self, theta: Params, ft_batches: Callable[[int], Any]) -> tuple[Params, Params]:
         """K differentiable FT steps from (θ, ψ); returns (ψ_K, θ used by the FT model)."""
@@ -431,6 +540,7 @@ class MetaPretrainer:
             params={k: v.detach().clone() for k, v in self.params.items()},
             head={k: v.detach().clone() for k, v in self.head.items()},
             metaparams={k: v.detach().clone() for k, v in self.metaparams.items()},
+            averaged_metaparams=self.averaged_metaparams,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -443,6 +553,10 @@ class MetaPretrainer:
             "meta_opt": copy.deepcopy(self.meta_opt.state_dict()),
             "counters": {"step": self.step, "meta_step_count": self.meta_step_count, "skipped": self.skipped,
                          "rejected_heads": self.rejected_heads},
+            "noise_control": {
+                "direction": _copy(self._direction), "accumulated": _copy(self._accumulated),
+                "accumulated_count": self._accumulated_count,
+                "phi_average": _copy(self._phi_average), "phi_average_count": self._phi_average_count},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -467,6 +581,13 @@ class MetaPretrainer:
             int(counters["step"]), int(counters["meta_step_count"]), int(counters["skipped"])
         )
         self.rejected_heads = int(counters.get("rejected_heads", 0))
+        noise = state.get("noise_control")  # absent in checkpoints written before it existed
+        if noise is not None:
+            self._direction = _copy(noise["direction"], self.params)
+            self._accumulated = _copy(noise["accumulated"], self.metaparams)
+            self._accumulated_count = int(noise["accumulated_count"])
+            self._phi_average = _copy(noise["phi_average"], self.metaparams)
+            self._phi_average_count = int(noise["phi_average_count"])
         self.strategy.reset()
 
 
@@ -482,6 +603,8 @@ class TrainerSnapshot:
         params: θ, with the keys it was given.
         head: ψ, the fine-tuning head kept by the last meta-step (or warm-up step).
         metaparams: φ, raw (e.g. logits; apply your family's transform to read weights).
+        averaged_metaparams: φ averaged over the meta-steps as ``schedule.average`` says (the
+            last φ when it is ``none``): the result to read.
     """
 
     step: int
@@ -491,6 +614,7 @@ class TrainerSnapshot:
     params: Params
     head: Params
     metaparams: Params
+    averaged_metaparams: Params | None = None
 
 
 def _log_doubling(count: int, message: str, *args: Any) -> None:
@@ -558,6 +682,13 @@ def _gauss_newton_at(problem: Any, view: MetaProblem, step: int, sample: int, st
                 lambda outputs: problem.pretrain_output_loss(outputs, fixed, batch))
 
     return at
+
+
+def _copy(tree: Mapping[str, Tensor] | None, like: Mapping[str, Tensor] | None = None) -> Params | None:
+    """Detached copies (on the devices of ``like``'s entries, where given)."""
+    if tree is None:
+        return None
+    return {k: v.detach().to(like[k].device if like is not None else v.device, copy=True) for k, v in tree.items()}
 
 
 def _mean_of(values: Sequence[float | None]) -> float:

@@ -50,6 +50,11 @@ class Estimator:
         gauss_newton: the solver sees the Gauss–Newton matrix JᵀH_ℓJ (positive semi-definite)
             instead of H; needs a problem that exposes its PT loss as outputs and a loss convex
             in them (:class:`GaussNewtonProblem`).
+        accumulate: k > 0: the accumulated estimator (:mod:`metapt.hypergrad.accumulate`): every
+            k-th PT step adds its one-step mixed term −α ∂/∂φ⟨∇θ L_PT, P v⟩ against the latest
+            validation direction v, and each meta-step averages them with one fresh draw; the
+            solver must be None or :class:`Identity` (its α; None: the PT learning rate), and
+            ``adam_preconditioner`` sets P. 0: one draw per meta-step (every other estimator).
     """
 
     solver: Solver | None = None
@@ -58,6 +63,7 @@ class Estimator:
     adam_preconditioner: bool = False
     horizon: int = 0
     gauss_newton: bool = False
+    accumulate: int = 0
 
     def __post_init__(self):
         if self.pt_batches < 1:
@@ -68,11 +74,18 @@ class Estimator:
                              or self.upcoming or self.gauss_newton):
             raise ValueError("Estimator: horizon > 0 differentiates through the PT optimiser on the upcoming "
                              "batches; leave solver, pt_batches, upcoming and adam_preconditioner at their defaults")
+        if self.accumulate < 0:
+            raise ValueError(f"Estimator: accumulate must be >= 0, got {self.accumulate}")
+        if self.accumulate and (self.horizon or self.pt_batches != 1 or self.upcoming or self.gauss_newton
+                                or not (self.solver is None or isinstance(self.solver, Identity))):
+            raise ValueError("Estimator: accumulate > 0 takes the one-step mixed term of every k-th PT batch; "
+                             "it reads only solver=Identity(alpha) (or None) and adam_preconditioner")
 
     @property
     def uses_past_batch(self) -> bool:
         """The paper's: H and the mixed term from the one PT batch just taken (a kept PT graph applies)."""
-        return self.horizon == 0 and self.pt_batches == 1 and not self.upcoming and not self.gauss_newton
+        return (self.horizon == 0 and self.pt_batches == 1 and not self.upcoming and not self.gauss_newton
+                and not self.accumulate)
 
     def batch_offsets(self) -> list[int]:
         """Which PT batches L_PT is taken on: t = 0, 1, … upcoming; t = −1, −2, … just taken."""

@@ -77,20 +77,27 @@ def _spread(w: Tensor) -> dict[str, float]:
 class TaskWeights:
     """One weight per pre-training task, w_t = 2·sigmoid(φ_t) (the paper's task weighting).
 
+    With ``normalize``, w = T·softmax(φ) instead: the weights sum to T whatever φ is, so a
+    drift that every logit shares (batch noise common to all tasks) changes nothing and only
+    the tasks' ratios are learned. φ₀ = 0 is the uniform weighting either way.
+
     Args:
         num_tasks: T.
         key: φ's entry holding the T logits.
         names: optional task names, for the per-task part of :meth:`summary`.
+        normalize: T·softmax(φ) instead of 2·sigmoid(φ).
     """
 
     row_sparse = False
 
-    def __init__(self, num_tasks: int, *, key: str = "task_logits", names: Sequence[str] | None = None):
+    def __init__(self, num_tasks: int, *, key: str = "task_logits", names: Sequence[str] | None = None,
+                 normalize: bool = False):
         if num_tasks < 1:
             raise ValueError(f"TaskWeights: need at least one task, got {num_tasks}")
         if names is not None and len(names) != num_tasks:
             raise ValueError(f"TaskWeights: {len(names)} names for {num_tasks} tasks; give one name per task")
         self.num_tasks, self.key, self.names = num_tasks, key, list(names) if names is not None else None
+        self.normalize = normalize
 
     def init(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """φ₀: every weight 1."""
@@ -98,7 +105,10 @@ class TaskWeights:
 
     def weights(self, phi: Mapping[str, Tensor]) -> Tensor:
         """[T] weights, differentiable in φ."""
-        return weights_from_logits(phi[self.key])
+        logits = phi[self.key]
+        if self.normalize:
+            return self.num_tasks * torch.softmax(logits, dim=0)
+        return weights_from_logits(logits)
 
     def summary(self, phi: Mapping[str, Tensor]) -> dict[str, float]:
         """Mean, min, max and std of the weights (as ``task_weight_*``), and each named task's weight."""
@@ -116,17 +126,22 @@ class ExampleWeights:
     :func:`gather_rows`), so with :class:`metapt.optim.LazyAdam` or :class:`metapt.optim.LazySGD`
     a meta-step costs the same for 10 or 10⁶ examples.
 
+    With ``normalize``, a batch's weights are scaled to sum to its size (Ren et al. 2018
+    normalise within the batch): the loss's scale stays that of uniform weights, and what a
+    meta-step learns is which examples of a batch count more than the others.
+
     Args:
         num_examples: N.
         key: φ's entry holding the N logits.
+        normalize: scale each batch's weights to mean 1.
     """
 
     row_sparse = True
 
-    def __init__(self, num_examples: int, *, key: str = "example_logits"):
+    def __init__(self, num_examples: int, *, key: str = "example_logits", normalize: bool = False):
         if num_examples < 1:
             raise ValueError(f"ExampleWeights: need at least one example, got {num_examples}")
-        self.num_examples, self.key = num_examples, key
+        self.num_examples, self.key, self.normalize = num_examples, key, normalize
 
     def init(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """φ₀: every weight 1."""
@@ -134,7 +149,8 @@ class ExampleWeights:
 
     def weights(self, phi: Mapping[str, Tensor], rows: Tensor) -> Tensor:
         """[B] weights of examples ``rows``, with a row-sparse gradient in φ."""
-        return weights_from_logits(gather_rows(phi[self.key], rows))
+        w = weights_from_logits(gather_rows(phi[self.key], rows))
+        return w * (len(w) / w.sum()) if self.normalize else w
 
     def summary(self, phi: Mapping[str, Tensor]) -> dict[str, float]:
         """Mean, min, max, std of the weights, and the share of examples weighted below 1/2 and above 3/2."""

@@ -20,10 +20,10 @@ from pydantic import Field
 from rich.console import Console
 
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig, mean_ci95
-from ...metaparams import GaussianNoiseScales, LabelFlipRates, weights_from_logits
+from ...metaparams import GaussianNoiseScales, LabelFlipRates, TaskWeights, weights_from_logits
 from ...plots import plot_hbars
 from ...runner import Method, Pretraining
-from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
+from ...schema import MAX_SEED, CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
 from .data import target_name
 from .models import GINEncoder
 from .problem import MoleculeData, MoleculesProblem, NoiseModelConfig, WeightingConfig, load_molecule_data
@@ -82,12 +82,15 @@ class MoleculesDataConfig:
         max_pretrain: pre-training molecules kept (None: all 35,633).
         max_downstream: downstream molecules kept (None: all).
         split_seed: picks the held-out targets and the subsets (not θ₀ or the batch order).
+        junk_tasks: label-permuted copies of real ChEMBL targets added as pre-training tasks
+            (a planted answer: learned task weights should sink them); 0: none.
     """
 
     settings: tuple[Literal["b3db", "heldout"], ...] = Field(default=("b3db",), min_length=1)
     max_pretrain: int | None = Field(default=None, ge=1)
     max_downstream: int | None = Field(default=None, ge=10)
-    split_seed: int = Field(default=0, ge=0)
+    split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    junk_tasks: int = Field(default=0, ge=0, le=1000)
 
 
 @schema
@@ -128,7 +131,7 @@ class Molecules:
     def load(self, config: MoleculesJob, setting: str, console: Console) -> MoleculeData:
         d = config.data
         data = load_molecule_data(setting, seed=d.split_seed, max_pretrain=d.max_pretrain,
-                                  max_downstream=d.max_downstream, progress=True)
+                                  max_downstream=d.max_downstream, progress=True, junk_tasks=d.junk_tasks)
         console.print(f"[bold]{setting}[/]: pre-train on {len(data.pretrain_positions)} molecules × "
                       f"{len(data.pretrain_task_names)} tasks; downstream "
                       + ", ".join(f"{k} {len(v)}" for k, v in data.split.items()))
@@ -138,7 +141,7 @@ class Molecules:
                     device: torch.device) -> Pretraining:
         torch.manual_seed(seed)  # θ₀: every method starts from the same encoder
         encoder = GINEncoder(**asdict(config.model)).to(device)
-        weighting = replace(VARIANTS[method.variant], noise=config.noise)
+        weighting = replace(VARIANTS[method.variant], noise=config.noise, normalize=config.meta.normalize_weights)
         problem = MoleculesProblem(data, encoder, weighting, pt_batch_size=config.pretrain.batch_size, seed=seed)
         return Pretraining(problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
                            encoder=problem.encoder_with, emb_dim=encoder.emb_dim, buffers=encoder)
@@ -165,7 +168,7 @@ class Molecules:
     def describe(self, config: MoleculesJob, data: MoleculeData, method: Method, phi: dict) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if "task_logits" in phi:
-            w = weights_from_logits(phi["task_logits"])
+            w = TaskWeights(len(phi["task_logits"]), normalize=config.meta.normalize_weights).weights(phi)
             out["task_weights"] = {name: round(float(v), 4) for name, v in zip(data.pretrain_task_names, w)}
         if "example_logits" in phi:
             w = weights_from_logits(phi["example_logits"])

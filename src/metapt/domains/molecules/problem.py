@@ -14,6 +14,7 @@ and in eval mode for fine-tuning, as in the paper.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -111,6 +112,38 @@ def _subsample_split(split: Mapping[str, Tensor], limit: int | None, seed: int) 
     return {name: _subsample(rows, limit if name == "train" else small, seed) for name, rows in split.items()}
 
 
+def add_junk_tasks(data: MoleculeData, count: int, seed: int) -> MoleculeData:
+    """``count`` junk pre-training tasks appended to ``data``: a known answer for task weighting.
+
+    Junk task i copies the labels of real task ``order[i mod T]`` (a seeded order of the T real
+    tasks) and permutes them among the molecules where that task is observed: the same
+    molecules, sparsity and label balance, and no relation between molecule and label. Named
+    ``junk<i>:<copied task>``.
+    """
+    if count < 0:
+        raise ValueError(f"junk_tasks must be >= 0, got {count}")
+    if count == 0:
+        return data
+    labels, names = data.pretrain_labels, data.pretrain_task_names
+    g = torch.Generator().manual_seed(7_919 * seed + 17)
+    order = torch.randperm(labels.shape[1], generator=g)
+    columns = []
+    for i in range(count):
+        source = int(order[i % len(order)])
+        column = torch.full_like(labels[:, source], float("nan"))
+        observed = (~torch.isnan(labels[:, source])).nonzero().squeeze(1)
+        column[observed] = labels[observed[torch.randperm(len(observed), generator=g)], source]
+        columns.append((f"junk{i}:{names[source]}", column))
+    return dataclasses.replace(
+        data, pretrain_labels=torch.cat([labels, torch.stack([c for _, c in columns], 1)], 1),
+        pretrain_task_names=[*names, *(n for n, _ in columns)])
+
+
+def is_junk_task(name: str) -> bool:
+    """Whether a pre-training task name is one of :func:`add_junk_tasks`'."""
+    return name.startswith("junk") and ":" in name
+
+
 def load_molecule_data(
     setting: str = "b3db",
     *,
@@ -119,6 +152,7 @@ def load_molecule_data(
     max_downstream: int | None = None,
     cache_dir: str | None = None,
     progress: bool = False,
+    junk_tasks: int = 0,
 ) -> MoleculeData:
     """Featurise (cached) the shipped data for a downstream setting.
 
@@ -130,6 +164,8 @@ def load_molecule_data(
         seed: picks subsets and the held-out targets.
         max_pretrain, max_downstream: seeded subsets for tests and quick runs (the
             downstream valid/test splits get a fifth of ``max_downstream`` each).
+        junk_tasks: label-permuted copies of real tasks appended as pre-training tasks
+            (:func:`add_junk_tasks`, seeded by ``seed``): a planted answer for task weights.
     """
     chembl = load_chembl_pretraining()
     if setting == "b3db":
@@ -161,7 +197,7 @@ def load_molecule_data(
     local = {name: ds_table.positions(rows) for name, rows in ds_split.items()}
     local_train = local["train"]
     meta = scaffold_split([ds_scaffolds[i] for i in local_train.tolist()], (0.8, 0.2, 0.0))
-    return MoleculeData(
+    return add_junk_tasks(MoleculeData(
         pretrain=pt_table.graphs,
         pretrain_positions=pt_positions,
         pretrain_labels=pt_table.graphs.y[pt_positions][:, pt_tasks],
@@ -171,7 +207,7 @@ def load_molecule_data(
                "valid": local["valid"], "test": local["test"]},
         pretrain_task_names=[chembl.target_names[int(t)] for t in pt_tasks],
         downstream_task_names=ds_names,
-    )
+    ), junk_tasks, seed)
 
 
 @schema
@@ -206,6 +242,8 @@ class WeightingConfig:
         feature_noise: per-feature Gaussian noise σ_j = exp(φ_j) on the graph embedding fed
             to the PT head (a noise model; the standard normal draw is part of the batch).
         noise: the noise models' starting values.
+        normalize: task weights T·softmax and example weights scaled to mean 1 per batch
+            (``meta.normalize_weights``).
     """
 
     task_weights: bool = True
@@ -213,6 +251,7 @@ class WeightingConfig:
     label_noise: bool = False
     feature_noise: bool = False
     noise: NoiseModelConfig = NoiseModelConfig()
+    normalize: bool = False
 
 
 class MoleculesProblem:
@@ -240,8 +279,8 @@ class MoleculesProblem:
         w = weighting
         #: the families of φ this problem learns, in φ's key order
         self.families = [f for f, on in (
-            (TaskWeights(self.num_pt_tasks, names=names), w.task_weights),
-            (ExampleWeights(len(data.pretrain_positions)), w.example_weights),
+            (TaskWeights(self.num_pt_tasks, names=names, normalize=w.normalize), w.task_weights),
+            (ExampleWeights(len(data.pretrain_positions), normalize=w.normalize), w.example_weights),
             (LabelFlipRates(self.num_pt_tasks, w.noise.label_flip_init, names=names), w.label_noise),
             (GaussianNoiseScales(encoder.emb_dim, w.noise.embedding_noise_init, key="feature_noise"), w.feature_noise),
         ) if on]

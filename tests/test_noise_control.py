@@ -1,0 +1,131 @@
+"""Noise control in meta-learning (issue 20): the accumulated estimator, φ averaging, normalised
+weights and planted junk tasks; each against a known answer."""
+
+import math
+
+import pytest
+import torch
+
+from metapt.domains.synthetic.problem import SyntheticConfig, SyntheticTaskWeighting
+from metapt.hypergrad import Estimator, Identity, sgd
+from metapt.metaparams import ExampleWeights, TaskWeights
+from metapt.trainer import MetaPretrainer, MetaSchedule
+
+
+def _trainer(problem, schedule, estimator, meta_opt=lambda ps: torch.optim.Adam(ps, lr=0.1)):
+    return MetaPretrainer(
+        problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), meta_optimizer=meta_opt,
+        inner_optimizer=sgd(0.1), estimator=estimator, schedule=schedule)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_accumulated_estimator_finds_the_noise_tasks(seed):
+    # the synthetic problem's known answer: helpful tasks up, pure-noise tasks down
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=seed))
+    trainer = _trainer(problem, MetaSchedule(meta_interval=5, warmup_steps=100), Estimator(accumulate=1))
+    trainer.run_until(800)
+    w = problem.describe_metaparams(trainer.metaparams)
+    assert w["noise_weight"] < 0.8 and w["helpful_weight"] > 1.0, w
+    assert trainer.skipped == 0
+
+
+def test_each_meta_step_pools_its_fresh_draw_with_the_pt_steps_draws(monkeypatch):
+    # the pooling arithmetic, with the draws replaced by known numbers (the n-th draw is
+    # values[n]·1); SGD(lr=1) on φ exposes the hypergradient each meta-step used
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
+    trainer = _trainer(problem, MetaSchedule(meta_interval=4, warmup_steps=4), Estimator(accumulate=2),
+                       meta_opt=lambda ps: torch.optim.SGD(ps, lr=1.0))
+    calls, values = [], [100.0, 8.0, 10.0, 300.0]
+
+    def fake_draw(view, batch, direction):
+        calls.append(trainer.step)
+        return {k: torch.full_like(v, values[len(calls) - 1]) for k, v in trainer.metaparams.items()}
+
+    monkeypatch.setattr(trainer, "_mixed_draw", fake_draw)
+    phi0 = trainer.metaparams["task_logits"].detach().clone()
+    trainer.run_until(8)  # meta-step after PT step 8: no direction before it, so only its fresh draw
+    assert calls == [8]
+    step1 = trainer.metaparams["task_logits"].detach().clone()
+    direct = 0.0  # the synthetic L_V does not read φ
+    torch.testing.assert_close(phi0 - step1, torch.full_like(phi0, 100.0 + direct))
+    trainer.run_until(12)  # PT steps 8..11 (0-based index s before the update): draws at s = 8, 10
+    assert calls == [8, 8, 10, 12]
+    # the PT draws 8 and 10 pooled with the meta-step's fresh draw 300: (8 + 10 + 300) / 3
+    torch.testing.assert_close(step1 - trainer.metaparams["task_logits"].detach(), torch.full_like(phi0, 106.0))
+
+
+@pytest.mark.parametrize("kind", ["polyak", "ema"])
+def test_averaged_phi_is_the_average_of_the_meta_steps_phi(kind):
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
+    sched = MetaSchedule(meta_interval=5, warmup_steps=10, average=kind, average_decay=0.5)
+    trainer = _trainer(problem, sched, Estimator(accumulate=1))
+    seen = []
+    for step in range(15, 80, 5):
+        trainer.run_until(step)
+        seen.append(trainer.metaparams["task_logits"].detach().clone())
+    avg = trainer.averaged_metaparams["task_logits"]
+    if kind == "polyak":
+        expected = torch.stack(seen).mean(0)
+    else:
+        expected = problem.initial_metaparams()["task_logits"].clone()
+        for n, phi in enumerate(seen, start=1):
+            decay = min(0.5, (1 + n) / (10 + n))
+            expected = decay * expected + (1 - decay) * phi
+    torch.testing.assert_close(avg, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(avg, seen[-1])  # not the last φ
+    assert torch.equal(trainer.snapshot().averaged_metaparams["task_logits"], avg)
+
+
+def test_accumulated_and_averaged_run_resumes_exactly():
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
+    sched = MetaSchedule(meta_interval=5, warmup_steps=10, average="ema")
+    straight = _trainer(problem, sched, Estimator(accumulate=1))
+    straight.run_until(43)
+    first = _trainer(problem, sched, Estimator(accumulate=1))
+    first.run_until(27)  # between two meta-steps: draws are waiting in the accumulator
+    assert first._accumulated_count > 0
+    state = first.state_dict()
+    second = _trainer(problem, sched, Estimator(accumulate=1))
+    second.load_state_dict(state)
+    second.run_until(43)
+    for k in straight.metaparams:
+        assert torch.equal(straight.metaparams[k], second.metaparams[k])
+        assert torch.equal(straight.averaged_metaparams[k], second.averaged_metaparams[k])
+
+
+def test_estimator_rejects_options_it_would_not_read():
+    with pytest.raises(ValueError, match="accumulate"):
+        Estimator(accumulate=1, horizon=1)
+    with pytest.raises(ValueError, match="accumulate"):
+        Estimator(accumulate=1, upcoming=True)
+    with pytest.raises(ValueError, match="accumulate must be"):
+        Estimator(accumulate=-1)
+    assert Estimator(accumulate=3, solver=Identity(0.5)).accumulate == 3
+    with pytest.raises(ValueError, match="average"):
+        MetaSchedule(average="mean")
+
+
+def test_normalized_task_weights_sum_to_the_task_count_and_ignore_a_shared_shift():
+    tw = TaskWeights(4, normalize=True)
+    phi = {"task_logits": torch.tensor([0.3, -1.0, 2.0, 0.0], requires_grad=True)}
+    w = tw.weights(phi)
+    torch.testing.assert_close(w.sum(), torch.tensor(4.0))
+    shifted = tw.weights({"task_logits": phi["task_logits"].detach() + 5.0})
+    torch.testing.assert_close(shifted, w.detach())
+    torch.testing.assert_close(tw.weights(tw.init()), torch.ones(4))
+    # a loss that weights every task alike has zero gradient along the shared shift
+    grad, = torch.autograd.grad((w * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum(), phi["task_logits"])
+    assert abs(float(grad.sum())) < 1e-6
+
+
+def test_normalized_example_weights_have_mean_one_per_batch():
+    ew = ExampleWeights(10, normalize=True)
+    logits = torch.linspace(-2, 2, 10).requires_grad_(True)
+    rows = torch.tensor([1, 4, 4, 9])
+    w = ew.weights({"example_logits": logits}, rows)
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    plain = 2 * torch.sigmoid(logits.detach()[rows])
+    torch.testing.assert_close(w.detach(), plain / plain.mean())
+    w.sum().backward()  # row-sparse gradient still works
+    assert logits.grad is not None and math.isfinite(float(logits.grad.to_dense().abs().sum()))
