@@ -129,3 +129,40 @@ def test_normalized_example_weights_have_mean_one_per_batch():
     torch.testing.assert_close(w.detach(), plain / plain.mean())
     w.sum().backward()  # row-sparse gradient still works
     assert logits.grad is not None and math.isfinite(float(logits.grad.to_dense().abs().sum()))
+
+
+def test_seed_agreement_known_answers():
+    from metapt.evaluation import seed_agreement
+
+    a = [0.1, 0.5, 0.2, 0.9, 0.4]
+    same = seed_agreement([a, [2 * x + 1 for x in a], a])
+    assert same["pairwise_mean"] == pytest.approx(1.0) and same["leave_one_out_mean"] == pytest.approx(1.0)
+    opposite = seed_agreement([a, [-x for x in a]])
+    assert opposite["pairwise_mean"] == pytest.approx(-1.0)
+    assert math.isnan(seed_agreement([a])["pairwise_mean"])
+    assert math.isnan(seed_agreement([a, [1.0] * 5])["pairwise_mean"])  # a φ that never moved
+
+
+def test_junk_tasks_are_label_permuted_copies():
+    from metapt.domains.molecules.problem import add_junk_tasks, is_junk_task, MoleculeData
+
+    labels = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [1.0, 0.0], [float("nan"), 1.0], [0.0, 0.0],
+                           [1.0, float("nan")]])
+    data = MoleculeData(pretrain=None, pretrain_positions=torch.arange(6), pretrain_labels=labels,
+                        downstream=None, downstream_labels=torch.zeros(0, 1), split={},
+                        pretrain_task_names=["A", "B"], downstream_task_names=["D"])
+    out = add_junk_tasks(data, 3, seed=0)
+    again = add_junk_tasks(data, 3, seed=0)
+    assert torch.equal(out.pretrain_labels.nan_to_num(-1), again.pretrain_labels.nan_to_num(-1))  # seeded
+    assert out.pretrain_labels.shape == (6, 5) and torch.equal(out.pretrain_labels[:, :2].nan_to_num(-1),
+                                                                labels.nan_to_num(-1))
+    names = out.pretrain_task_names
+    assert [is_junk_task(n) for n in names] == [False, False, True, True, True]
+    for j, name in enumerate(names[2:], start=2):
+        source = names.index(name.split(":", 1)[1])
+        junk, real = out.pretrain_labels[:, j], labels[:, source]
+        assert torch.equal(torch.isnan(junk), torch.isnan(real))  # same molecules observed
+        assert sorted(junk[~torch.isnan(junk)].tolist()) == sorted(real[~torch.isnan(real)].tolist())  # same balance
+    assert add_junk_tasks(data, 0, seed=0) is data
+    with pytest.raises(ValueError, match="junk_tasks"):
+        add_junk_tasks(data, -1, seed=0)

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+from scipy import stats
 import torch
 from torch import nn
 
@@ -54,6 +55,14 @@ def test_pretraining_seeds_give_cis_and_paired_gains_over_pretraining_seeds(tmp_
     md = (tmp_path / "run" / "summary.md").read_text()
     assert md.startswith("# synthetic: downstream test scores, mean ± 95 % CI over pre-training seeds")
     assert "the CIs and paired gains are over pre-training seeds" in md
+    # the seeds' agreement on the learned φ, recomputed here from the reported weights (ranks of
+    # 2·sigmoid(logit) are the logits' ranks); random φ is not learned and gets none
+    agreement = res["agreement"]["meta task weights"]["task_logits"]
+    vectors = [by_seed[s]["task_weights"] for s in ("0", "1", "2")]
+    pairs = [stats.spearmanr(vectors[i], vectors[j]).statistic for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert agreement["pairwise_mean"] == pytest.approx(sum(pairs) / 3) and agreement["seeds"] == 3
+    assert set(res["agreement"]) == {"meta task weights"}
+    assert "Seed agreement, meta task weights (task_logits): Spearman ρ" in md
 
 
 def test_random_phi_is_a_seeded_draw_held_fixed():

@@ -65,6 +65,27 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(half)
 
 
+def seed_agreement(vectors: Sequence[Sequence[float]]) -> dict[str, float]:
+    """How far runs with different seeds learned the same φ: Spearman ρ of their entries.
+
+    ``pairwise_mean``: ρ averaged over pairs of seeds; ``leave_one_out_mean`` and
+    ``leave_one_out_ci95``: each seed's ρ with the mean of the others, and the 95 % t-CI over
+    seeds (the pairs share seeds, so the CI is over these). NaN with fewer than 2 seeds or
+    entries, or when a seed's φ is constant (ρ undefined: nothing was learned).
+    """
+    vs = [np.asarray(v, dtype=float) for v in vectors]
+    nan = {"pairwise_mean": math.nan, "leave_one_out_mean": math.nan, "leave_one_out_ci95": math.nan,
+           "seeds": len(vs)}
+    if len(vs) < 2 or vs[0].size < 2 or any(np.ptp(v) == 0 for v in vs):
+        return nan
+    rho = lambda a, b: float(stats.spearmanr(a, b).statistic)  # noqa: E731
+    pairs = [rho(vs[i], vs[j]) for i in range(len(vs)) for j in range(i + 1, len(vs))]
+    loo = [rho(v, np.mean([w for j, w in enumerate(vs) if j != i], axis=0)) for i, v in enumerate(vs)]
+    mean, ci = mean_ci95(loo)
+    return {"pairwise_mean": float(np.mean(pairs)), "leave_one_out_mean": mean, "leave_one_out_ci95": ci,
+            "seeds": len(vs)}
+
+
 def nonfinite(values: Sequence[float | None]) -> int:
     """How many of ``values`` are NaN, ±inf or None (left out of :func:`mean_ci95`)."""
     return sum(1 for v in values if v is None or not math.isfinite(v))

@@ -35,7 +35,7 @@ from rich.console import Console
 from torch import nn
 
 from .errors import ConfigError, deferred_stop, immediate_stop
-from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset, mean_ci95, nonfinite, to_device
+from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset, mean_ci95, nonfinite, seed_agreement, to_device
 from .hypergrad import sgd
 from .metrics import progress_bar, read_jsonl
 from .optim import LazyAdam
@@ -161,7 +161,7 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                 with immediate_stop():  # loading holds nothing a cleanup needs: Ctrl-C stops it at once
                     data = domain.load(config, setting, console)
                 _check_lr_groups(domain, config, data, methods, pt_seeds[0], device)
-                encoders, emb_dims, learned = {}, {}, {}
+                encoders, emb_dims, learned, phis = {}, {}, {}, {}
                 for method, seed in ((m, s) for m in methods for s in pt_seeds):
                     name = _run_name(method.name, seed, pt_seeds)
                     phase = f"{setting}/{name}"
@@ -183,6 +183,7 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                     encoders[name] = built.encoder(result["params"])
                     summary["pretraining"][phase] = result["health"]
                     if method.phi == "learned":
+                        phis.setdefault(method.label, []).append(result["metaparams"])
                         described = domain.describe(config, data, method, result["metaparams"])
                         if len(pt_seeds) == 1:
                             learned[method.name] = described
@@ -198,6 +199,7 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                     "scores": _aggregate(rows, methods, config.evaluation, pt_seeds),
                     "gains": _gains(rows, domain, methods, config.evaluation, pt_seeds),
                     "learned": learned,
+                    "agreement": _agreement(phis),
                     "data": domain.data_summary(config, data),
                 }
     finally:
@@ -225,6 +227,20 @@ def _check_lr_groups(domain: Domain, config: Any, data: Any, methods: Sequence[M
     finally:
         restore_rng(rng)
     config.meta.check_lr_groups(keys, exempt)
+
+
+def _agreement(phis: Mapping[str, list[Params]]) -> dict[str, Any]:
+    """Per learned method and φ entry, the Spearman agreement of the pre-training seeds' φ
+    (:func:`metapt.evaluation.seed_agreement`); empty with one pre-training seed."""
+    out: dict[str, Any] = {}
+    for label, runs in phis.items():
+        if len(runs) < 2:
+            continue
+        for key in runs[0]:
+            if runs[0][key].numel() >= 2:
+                vectors = [r[key].detach().double().cpu().reshape(-1).numpy() for r in runs]
+                out.setdefault(label, {})[key] = seed_agreement(vectors)
+    return out
 
 
 def _run_name(method: str, seed: int, pt_seeds: Sequence[int]) -> str:
@@ -470,6 +486,14 @@ def _cell(v: Mapping[str, Any]) -> str:
     return text + (f" ({bad} non-finite)" if bad else "")
 
 
+def _rho(a: Mapping[str, Any]) -> str:
+    mean, loo, ci = a.get("pairwise_mean"), a.get("leave_one_out_mean"), a.get("leave_one_out_ci95")
+    if mean is None or not math.isfinite(mean):
+        return "undefined (a seed's φ did not move)"
+    text = f"{mean:.2f} over pairs; each seed against the others' mean {loo:.2f}"
+    return text + (f" ± {ci:.2f} (95 % CI)" if ci is not None and math.isfinite(ci) else "")
+
+
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     over = "pre-training seeds" if summary["config"]["pretrain"].get("seeds", 1) > 1 else "fine-tuning seeds"
     lines = [f"# {summary.get('job', 'run')}: downstream test scores, mean ± 95 % CI over {over}", ""]
@@ -488,6 +512,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         if cells and all(c.get("nonfinite", 0) == len(c["test"]) for c in cells):
             lines += ["", f"**Every score of {setting} is NaN**: no fine-tuning run could be scored (e.g. a "
                       "split with only one class); see summary.json for the counts."]
+        for label, by_key in res.get("agreement", {}).items():
+            for key, a in by_key.items():
+                lines += ["", f"Seed agreement, {label} ({key}): Spearman ρ of the learned φ across "
+                          f"{a['seeds']} pre-training seeds {_rho(a)}."]
         sizes = ", ".join(f"{k} {v}" for k, v in res["sizes"].items())
         lines += ["", f"Downstream examples: {sizes}. The epoch is chosen on 'valid'; test is read at that epoch.", ""]
     health = summary.get("pretraining", {})
