@@ -184,3 +184,126 @@ def test_computing_a_lost_phase_again_does_not_log_its_rows_twice(finished, tmp_
     assert res.exit_code == 0, res.output
     assert "computed again" in res.output
     assert (run / "metrics.jsonl").read_bytes() == before  # as the uninterrupted run's
+
+
+# ---- user errors: one line, exit status 2 -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["job: synthetic\x00\n", "job: synthetic\npretrain:\n  steps: 5\x07\n",
+                                  "job: synthetic\n# \ufffe\n"])
+def test_control_characters_in_a_config_file_are_one_line(tmp_path, text):
+    (tmp_path / "c.yaml").write_text(text, encoding="utf-8")
+    assert "not valid YAML" in _one_line_error(runner.invoke(app, ["config", str(tmp_path / "c.yaml")]))
+
+
+def test_an_undecodable_byte_in_set_is_one_line():
+    assert "not valid YAML" in _one_line_error(runner.invoke(app, ["config", "synthetic", "--set", "pretrain.steps=\udcff"]))
+
+
+def test_a_nul_padded_config_yaml_on_resume_is_one_line(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    with open(run / "config.yaml", "ab") as f:
+        f.write(b"\x00" * 64)
+    assert "not valid YAML" in _one_line_error(runner.invoke(app, ["resume", str(run)]))
+
+
+@pytest.mark.parametrize("value", ["inf", "1e300"])
+def test_an_infinite_peer_timeout_is_one_line(tmp_path, value):
+    out = _one_line_error(_run(tmp_path / "run", "--peer-timeout", value))
+    assert "--peer-timeout" in out and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["pretrain.seed", "problem.seed"])
+def test_seeds_beyond_the_generators_range_are_config_errors(tmp_path, key):
+    out = _one_line_error(_run(tmp_path / "run", "--set", f"{key}={2**63}"))
+    assert key in out and not (tmp_path / "run").exists()
+
+
+def test_out_paths_that_cannot_be_folders_are_one_line(tmp_path):
+    (tmp_path / "file.txt").write_text("keep")
+    for out in (tmp_path / ("a" * 300), tmp_path / "file.txt" / "run", Path("/proc/run")):
+        assert "cannot make run folder" in _one_line_error(_run(out))
+    assert (tmp_path / "file.txt").read_text() == "keep"
+
+
+def test_overwrite_of_a_folder_that_cannot_be_moved_is_one_line(finished, tmp_path, monkeypatch):
+    import errno
+
+    run = _copy(finished, tmp_path / "run")
+    before = _kept(run)
+    real = os.rename
+
+    def busy(src, dst, *args, **kwargs):
+        if Path(src) == run:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", busy)  # as for a mount point
+    assert "mount point" in _one_line_error(_run(run, "--overwrite"))
+    monkeypatch.undo()
+    assert _kept(run) == before
+    assert runner.invoke(app, ["resume", str(run), "--threads", "1"]).exit_code == 0  # its lock was let go
+
+
+def test_a_lock_that_is_a_folder_is_one_line(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    (run / ".metapt-lock").mkdir()
+    assert ".metapt-lock" in _one_line_error(runner.invoke(app, ["resume", str(run)]))
+    assert ".metapt-lock" in _one_line_error(_run(run, "--overwrite"))
+    assert (run / "summary.json").is_file()
+
+
+def test_a_file_where_the_tensorboard_folder_goes_is_one_line(finished, tmp_path):
+    import torch
+
+    run = _copy(finished, tmp_path / "run")
+    shutil.rmtree(run / "tensorboard")
+    (run / "tensorboard").write_text("not a folder")
+    for p in (run / "results").iterdir():  # a phase to compute again, which logs to TensorBoard
+        if torch.load(p, weights_only=True)["key"].endswith("meta_task_weights"):
+            p.unlink()
+    assert "tensorboard" in _one_line_error(runner.invoke(app, ["resume", str(run), "--threads", "1"]))
+
+
+def test_diagnose_after_a_shape_changing_edit_is_refused_as_resume_does(finished, tmp_path):
+    import yaml
+
+    run = _copy(finished, tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["problem"]["dim"] = 16
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    out = _one_line_error(runner.invoke(app, ["diagnose", str(run), "--directions", "0", "--threads", "1"]))
+    assert "problem.dim" in out and "edited" in out
+
+
+def _beat_record(folder: Path, name: str, seed: int, pvc_every: int = 4) -> None:
+    import warnings
+
+    import numpy as np
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import wfdb
+
+    fs, n = 360, 20 * 360
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    centres = np.arange(200, n - 200, 280)
+    pvc = (np.arange(len(centres)) % pvc_every == 1).astype(int) if pvc_every else np.zeros(len(centres), int)
+    sig = 0.05 * rng.standard_normal(n)
+    for c, p in zip(centres, pvc):
+        sig += (-1.5 if p else 2.0) * np.exp(-0.5 * ((t - c) / (12.0 if p else 4.0)) ** 2)
+    wfdb.wrsamp(name, fs=fs, units=["mV"], sig_name=["MLII"], p_signal=sig[:, None], fmt=["16"], write_dir=str(folder))
+    pd.DataFrame({"sample": centres, "pvc": pvc}).to_csv(folder / f"{name}_beats.csv", index=False)
+
+
+@pytest.mark.parametrize("records,pvc_every", [(1, 4), (6, 0)])
+def test_ecg_data_that_cannot_be_split_is_a_data_error(tmp_path, records, pvc_every):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(records):
+        _beat_record(data, f"{100 + i}", seed=i, pvc_every=pvc_every)
+    res = runner.invoke(app, ["run", "ecg-quick", "--data", str(data), "--out", str(tmp_path / "run"), "--threads", "1"])
+    assert "records" in _one_line_error(res)
+    assert not (tmp_path / "run").exists()

@@ -43,6 +43,9 @@ ThreadsOption = Annotated[Optional[int], typer.Option(
                              "one thread is many times faster than oversubscribed cores.")]
 
 
+MAX_PEER_TIMEOUT = 10_000_000  # minutes; a timedelta holds up to 1.4e15
+
+
 class _UserError(UserError):
     """A failure of the command line itself whose message is the whole story."""
 
@@ -120,7 +123,8 @@ def _guarded_run(debug: bool, action, folder_of):
             raise
         _fail(_one_line(str(err)))
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS) or debug:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG,
+                             errno.ENOTDIR, errno.EISDIR, errno.EBUSY) or debug:  # a path given is wrong
             raise
         where = f" ({err.filename})" if err.filename else ""
         _fail(_one_line(f"{err.strerror}{where}; {resume_hint()}"))
@@ -157,9 +161,13 @@ def _distributed(debug: bool, device: str = "cpu", peer_timeout: float = 30.0):
     then stops the run with a message instead of hanging for hours).
     """
     import datetime
+    import math
 
     from .distributed import init_distributed
 
+    if not math.isfinite(peer_timeout) or peer_timeout > MAX_PEER_TIMEOUT:
+        raise _UserError(f"--peer-timeout must be a finite number of minutes, at most {MAX_PEER_TIMEOUT:,} "
+                         f"(about {MAX_PEER_TIMEOUT // 525_600} years), got {peer_timeout}")
     cuda = device.startswith("cuda") or device == "auto" and _cuda_available()
     return init_distributed("nccl" if cuda else "gloo", debug=debug, timeout=datetime.timedelta(minutes=peer_timeout))
 
@@ -471,6 +479,10 @@ def diagnose(
                                                       "(default: the newest one with meta-parameters).")] = None,
     horizon: Annotated[Optional[int], typer.Option(min=1, help="Lookahead PT steps T (default: meta.interval).")] = None,
     directions: Annotated[int, typer.Option(min=0, help="Random directions in φ besides each estimator's own.")] = 8,
+    output_format: Annotated[str, typer.Option(
+        "--format", metavar="text|md|json",
+        help="text: 80 columns, the key figures and a verdict; md: every column as a Markdown table; "
+             "json: the whole result (also written to RUN_DIR/diagnostics.json).")] = "text",
     threads: ThreadsOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -480,14 +492,19 @@ def diagnose(
 
     def action():
         from .config import load_config
-        from .diagnostics import DiagnoseOptions, diagnose_run, format_table
+        from .diagnostics import DiagnoseOptions, diagnose_run, format_table, format_text
         from .runs import RunFolder
 
+        if output_format not in ("text", "md", "json"):
+            raise _UserError(f"--format must be text, md or json, got {output_format!r}")
         config = load_config(RunFolder.open(run_dir).config_file)
         options = DiagnoseOptions(horizon=horizon or config.meta.interval, directions=directions)
         result = diagnose_run(run_dir, phase=phase, options=options, console=err_console)
-        console.print(f"{result['source']}\n")
-        console.print(format_table(result), highlight=False, markup=False)
+        if output_format == "json":
+            sys.stdout.write((Path(run_dir) / "diagnostics.json").read_text(encoding="utf-8"))
+            return
+        text = format_table(result) if output_format == "md" else format_text(result, width=min(console.width, 100))
+        console.print(text, highlight=False, markup=False, soft_wrap=output_format == "md")
         console.print(f"\nwritten: {Path(run_dir) / 'diagnostics.json'}")
 
     _guarded(debug, action)

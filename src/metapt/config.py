@@ -117,8 +117,9 @@ def parse_yaml(text: str, where: str = "config") -> Any:
     """``yaml.safe_load`` with bounds: size, nodes after alias expansion, nesting; duplicate keys are errors."""
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{where} is {len(text):,} characters; a config is at most {MAX_CONFIG_BYTES:,}")
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # reads the first characters already: a control character raises here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -129,7 +130,8 @@ def parse_yaml(text: str, where: str = "config") -> Any:
     except RecursionError:
         raise ConfigError(f"{where} is nested too deeply to be a config") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 class _BoundedLoader(yaml.SafeLoader):

@@ -367,21 +367,27 @@ def default_estimators(pt_lr: float, horizon: int) -> dict[str, Estimator]:
 
 
 def diagnose(trainer: Any, estimators: Mapping[str, Estimator] | None = None,
-             options: DiagnoseOptions = DiagnoseOptions()) -> dict[str, Any]:
+             options: DiagnoseOptions = DiagnoseOptions(),
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every measurement of this module at the trainer's current state, as a JSON-able dict.
 
     The trainer is not modified. ``estimators`` default to :func:`default_estimators`.
+    ``progress(message)`` is called as each stage starts (``metapt diagnose`` prints them).
     """
+    say = progress or (lambda message: None)
     probe = StateProbe(trainer, val_pairs=options.val_pairs, seed=options.seed)
     if estimators is None:
         estimators = default_estimators(probe.pt_lr, options.horizon)
     if not isinstance(probe.problem, GaussNewtonProblem):  # Gauss-Newton needs the PT loss as outputs + loss
         estimators = {k: v for k, v in estimators.items() if not v.gauss_newton}
+    say("timing a plain PT step")
     pt_seconds = probe.pt_step_seconds()
+    say(f"the exact {options.horizon}-step lookahead derivative")
     exact = probe.exact_derivative(options.horizon)
     timing = StateProbe(trainer, val_pairs=1, seed=options.seed)  # the cost of a meta-step's single estimate
     hypergrads, rows = {}, {}
-    for name, est in estimators.items():
+    for i, (name, est) in enumerate(estimators.items()):
+        say(f"estimator {i + 1}/{len(estimators)}: {name}")
         h, info, _ = probe.estimate(est)
         hypergrads[name] = h
         seconds = min(timing.estimate(est)[2] for _ in range(2))
@@ -389,11 +395,16 @@ def diagnose(trainer: Any, estimators: Mapping[str, Estimator] | None = None,
                       "solver_iterations": info.solver.iterations,
                       "negative_curvature": bool(info.solver.negative_curvature),
                       "usable": bool(info.usable)}
+    say(f"lookahead finite differences: {len(estimators) + options.directions} directions × 2 runs of "
+        f"{options.horizon} PT steps")
     agreement = lookahead_agreement(probe, hypergrads, horizon=options.horizon, directions=options.directions,
                                     epsilon=options.epsilon, seed=options.seed, exact=exact)
+    say(f"signal-to-noise: {options.snr_samples} independent draws per estimator")
     for name, est in estimators.items():
         rows[name].update(agreement[name])
         rows[name].update(signal_to_noise(probe, est, options.snr_samples))
+    if options.lanczos_steps:
+        say(f"Hessian extreme eigenvalues ({options.lanczos_steps} Lanczos steps)")
     spectrum = probe.hessian_spectrum(options.lanczos_steps) if options.lanczos_steps else None
     return {
         "step": probe.step,
@@ -433,24 +444,121 @@ def diagnose_state(problem: MetaProblem, state: Mapping[str, Any], *, pt_lr: flo
     return diagnose(trainer, estimators, options)
 
 
+#: The ``meta.solver`` config of each of :func:`default_estimators` (``horizon`` filled in for the
+#: long unrolled one); ``tests/test_diagnostics.py`` checks each builds the same estimator.
+def estimator_configs(horizon: int) -> dict[str, dict[str, Any]]:
+    return {
+        "neumann1_past (paper)": {"kind": "neumann", "upcoming": False, "adam_preconditioner": False},
+        "identity_past (T1-T2)": {"kind": "identity", "upcoming": False, "adam_preconditioner": False},
+        "identity_past_adam": {"kind": "identity", "upcoming": False},
+        "identity_next": {"kind": "identity", "adam_preconditioner": False},
+        "identity_next_adam": {"kind": "identity"},
+        "neumann1_next_adam": {"kind": "neumann"},
+        "identity_next4_adam": {"kind": "identity", "pt_batches": 4},
+        "cg5_spectral_damped_next": {"kind": "cg", "max_iter": 5, "spectrum_steps": 5, "adam_preconditioner": False},
+        "cg5_gauss_newton_next": {"kind": "cg", "max_iter": 5, "damping": 1e-3, "gauss_newton": True,
+                                  "adam_preconditioner": False},
+        "unrolled_T1": {"kind": "unrolled"},
+        f"unrolled_T{horizon}": {"kind": "unrolled", "horizon": horizon},
+    }
+
+
+def config_text(config: Mapping[str, Any]) -> str:
+    """``{kind: cg, max_iter: 5}``: a ``meta.solver`` value as it is written in YAML."""
+    def value(v):
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return "{" + ", ".join(f"{k}: {value(v)}" for k, v in config.items()) + "}"
+
+
 def format_table(result: Mapping[str, Any]) -> str:
-    """A Markdown table of one :func:`diagnose` result."""
+    """A Markdown table of one :func:`diagnose` result (``metapt diagnose --format md``)."""
     opts = result["options"]
-    lines = [f"state: PT step {result['step']}; lookahead T = {opts['horizon']}, {opts['directions']} random "
+    configs = result.get("configs", {})
+    own = result.get("own")
+    lines = [f"state: {result.get('state') or 'PT step ' + str(result['step'])}; lookahead T = {opts['horizon']}, {opts['directions']} random "
              f"directions + own, ε = {opts['epsilon']}, {opts['val_pairs']} FT/val pairs; "
              f"Hessian λmax ≈ {_fmt(result['curvature'] and result['curvature']['lambda_max'])}, "
              f"λmin ≈ {_fmt(result['curvature'] and result['curvature']['lambda_min'])}",
              "",
-             "| estimator | sign agreement (exact) | sign agreement (FD) | cos(exact T-step) | own-direction FD | SNR | mean pair cos | cost (PT steps) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| estimator | meta.solver | sign agreement (exact) | sign agreement (FD) | cos(exact T-step) | own-direction FD | SNR | mean pair cos | cost (PT steps) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["estimators"].items():
-        lines.append(f"| {name} | {_fmt(r.get('sign_agreement_exact'))} | {_fmt(r['sign_agreement_fd'])} | "
+        shown = f"**{name}** (this run's)" if name == own else name
+        lines.append(f"| {shown} | `{config_text(configs[name]) if name in configs else '?'}` | "
+                     f"{_fmt(r.get('sign_agreement_exact'))} | {_fmt(r['sign_agreement_fd'])} | "
                      f"{_fmt(r.get('cos_exact'))} | {_fmt(r['own_fd'])} | {_fmt(r['snr'])} | "
                      f"{_fmt(r['mean_pairwise_cos'])} | {_fmt(r['cost_pt_steps'])} |")
     if result.get("truth"):
         t = result["truth"]
         lines += ["", f"truth check (random directions): FD vs exact T-step derivative correlation "
                       f"{_fmt(t['fd_vs_exact_correlation'])}, sign agreement {_fmt(t['fd_vs_exact_sign_agreement'])}"]
+    lines += ["", f"verdict: {verdict(result)}"]
+    return "\n".join(lines)
+
+
+def verdict(result: Mapping[str, Any]) -> str:
+    """One sentence: does the run's estimator follow the exact lookahead derivative, and is there signal?"""
+    rows = result["estimators"]
+    name = result.get("own") if result.get("own") in rows else "unrolled_T1" if "unrolled_T1" in rows else next(iter(rows))
+    r = rows[name]
+    cos, sign, pair = r.get("cos_exact"), r.get("sign_agreement_exact"), r.get("mean_pairwise_cos")
+    who = "this run's estimator" if name == result.get("own") else "the default estimator"
+    configs = result.get("configs", {})
+    if name not in default_estimators(1.0, result["options"]["horizon"]) and name in configs:
+        name = config_text(configs[name])
+    if cos is None or not math.isfinite(cos):
+        return f"{who} ({name}) could not be compared with the exact lookahead derivative"
+    follows = ("follows" if cos >= 0.7 else "partly follows" if cos >= 0.3 else "does not follow")
+    text = (f"{who} ({name}) {follows} the exact {result['options']['horizon']}-step derivative "
+            f"(cos {cos:.2f}, signs {sign:.0%} of directions)")
+    if pair is not None and math.isfinite(pair):
+        text += ("; its draws agree with each other (pair cos " if pair >= 0.5 else
+                 "; its draws are mostly batch noise (pair cos ") + f"{pair:.2f})"
+    cost = r.get("cost_pt_steps") or math.inf
+    better = [(o.get("cos_exact"), n) for n, o in rows.items()
+              if n != name and o.get("cost_pt_steps", math.inf) <= 2 * cost
+              and o.get("cos_exact") is not None and math.isfinite(o["cos_exact"]) and o["cos_exact"] > cos + 0.2]
+    if better:
+        best_cos, best = max(better)
+        text += f"; {best} does better (cos {best_cos:.2f}) for at most twice the cost"
+    return text + "."
+
+
+def format_text(result: Mapping[str, Any], width: int = 80) -> str:
+    """The 80-column plain-text layout of ``metapt diagnose``: the key figures per estimator, the
+    config of each below, and a one-line verdict (``--format md`` gives every column)."""
+    import textwrap
+
+    opts = result["options"]
+    own = result.get("own")
+    curvature = result.get("curvature") or {}
+    head = (f"state: {result.get('state') or 'PT step ' + str(result['step'])}. Lookahead T = {opts['horizon']} "
+            f"PT steps, {opts['directions']} random directions + each estimator's own, "
+            f"{opts['val_pairs']} FT/val pairs; Hessian λ ∈ [{_fmt(curvature.get('lambda_min'))}, "
+            f"{_fmt(curvature.get('lambda_max'))}].")
+    lines = textwrap.wrap(head, width) + [""]
+    def num(x: Any, digits: int = 2) -> str:
+        return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.1e}"
+
+    lines.append(f"  {'estimator':<26}{'signs':>7}{'cos':>7}{'SNR':>9}{'pair cos':>10}{'cost':>7}")
+    for name, r in result["estimators"].items():
+        mark = "*" if name == own else " "
+        lines.append(f"{mark} {name[:26]:<26}{num(r.get('sign_agreement_exact')):>7}{num(r.get('cos_exact')):>7}"
+                     f"{num(r.get('snr')):>9}{num(r.get('mean_pairwise_cos')):>10}{num(r.get('cost_pt_steps'), 1):>7}")
+    lines += ["", "signs: share of directions in which the estimate has the sign of the exact",
+              "T-step derivative; cos: cosine with it; SNR and pair cos: how well independent",
+              "draws agree; cost: one estimate's time in plain PT steps."]
+    if own:
+        lines.append("* this run's estimator (its meta.solver)")
+    configs = result.get("configs", {})
+    if configs:
+        lines += ["", "meta.solver of each:"]
+        for name in result["estimators"]:
+            if name in configs:
+                lines += textwrap.wrap(f"{name}: {config_text(configs[name])}", width, initial_indent="  ",
+                                       subsequent_indent="      ")
+    lines += [""] + textwrap.wrap(f"verdict: {verdict(result)}", width)
     return "\n".join(lines)
 
 
@@ -527,6 +635,15 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
             raise UserError(f"{folder.path} holds no pre-training phase with meta-parameters"
                             + (f" named {phase!r}" if phase else ""))
         phase = learned[-1]
+    from .runs import config_changes
+
+    made_with = (state if state is not None else recorded).get("config", "")
+    changes = [k for k in config_changes(made_with, folder.config_file.read_text(encoding="utf-8"))
+               if not k.startswith("evaluation.")]  # `metapt eval` changes those; pre-training never reads them
+    if made_with and changes:
+        raise UserError(f"{folder.config_file} was edited since the checkpoint was written ({', '.join(changes[:8])}"
+                        f"{' …' if len(changes) > 8 else ''}): the state it holds belongs to the configuration it was "
+                        "made with; undo the edit to diagnose it")
     setting, method_name, seed = parse_phase(phase, config.pretrain.seed)
     if method_name not in dom.methods:
         raise UserError(f"phase {phase!r} of {folder.path} is not a method of the {config.job} job")
@@ -534,6 +651,12 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
         from rich.console import Console
 
         console = Console(stderr=True)
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        console.print(f"[{time.perf_counter() - start:5.1f} s] {message}", highlight=False, markup=False)
+
+    progress(f"loading the data and rebuilding phase {phase!r}")
     data = dom.load(config, setting or dom.settings(config)[0], console)
     import inspect
 
@@ -555,6 +678,7 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
         if state.get("problem") is not None and hasattr(built.problem, "load_state_dict"):
             built.problem.load_state_dict(state["problem"])
         source = f"checkpoint of phase {phase!r} at PT step {trainer.step}"
+        state_text = f"PT step {trainer.step} of {config.pretrain.steps} of phase {phase!r} (a checkpoint)"
     else:
         value = results[phase]
         with torch.no_grad():
@@ -564,14 +688,27 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
                 v.copy_(value["metaparams"][k])
         if value.get("problem") is not None and hasattr(built.problem, "load_state_dict"):
             built.problem.load_state_dict(value["problem"])
+        progress(f"{warm_steps} PT steps with φ fixed, re-estimating Adam's moments and the head")
         for _ in range(warm_steps):
             trainer.pretrain_step()
             trainer.warmup_head_step()
         source = f"recorded end of phase {phase!r} + {warm_steps} PT steps re-estimating Adam's moments and the head"
+        state_text = (f"the end of phase {phase!r} (θ and φ as recorded after its {config.pretrain.steps} PT steps, "
+                      f"then {warm_steps} PT steps with φ fixed to re-estimate Adam's moments and the head; the "
+                      f"step counter restarts, so it reads {trainer.step})")
     if options is None:
         options = DiagnoseOptions(horizon=meta.interval)
-    result = diagnose(trainer, default_estimators(config.pretrain.lr, options.horizon), options)
-    result.update({"phase": phase, "source": source, "run": str(folder.path)})
+    estimators = default_estimators(config.pretrain.lr, options.horizon)
+    configs = estimator_configs(options.horizon)
+    own_estimator = meta.solver.estimator(config.pretrain.lr)
+    own = next((name for name, est in estimators.items() if est == own_estimator), None)
+    if own is None and not getattr(own_estimator, "accumulate", 0):  # the accumulated kind has no one-shot estimate
+        own = "this run's meta.solver"
+        estimators = {**estimators, own: own_estimator}
+        configs[own] = {k: v for k, v in asdict(meta.solver).items() if v is not None}
+    result = diagnose(trainer, estimators, options, progress=progress)
+    result.update({"phase": phase, "source": source, "run": str(folder.path), "state": state_text, "own": own,
+                   "configs": configs})
     from .schema import jsonable
 
     write_text_atomic(folder.path / "diagnostics.json", json.dumps(jsonable(result), indent=1) + "\n")

@@ -67,7 +67,11 @@ class TensorBoardLogger:
     def __init__(self, logdir: str | Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(str(logdir), purge_step=purge_step or None)
+        try:
+            self._writer = SummaryWriter(str(logdir), purge_step=purge_step or None)
+        except (FileExistsError, NotADirectoryError) as err:  # a file where a folder of the run must be
+            raise UserError(f"cannot write TensorBoard events to {logdir} ({err.strerror}: {err.filename}); "
+                            "a file stands where the run keeps a folder: move it away and resume") from None
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():

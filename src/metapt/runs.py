@@ -217,7 +217,13 @@ _HELD: dict[tuple[int, int], list] = {}  # (st_dev, st_ino) of a lock file -> [f
 def _lock_file(path: Path) -> tuple[int, int]:
     """Take the OS lock of ``path`` (a run folder) for this process; re-entrant."""
     lock = path / LOCK
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    except (IsADirectoryError, NotADirectoryError, FileExistsError, OSError) as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise  # the command line says what to do about a full disk or a permission
+        raise RunFolderError(f"cannot open the lock file {lock} ({err.strerror}): it must be a plain file; "
+                             f"if it is not metapt's, move it away") from err
     key = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
     if key in _HELD:
         os.close(fd)
@@ -289,9 +295,18 @@ class RunFolder:
 
         An existing folder is refused unless it is empty, or ``overwrite`` and it is a metapt
         run folder not in use: then it is moved aside, and deleted by :meth:`commit` once the
-        new run has written a checkpoint, or put back by :meth:`rollback`.
+        new run has written a checkpoint, or put back by :meth:`rollback`. A path that cannot be
+        a folder (a name too long, under a plain file, in /proc) is a :class:`RunFolderError`.
         """
-        path = Path(path)
+        try:
+            return cls._create(Path(path), config_yaml, overwrite=overwrite)
+        except OSError as err:
+            where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+            raise RunFolderError(f"cannot make run folder {path}: {err.strerror or err}{where}; "
+                                 "choose another --out") from err
+
+    @classmethod
+    def _create(cls, path: Path, config_yaml: str, *, overwrite: bool) -> RunFolder:
         if path.is_symlink():
             raise RunFolderError(f"{path} is a symbolic link; give the folder it points to, or another --out")
         recover_set_aside(path)
@@ -313,7 +328,13 @@ class RunFolder:
                     f"`touch {path / MARKER}` marks it as one)")
             folder._aside_lock = _lock_file(path)  # refused if a live run owns it
             aside = path.with_name(f".{path.name}.replaced-{os.getpid()}-{time.time_ns()}")
-            os.rename(path, aside)
+            try:
+                os.rename(path, aside)
+            except OSError as err:
+                _unlock_file(folder._aside_lock)
+                raise RunFolderError(f"--overwrite cannot move {path} aside to replace it ({err.strerror}"
+                                     f"{'; a mount point?' if err.errno == errno.EBUSY else ''}); nothing was changed: "
+                                     "empty it yourself or choose another --out") from err
             folder._aside = aside
         folder._committed = False
         try:
@@ -727,8 +748,7 @@ class Session:
                     if trainer.skipped > skipped:
                         self.console.print(
                             f"[yellow]{phase}: {trainer.skipped - skipped} meta-step(s) skipped at step {trainer.step} "
-                            "(non-finite hypergradient or diverging Neumann series); if this keeps happening, lower "
-                            "meta.solver.alpha or use meta.solver.kind=cg[/]"
+                            f"(last: {trainer.last_skip_reason}); if this keeps happening, {trainer.skip_advice()}[/]"
                         )
                         skipped = trainer.skipped
                     if trainer.step < steps:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ...errors import DataError  # a ValueError too
 from ...problem import EpochShuffler, LabelledBatches, Params
 from ...schema import schema
 from ...metaparams import AugmentationNetwork, GaussianNoiseScales
@@ -152,7 +153,7 @@ def split_beats_by_record(
     """
     unique = sorted({str(p) for p in ds.patient_ids})
     if len(unique) < 4:
-        raise ValueError(f"{len(unique)} records cannot fill 4 disjoint groups; the beat layout needs at least 4")
+        raise DataError(f"{len(unique)} records cannot fill 4 disjoint groups; the beat layout needs at least 4")
     sizes = _group_sizes(len(unique), fractions.as_tuple())
     positives = ds.positives_per_patient(class_index)
     rng = np.random.default_rng(seed)
@@ -164,7 +165,7 @@ def split_beats_by_record(
             names = ("pretrain", "ft_train", "metaval", "test")
             index = {n: np.flatnonzero(np.isin(ds.patient_ids, np.array(g, dtype=str))) for n, g in zip(names, groups)}
             return ECGSplit(**index, records=dict(zip(names, groups)))
-    raise ValueError(
+    raise DataError(
         f"no split of the {len(unique)} records in {max_tries} seeded draws gives FT-train, MetaFT-validation and "
         f"test {min_positives} positives each (positives per record: {positives}); lower min_positives or "
         "change the record fractions"
@@ -180,7 +181,7 @@ def cross_validation_folds(ds: ECGDataset, folds: int, *, seed: int = 0, class_i
     """
     unique = sorted({str(p) for p in ds.patient_ids})
     if not 2 <= folds <= len(unique) - 2:
-        raise ValueError(f"data.cv_folds must be between 2 and {len(unique) - 2} with {len(unique)} records "
+        raise DataError(f"data.cv_folds must be between 2 and {len(unique) - 2} with {len(unique)} records "
                          f"(the other folds must fill FT-train and MetaFT-validation), got {folds}")
     positives = ds.positives_per_patient(class_index)
     tiebreak = np.random.default_rng(seed).permutation(len(unique))
@@ -191,7 +192,7 @@ def cross_validation_folds(ds: ECGDataset, folds: int, *, seed: int = 0, class_i
         groups[pos if lap % 2 == 0 else folds - 1 - pos].append(unique[i])
     empty = [k for k, g in enumerate(groups) if sum(positives.get(r, 0) for r in g) == 0]
     if empty:
-        raise ValueError(f"data.cv_folds={folds}: test fold(s) {empty} would hold no positives (positives per "
+        raise DataError(f"data.cv_folds={folds}: test fold(s) {empty} would hold no positives (positives per "
                          f"record: {positives}); choose fewer folds")
     return [tuple(sorted(g)) for g in groups]
 
@@ -229,7 +230,7 @@ def split_beats_cross_validation(
             records = {"pretrain": tuple(rest), "ft_train": ft_train, "metaval": metaval, "test": test}
             index = {n: np.flatnonzero(np.isin(ds.patient_ids, np.array(g, dtype=str))) for n, g in records.items()}
             return ECGSplit(**index, records=records)
-    raise ValueError(
+    raise DataError(
         f"cross-validation fold {fold}: no split of the other {len(rest)} records in {max_tries} seeded draws gives "
         f"FT-train and MetaFT-validation {min_positives} positives each (positives per record: {positives}); lower "
         "data.min_positives"
@@ -245,7 +246,7 @@ def split_ptbxl_by_fold(ds: ECGDataset, folds: PTBXLFolds = PTBXLFolds()) -> ECG
     split = ECGSplit(**groups, records=records)
     for name, i in split.groups().items():
         if len(i) == 0:
-            raise ValueError(f"PTB-XL group {name!r} is empty with folds {folds}; choose folds present in the data")
+            raise DataError(f"PTB-XL group {name!r} is empty with folds {folds}; choose folds present in the data")
     return split
 
 

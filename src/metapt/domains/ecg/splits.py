@@ -16,7 +16,7 @@ from pydantic import Field
 
 from ...metrics import read_jsonl
 from ...problem import Params
-from ...schema import schema
+from ...schema import MAX_SEED, schema
 from .data import ECGDataset, detect_layout, load_beat_folder, load_ptbxl
 from .problem import (ECGSimCLRProblem, ECGSplit, PTBXLFolds, RecordFractions, split_beats_cross_validation,
                       split_ecg)
@@ -59,7 +59,7 @@ class DataConfig:
     resample_fs: float | None = None
     record_fractions: RecordFractions = RecordFractions()
     min_positives: int = 20
-    split_seed: int = 0
+    split_seed: int = Field(default=0, ge=0, le=MAX_SEED)
     max_labelled_per_record: int | None = None
     cap_keeps_positives: bool = False
     cv_folds: int | None = Field(default=None, ge=2)

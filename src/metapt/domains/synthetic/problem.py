@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ...metaparams import TaskWeights
 from ...problem import EpochShuffler, LabelledBatches, Params
-from ...schema import schema
+from ...schema import MAX_SEED, schema
 
 
 @schema
@@ -52,7 +52,7 @@ class SyntheticConfig:
     valid_examples: int = Field(default=500, ge=1)
     batch_size: int = Field(default=32, ge=1)
     noise_scale: float = Field(default=1.5, ge=0)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     def __post_init__(self):
         if self.subspace > self.dim:
