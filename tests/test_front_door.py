@@ -1,6 +1,7 @@
 """The front door (issue 22): --version, described presets, and the MIT-BIH conversion script."""
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -118,3 +119,48 @@ def test_compare_at_80_columns_keeps_every_key_whole_and_says_no_differences(tmp
         assert key in keys, key
     same = runner.invoke(app, ["compare", str(first), str(first)], env={"COLUMNS": "80"})
     assert same.exit_code == 0 and "no differences" in same.output and "so are the scores" in same.output
+
+
+# ---- metapt diagnose: config kinds, the run's own estimator, 80 columns, a verdict -------------
+
+
+def test_every_diagnosed_estimator_is_a_meta_solver_config():
+    from metapt.diagnostics import default_estimators, estimator_configs
+    from metapt.schema import SolverConfig
+
+    for horizon in (1, 5, 10):
+        estimators, configs = default_estimators(0.003, horizon), estimator_configs(horizon)
+        assert set(estimators) == set(configs)
+        for name, config in configs.items():
+            assert SolverConfig(**config).estimator(0.003) == estimators[name], name
+    assert SolverConfig().estimator(0.003) == default_estimators(0.003, 10)["unrolled_T1"]  # the default
+
+
+def test_diagnose_prints_progress_80_columns_the_runs_estimator_and_a_verdict(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.steps=110",
+                              "--set", "methods=[meta_task_weights]", "--set", "evaluation.seeds=1",
+                              "--set", "meta.solver.kind=unrolled", "--set", "meta.solver.terms=null",
+                              "--set", "meta.solver.alpha=null", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["diagnose", str(out), "--directions", "1", "--threads", "1"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert "estimator 1/" in text and "lookahead finite differences" in text  # progress, as it goes
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "* unrolled_T1" in text and "unrolled_T1: {kind: unrolled}" in text  # marked; its config kind
+    assert "neumann1_past (paper): {kind: neumann, upcoming: false, adam_preconditioner:" in text
+    verdict = [line for line in text.splitlines() if line.startswith("verdict: this run's estimator (unrolled_T1)")]
+    assert verdict, text
+    flat = " ".join(text.split())
+    assert re.search(r"state: PT step \d+ of 110 of phase", flat) or "the step counter restarts" in flat  # explained
+    found = json.loads((out / "diagnostics.json").read_text())
+    assert found["own"] == "unrolled_T1" and found["configs"]["unrolled_T1"] == {"kind": "unrolled"}
+    md = runner.invoke(app, ["diagnose", str(out), "--directions", "0", "--format", "md", "--threads", "1"])
+    assert md.exit_code == 0 and "| **unrolled_T1** (this run's) | `{kind: unrolled}` |" in md.output
+    js = runner.invoke(app, ["diagnose", str(out), "--directions", "0", "--format", "json", "--threads", "1"])
+    assert js.exit_code == 0 and '"own": "unrolled_T1"' in js.output
+    bad = runner.invoke(app, ["diagnose", str(out), "--format", "html"])
+    assert bad.exit_code == 2
