@@ -106,7 +106,7 @@ def _encoder(args, seed):
 def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
     """θ after ``args.steps`` PT steps; with ``meta=(optimizer, lr)`` also learned example weights,
     else uniform weights and each molecule's mean training loss."""
-    weighting = WeightingConfig(task_weights=False, example_weights=True)
+    weighting = WeightingConfig(task_weights=False, example_weights=True, normalize=args.normalize)
     kind = PTHeadObjective if pt_head_objective else MoleculesProblem
     problem = kind(data, _encoder(args, seed), weighting, pt_batch_size=args.batch, ft_batch_size=args.val_batch or args.batch,
                    seed=seed)
@@ -117,9 +117,11 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=args.pt_lr),
         meta_optimizer=OPTIMIZERS[opt](lr if lr > 0 else 1e-3),
         inner_optimizer=sgd(args.inner_lr),
-        estimator=(Estimator(solver=Neumann(steps=1, alpha=args.pt_lr)) if args.estimator == "paper"
-                   else default_estimator(args.pt_lr)),
-        schedule=MetaSchedule(meta_interval=args.interval, warmup_steps=args.warmup, learn_phi=meta is not None),
+        estimator={"paper": Estimator(solver=Neumann(steps=1, alpha=args.pt_lr)),
+                   "accumulated": Estimator(accumulate=1, adam_preconditioner=True)}.get(
+                       args.estimator, default_estimator(args.pt_lr)),
+        schedule=MetaSchedule(meta_interval=args.interval, warmup_steps=args.warmup, learn_phi=meta is not None,
+                              average=args.average),
     )
     n = len(data.pretrain_positions)
     loss_sum, loss_count, drawn = torch.zeros(n, dtype=torch.float64), torch.zeros(n), torch.zeros(n, dtype=torch.bool)
@@ -136,6 +138,8 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
                 per = (bce * obs).sum(1) / obs.sum(1).clamp(min=1)
             loss_sum.index_add_(0, rows, per.double())
             loss_count.index_add_(0, rows, torch.ones(len(rows)))
+        elif args.estimator == "accumulated" and trainer._direction is not None:
+            drawn[problem.pretrain_batch(step)[1]] = True  # every PT batch after the first meta-step draws
         elif trainer.meta_step_due(step + 1):
             # the meta-step's PT batch: the one just taken (paper) or the next one (default estimator)
             drawn[problem.pretrain_batch(step + (args.estimator == "default"))[1]] = True
@@ -143,7 +147,7 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
     if meta is None:
         out["mean_loss"] = (loss_sum / loss_count.clamp(min=1)).numpy()
     else:
-        out["weights"] = weights_from_logits(trainer.metaparams["example_logits"].detach()).numpy()
+        out["weights"] = weights_from_logits(trainer.averaged_metaparams["example_logits"]).numpy()
         out["drawn"] = drawn.numpy()
     return out
 
@@ -210,9 +214,13 @@ def main():
     ap.add_argument("--optimizers", default="lazy_sgd,lazy_adam,adam")
     ap.add_argument("--meta-lr", default="lazy_sgd=0.1,lazy_adam=0.05,adam=0.05",
                     help="φ learning rate per optimiser")
-    ap.add_argument("--estimator", choices=("paper", "default"), default="paper",
+    ap.add_argument("--estimator", choices=("paper", "default", "accumulated"), default="paper",
                     help="paper: Neumann M = 1, α = PT lr, mixed term on the PT batch just taken; default: "
-                         "the trainer's default (one step in Adam's geometry, mixed term on the upcoming batch)")
+                         "the trainer's default (one step in Adam's geometry, mixed term on the upcoming batch); "
+                         "accumulated: every PT batch's mixed term against the last validation direction")
+    ap.add_argument("--average", choices=("none", "polyak", "ema"), default="none",
+                    help="the φ read at the end: the last one, or averaged over meta-steps")
+    ap.add_argument("--normalize", action="store_true", help="example weights scaled to mean 1 within each batch")
     ap.add_argument("--no-downstream", action="store_true")
     ap.add_argument("--no-clean", action="store_true", help="skip the clean-data uniform run")
     ap.add_argument("--no-probe", action="store_true", help="skip the alignment probe")

@@ -212,3 +212,30 @@ def test_a_non_finite_unrolled_head_is_rejected_and_counted():
     assert all(torch.equal(t.head[k], head0[k]) for k in head0)
     assert [m["rejected_heads"] for _, m in rec.rows] == [1.0, 2.0, 3.0]
     assert t.state_dict()["counters"]["rejected_heads"] == 3
+
+
+def test_a_diverging_fine_tuning_head_is_named_and_the_advice_fits(caplog):
+    # too high an inner rate blows the head up: its meta-steps are skipped (their hypergradient is
+    # about the explosion), the head is not kept, and the advice names the inner rate, not the solver
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
+    diverging = MetaPretrainer(
+        problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
+        inner_optimizer=sgd(3.0), schedule=MetaSchedule(meta_interval=5, warmup_steps=20))
+    with caplog.at_level("WARNING", logger="metapt"):
+        diverging.run_until(120)
+    assert diverging.skipped > 0 and diverging.rejected_heads > 0
+    assert diverging.last_skip_reason.startswith("the fine-tuned head diverged")
+    assert "meta.inner_lr" in diverging.skip_advice() and "alpha" not in diverging.skip_advice()
+    assert any("meta.inner_lr" in r.getMessage() for r in caplog.records)
+    assert all(bool(torch.isfinite(v).all()) for v in (*diverging.metaparams.values(), *diverging.head.values()))
+    fine = MetaPretrainer(
+        problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
+        inner_optimizer=sgd(0.1), schedule=MetaSchedule(meta_interval=5, warmup_steps=20))
+    fine.run_until(120)
+    assert fine.skipped == 0 and fine.rejected_heads == 0
+    # a Neumann estimator whose hypergradient is unusable gets the solver's advice
+    paper = _trainer(problem, solver=Neumann(5, 0.01))
+    paper.last_skip_reason = "the inverse-HVP solve diverged"
+    assert "meta.solver.alpha" in paper.skip_advice()

@@ -210,6 +210,7 @@ class MetaPretrainer:
         self.problem = problem
         self.params = _leaves(params)
         self.head = {k: v.detach().clone() for k, v in head.items()}
+        self._initial_head = {k: v.clone() for k, v in self.head.items()}
         self.metaparams = _leaves(metaparams)
         self.schedule = schedule
         self.strategy = strategy if strategy is not None else Strategy()
@@ -232,6 +233,8 @@ class MetaPretrainer:
         self.meta_step_count = 0  # meta-steps attempted
         self.skipped = 0  # meta-steps whose hypergradient was unusable
         self.rejected_heads = 0  # meta-steps whose unrolled head was non-finite (the previous one kept)
+        self.last_skip_reason = ""  # why the last skipped meta-step was skipped
+        self._meta_loss_floor: float | None = None  # the lowest L_V of a kept head (divergence check)
         # the accumulated estimator: the last validation direction v, and Σ of the mixed-term draws since
         self._direction: Params | None = None
         self._accumulated: Params | None = None
@@ -296,8 +299,21 @@ class MetaPretrainer:
         batch = self.problem.finetune_batch(self.step)
         with _buffers_kept(self.problem):
             head, loss = self._finetune({**self.head}, theta, lambda _: batch, steps=1)
+        if self._diverged(loss):  # the head these steps made has blown up: start it again from ψ₀
+            self.rejected_heads += 1
+            _log_doubling(self.rejected_heads, "warm-up step %d: the fine-tuning head diverged (loss %.3g) and was "
+                          "reset to its initial value; %d rejected so far. Lower the fine-tuning (inner) learning "
+                          "rate (meta.inner_lr, or the inner_optimizer's)", self.step, loss, self.rejected_heads)
+            self.head = {k: v.clone() for k, v in self._initial_head.items()}
+            return {"warmup_ft_loss": loss}
+        self._meta_loss_floor = loss if self._meta_loss_floor is None else min(self._meta_loss_floor, loss)
         self.head = self.strategy.reduce_head({k: v.detach() for k, v in head.items()})
         return {"warmup_ft_loss": loss}
+
+    def _diverged(self, loss: float) -> bool:
+        """A fine-tuning loss that is not finite or orders of magnitude above the lowest seen."""
+        return not math.isfinite(loss) or (
+            self._meta_loss_floor is not None and loss > _DIVERGED_FACTOR * max(self._meta_loss_floor, 1e-12))
 
     def meta_step(self) -> dict[str, float]:
         """One hypergradient step on φ (steps 1–5 of the module docstring)."""
@@ -377,6 +393,13 @@ class MetaPretrainer:
         norm = math.sqrt(sum(float(torch.dot(e, e)) for e in (
             (v.values() if v.is_sparse else v).reshape(-1) for v in hyper.values())))
         usable = all(i.usable for i in infos) and math.isfinite(norm)
+        meta_loss = sum(i.meta_loss for i in infos) / len(infos)
+        # a head that fine-tuning blew up (too high an inner rate): L_V orders of magnitude above its
+        # lowest so far, or not finite; its hypergradient is about the explosion, not about φ
+        head_diverged = self._diverged(meta_loss)
+        if not head_diverged:
+            self._meta_loss_floor = meta_loss if self._meta_loss_floor is None else min(self._meta_loss_floor, meta_loss)
+        usable = usable and not head_diverged
         self.meta_step_count += 1
         if usable:
             self.meta_opt.zero_grad(set_to_none=True)
@@ -388,19 +411,26 @@ class MetaPretrainer:
             self._update_phi_average()
         else:
             self.skipped += 1
-            reason = ("the inverse-HVP solve diverged" if any(i.solver.diverged for i in infos)
-                      else "the hypergradient is not finite")
+            if head_diverged:
+                self.last_skip_reason = (f"the fine-tuned head diverged (meta-loss {meta_loss:.3g}, against "
+                                         f"{self._meta_loss_floor:.3g} at best so far)" if self._meta_loss_floor
+                                         is not None else "the fine-tuned head diverged (meta-loss not finite)")
+            elif any(i.solver.diverged for i in infos):
+                self.last_skip_reason = "the inverse-HVP solve diverged"
+            else:
+                self.last_skip_reason = "the hypergradient is not finite"
             _log_doubling(self.skipped, "meta-step %d (after PT step %d) skipped: %s; %d skipped so far. If it "
-                          "keeps happening, lower the solver's alpha, add damping or use ConjugateGradient",
-                          self.meta_step_count, self.step, reason, self.skipped)
+                          "keeps happening, %s", self.meta_step_count, self.step, self.last_skip_reason,
+                          self.skipped, self.skip_advice())
         new_head = self.strategy.reduce_head(_mean(heads))
-        if all(bool(torch.isfinite(v).all()) for v in new_head.values()):  # a NaN head would poison later steps
-            self.head = new_head
+        if not head_diverged and all(bool(torch.isfinite(v).all()) for v in new_head.values()):
+            self.head = new_head  # a NaN or exploded head would poison later steps
         else:
             self.rejected_heads += 1
             _log_doubling(self.rejected_heads, "meta-step %d (after PT step %d): the fine-tuned head is not finite "
-                          "and was not kept; %d rejected so far. Lower the fine-tuning (inner) learning rate",
-                          self.meta_step_count, self.step, self.rejected_heads)
+                          "or diverged and was not kept; %d rejected so far. Lower the fine-tuning (inner) learning "
+                          "rate (meta.inner_lr, or the inner_optimizer's)", self.meta_step_count, self.step,
+                          self.rejected_heads)
 
         residuals = [i.solver.residual_norm for i in infos if i.solver.residual_norm is not None]
         metrics = {
@@ -419,6 +449,18 @@ class MetaPretrainer:
         phi = {k: v.detach() for k, v in self.metaparams.items()}
         metrics.update({f"phi/{k}": v for k, v in self.problem.describe_metaparams(phi).items()})
         return metrics
+
+    def skip_advice(self) -> str:
+        """What to change when meta-steps keep being skipped, in the terms of this trainer's estimator."""
+        if self.last_skip_reason.startswith("the fine-tuned head diverged"):
+            return "lower the fine-tuning (inner) learning rate (meta.inner_lr, or the inner_optimizer's)"
+        solver = self.solver if not (self.estimator.horizon or self.estimator.accumulate) else None
+        if isinstance(solver, Neumann):
+            return "lower the solver's alpha (meta.solver.alpha), add damping or use conjugate gradient (meta.solver=cg)"
+        if solver is not None and not isinstance(solver, Identity):
+            return "add damping (meta.solver.damping)"
+        return ("lower the fine-tuning (inner) learning rate (meta.inner_lr, or the inner_optimizer's) "
+                "or the PT learning rate")
 
     # ---- pieces -------------------------------------------------------------------------------
 
@@ -553,6 +595,7 @@ class MetaPretrainer:
             "meta_opt": copy.deepcopy(self.meta_opt.state_dict()),
             "counters": {"step": self.step, "meta_step_count": self.meta_step_count, "skipped": self.skipped,
                          "rejected_heads": self.rejected_heads},
+            "meta_loss_floor": self._meta_loss_floor,
             "noise_control": {
                 "direction": _copy(self._direction), "accumulated": _copy(self._accumulated),
                 "accumulated_count": self._accumulated_count,
@@ -581,6 +624,7 @@ class MetaPretrainer:
             int(counters["step"]), int(counters["meta_step_count"]), int(counters["skipped"])
         )
         self.rejected_heads = int(counters.get("rejected_heads", 0))
+        self._meta_loss_floor = state.get("meta_loss_floor")
         noise = state.get("noise_control")  # absent in checkpoints written before it existed
         if noise is not None:
             self._direction = _copy(noise["direction"], self.params)
@@ -682,6 +726,10 @@ def _gauss_newton_at(problem: Any, view: MetaProblem, step: int, sample: int, st
                 lambda outputs: problem.pretrain_output_loss(outputs, fixed, batch))
 
     return at
+
+
+#: L_V this many times its lowest so far marks a diverged fine-tuning head.
+_DIVERGED_FACTOR = 1e3
 
 
 def _copy(tree: Mapping[str, Tensor] | None, like: Mapping[str, Tensor] | None = None) -> Params | None:
