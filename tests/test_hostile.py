@@ -307,3 +307,70 @@ def test_ecg_data_that_cannot_be_split_is_a_data_error(tmp_path, records, pvc_ev
     res = runner.invoke(app, ["run", "ecg-quick", "--data", str(data), "--out", str(tmp_path / "run"), "--threads", "1"])
     assert "records" in _one_line_error(res)
     assert not (tmp_path / "run").exists()
+
+
+# ---- minor -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["pretrain.steps", "meta.warmup_steps", "checkpoint.every", "pretrain.batch_size"])
+def test_sizes_are_bounded_like_evaluation_seeds(key):
+    out = _one_line_error(runner.invoke(app, ["config", "synthetic", "--set", f"{key}={10**26}"]))
+    assert key in out and "less than or equal" in out
+
+
+def _long_run(out: Path, prelude: str = "") -> subprocess.Popen:
+    code = (f"import sys\n{prelude}\nfrom metapt.cli import main\n"
+            "sys.argv = ['metapt', *sys.argv[1:]]\nmain()\n")
+    return subprocess.Popen([sys.executable, "-c", code, "run", "synthetic", "--out", str(out), "--set",
+                             "pretrain.steps=1000000", "--set", "checkpoint.every=20", "--threads", "1"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not RunFolder(out).checkpoints():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_second_signal_after_the_stop_message_keeps_exit_status_143(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    proc = _long_run(out, "import atexit, time; atexit.register(time.sleep, 3)")  # a slow exit, as torch's can be
+    try:
+        _wait_for_checkpoint(out, proc)
+        proc.send_signal(signal.SIGTERM)
+        lines = []
+        for line in proc.stderr:  # the stop message is out: the process is on its way to exit
+            lines.append(line)
+            if line.startswith("error:"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, "".join(lines) + rest
+    assert "terminated (SIGTERM)" in "".join(lines)
+
+
+def test_sigquit_prints_every_threads_stack_and_the_run_goes_on(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = _long_run(out)
+    try:
+        _wait_for_checkpoint(out, proc)
+        proc.send_signal(signal.SIGQUIT)
+        time.sleep(1.0)
+        assert proc.poll() is None  # still running
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "most recent call first" in err and 'File "' in err

@@ -6,6 +6,7 @@ exit status 2; ``--debug`` shows its traceback instead. Anything else is a bug:
 traceback and exit status 1. Ctrl-C exits with 130, SIGTERM with 143, a
 non-finite pre-training loss with 3, a torchrun peer that stopped answering
 (``--peer-timeout``) with 4; each says which checkpoint is left to resume from.
+SIGQUIT (Ctrl-\\) prints every thread's stack and the run goes on.
 """
 
 from __future__ import annotations
@@ -78,8 +79,11 @@ def _guarded(debug: bool, action, folder_of=lambda: None):
     try:
         return _guarded_run(debug, action, folder_of)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        from .errors import stopped_by
+
+        if stopped_by() is None:  # after a stop, ours stays: a second signal must not kill the exit (130/143)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _guarded_run(debug: bool, action, folder_of):
@@ -275,7 +279,10 @@ def run(
             try:
                 execute(folder, resolved, console=err_console, dist=ctx)
             except BaseException:
-                folder.rollback()  # failed before its first checkpoint: as if it never started
+                from .errors import deferred_stop
+
+                with deferred_stop():  # a signal now must not cut short putting a replaced run back
+                    folder.rollback()  # failed before its first checkpoint: as if it never started
                 raise
             folder.commit()
             _finish(folder, ctx.is_main)
@@ -535,4 +542,20 @@ def _options(
 
 
 def main() -> None:
-    app()
+    """The ``metapt`` command: :data:`app`, with ``faulthandler`` on (a crash in native code, or
+    SIGQUIT — Ctrl-\\ or ``kill -QUIT PID`` — prints every thread's Python stack; after SIGQUIT the
+    run goes on), and a run stopped by a signal exits with 130/143 whatever signals follow."""
+    import faulthandler
+    import signal
+
+    faulthandler.enable()
+    if hasattr(signal, "SIGQUIT") and hasattr(faulthandler, "register"):
+        faulthandler.register(signal.SIGQUIT, all_threads=True)
+    try:
+        app()
+    finally:
+        from .errors import stopped_by
+
+        if stopped_by() is not None and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):  # the run has stopped and said so: let it exit
+                signal.signal(signum, signal.SIG_IGN)

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 __all__ = ["ConfigError", "DataError", "Interrupted", "LaunchError", "NonFiniteLossError", "RunFolderError",
-           "UserError", "check_stop", "deferred_stop", "immediate_stop", "on_stop_signal", "reset_stop"]
+           "UserError", "check_stop", "deferred_stop", "immediate_stop", "on_stop_signal", "reset_stop",
+           "stopped_by"]
 
 
 class UserError(Exception):
@@ -63,6 +64,7 @@ class Interrupted(KeyboardInterrupt):
 
 _STOP: list[int] = []  # signals received by this process since reset_stop()
 _DEFERRED = [0]  # > 0: inside deferred_stop(), the handler only records the signal
+_RAISED: list[int] = []  # Interrupted was raised: the run is stopping, and a further signal must not cut its cleanup
 
 
 def on_stop_signal(signum: int, frame: object = None) -> None:  # noqa: ARG001 (signal handler signature)
@@ -73,15 +75,20 @@ def on_stop_signal(signum: int, frame: object = None) -> None:  # noqa: ARG001 (
     TensorBoard writer's queue, a file being written), the exception can leave a lock held that
     the cleanup then waits on for ever; raised in a ``__del__`` or a garbage-collector callback, it
     is printed and swallowed. The run's loops therefore only record it and stop at a step boundary.
+    Once the stop has been raised, a further signal is only recorded: it must not cut short the
+    cleanup (a rolled-back ``--overwrite`` putting the old run back) that the first one started.
     """
+    first = not _STOP
     _STOP.append(signum)
-    if not _DEFERRED[0]:
+    if not _DEFERRED[0] and (first or not _RAISED):
+        _RAISED.append(signum)
         raise Interrupted(signum)
 
 
 def check_stop() -> None:
     """Raise :class:`Interrupted` if a stop signal arrived (called at every step of a run)."""
     if _STOP:
+        _RAISED.append(_STOP[0])
         raise Interrupted(_STOP[0])
 
 
@@ -109,3 +116,9 @@ def immediate_stop() -> Iterator[None]:
 
 def reset_stop() -> None:
     _STOP.clear()
+    _RAISED.clear()
+
+
+def stopped_by() -> int | None:
+    """The first stop signal received since :func:`reset_stop`, or None."""
+    return _STOP[0] if _STOP else None
