@@ -38,6 +38,7 @@ from .hypergrad import (
     Identity,
     SolverInfo,
     directional_mixed_term,
+    pretrain_backward_with_mixed_term,
     InnerOptimizer,
     Neumann,
     Solver,
@@ -280,15 +281,24 @@ class MetaPretrainer:
         """θ ← PT optimiser step on L_PT(θ, φ) with φ held fixed."""
         batch = self.problem.pretrain_batch(self.step)
         self.pt_opt.zero_grad(set_to_none=True)
-        loss = self.strategy.pretrain_backward(self, batch)
+        k = self.estimator.accumulate
+        draw = bool(k) and self._direction is not None and self.schedule.learn_phi and self.step % k == 0
+        mixed = None
+        if draw and type(self.strategy) is Strategy:  # one forward more than the PT step: the fused draw
+            alpha, u = self._draw_scale(self._direction)
+            loss, mixed = pretrain_backward_with_mixed_term(
+                lambda th, ph: self.problem.pretrain_loss(th, ph, batch), self.params, self.metaparams, u)
+            mixed = None if mixed is None else {key: -alpha * v for key, v in mixed.items()}
+        else:
+            loss = self.strategy.pretrain_backward(self, batch)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"pre-training loss became {loss.item()} at step {self.step}; lower the PT learning rate "
                 "or the meta learning rate"
             )
-        k = self.estimator.accumulate
-        if k and self._direction is not None and self.schedule.learn_phi and self.step % k == 0:
-            self._add_to_accumulator(self._mixed_draw(self.problem, batch, self._direction))  # θ before its update
+        if draw:  # at θ before its update; other strategies take the two-forward central difference
+            self._add_to_accumulator(mixed if mixed is not None else
+                                     self._mixed_draw(self.problem, batch, self._direction))
         self.pt_opt.step()
         self.step += 1
         return {"pt_loss": float(loss)}
@@ -464,13 +474,18 @@ class MetaPretrainer:
 
     # ---- pieces -------------------------------------------------------------------------------
 
-    def _mixed_draw(self, view: MetaProblem, batch: Any, direction: Params) -> Params:
-        """One draw of the accumulated estimator on a PT batch: −α ∂/∂φ⟨∇θ L_PT(θ, φ; batch), P v⟩."""
+    def _draw_scale(self, direction: Params) -> tuple[float, Params]:
+        """α and u = P ⊙ v of the accumulated estimator's draws (P: Adam's scaling, if asked)."""
         solver = self.estimator.solver
         alpha = solver.alpha if isinstance(solver, Identity) else _first_lr(self.pt_opt)
         if self.estimator.adam_preconditioner:
             precond = adam_preconditioner(self.pt_opt, self.params)
             direction = {k: v * precond[k] for k, v in direction.items()}
+        return alpha, direction
+
+    def _mixed_draw(self, view: MetaProblem, batch: Any, direction: Params) -> Params:
+        """One draw of the accumulated estimator on a PT batch: −α ∂/∂φ⟨∇θ L_PT(θ, φ; batch), P v⟩."""
+        alpha, direction = self._draw_scale(direction)
         with _buffers_kept(self.problem):  # its forwards must not count the batch twice (batch norm)
             mixed = directional_mixed_term(lambda th, ph: view.pretrain_loss(th, ph, batch), self.params,
                                            self.metaparams, direction)

@@ -79,3 +79,23 @@ def test_unreached_entries_are_zero_and_zero_direction_gives_zero():
     assert all(torch.equal(v, torch.zeros_like(v)) for v in zero.values())
     with pytest.raises(ValueError, match="relative_step"):
         directional_mixed_term(loss, theta, phi, {"x": torch.ones(3)}, relative_step=0)
+
+
+def test_fused_backward_leaves_the_pt_gradient_and_a_forward_difference_mixed_term():
+    from metapt.hypergrad import pretrain_backward_with_mixed_term
+
+    g = torch.Generator().manual_seed(2)
+    theta = {"a": torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True),
+             "b": torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)}
+    phi = {"logits": torch.randn(3, generator=g, dtype=torch.float64)}
+    u = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in theta.items()}
+    loss, mixed = pretrain_backward_with_mixed_term(_weighted_tasks, theta, phi, u, relative_step=1e-6)
+    plain = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+    expected_loss = _weighted_tasks(plain, phi)
+    expected_grad = torch.autograd.grad(expected_loss, list(plain.values()))
+    assert float(loss) == pytest.approx(float(expected_loss.detach()))
+    for (k, v), e in zip(theta.items(), expected_grad):
+        torch.testing.assert_close(v.grad, e)  # exactly what the PT step's backward leaves
+    exact = _exact_mixed(_weighted_tasks, theta, phi, u)["logits"]
+    torch.testing.assert_close(mixed["logits"], exact, rtol=1e-4, atol=1e-7)
+    assert phi["logits"].grad is None and not phi["logits"].requires_grad  # φ untouched

@@ -1,6 +1,6 @@
 """The math of metapt: pure functions over dict[str, Tensor], no modules, data or I/O."""
 
-from .accumulate import directional_mixed_term
+from .accumulate import directional_mixed_term, pretrain_backward_with_mixed_term
 from .core import (
     HypergradInfo,
     PretrainGraph,
@@ -40,6 +40,7 @@ __all__ = [
     "adam_preconditioner",
     "default_estimator",
     "directional_mixed_term",
+    "pretrain_backward_with_mixed_term",
     "differentiable_pt_optimizer",
     "estimate_hypergradient",
     "gauss_newton_product",

@@ -27,7 +27,86 @@ from torch import Tensor
 
 from ._tree import Params
 
-__all__ = ["directional_mixed_term"]
+__all__ = ["directional_mixed_term", "pretrain_backward_with_mixed_term"]
+
+
+def _step_size(theta: Mapping[str, Tensor], direction: Mapping[str, Tensor], relative_step: float) -> float:
+    """h = relative_step · max(‖θ‖, 1) / ‖u‖; 0 for a zero u, NaN for a non-finite one."""
+    if not relative_step > 0:
+        raise ValueError(f"relative_step must be > 0, got {relative_step}")
+    theta_norm = math.sqrt(sum(float(v.detach().double().pow(2).sum()) for v in theta.values()))
+    u_norm = math.sqrt(sum(float(v.detach().double().pow(2).sum()) for v in direction.values()))
+    if u_norm == 0.0 or not math.isfinite(u_norm):
+        return 0.0 if u_norm == 0.0 else math.nan
+    return relative_step * max(theta_norm, 1.0) / u_norm
+
+
+def _shifted(theta: Mapping[str, Tensor], direction: Mapping[str, Tensor], step: float) -> Params:
+    return {k: (v.detach() + step * direction[k].to(v.dtype)) if k in direction else v.detach() for k, v in theta.items()}
+
+
+def _rng_devices(theta: Mapping[str, Tensor]) -> list[int]:
+    return sorted({v.device.index for v in theta.values() if v.device.type == "cuda"})
+
+
+def _rng_state(devices: list[int]) -> tuple:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_state(state: tuple, devices: list[int]) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
+def _phi_grads(loss: Tensor, leaves: Mapping[str, Tensor]) -> list[Tensor | None]:
+    keys = list(leaves)
+    return list(torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)) if loss.requires_grad \
+        else [None] * len(keys)
+
+
+def pretrain_backward_with_mixed_term(
+    pretrain_loss: Callable[[Params, Mapping[str, Tensor]], Tensor],
+    theta: Mapping[str, Tensor],
+    phi: Mapping[str, Tensor],
+    direction: Mapping[str, Tensor],
+    *,
+    relative_step: float = 1e-3,
+) -> tuple[Tensor, Params | None]:
+    """A PT step's backward and, for one forward more, ∂/∂φ ⟨∇θ L_PT, u⟩ by a forward difference.
+
+    Runs L_PT(θ, φ) and its backward exactly as a PT step would (θ's ``.grad`` receives ∇θ L_PT;
+    the global RNG advances as that forward advances it), keeping ∂L_PT/∂φ of the same forward,
+    then L_PT(θ + hu, φ) with the same random draws. Returns (L_PT detached, the mixed term);
+    the mixed term is None when L_PT is not finite (no backward is run then, as a PT step) or
+    u is not finite. The error is O(h) (:func:`directional_mixed_term` is O(h²) at two forwards).
+    """
+    h = _step_size(theta, direction, relative_step)
+    devices = _rng_devices(theta)
+    state = _rng_state(devices)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+    with torch.enable_grad():
+        loss = pretrain_loss(theta, leaves)
+        if not bool(torch.isfinite(loss)):
+            return loss.detach(), None
+        loss.backward()
+    keys = list(phi)
+    if h == 0.0:
+        return loss.detach(), {k: torch.zeros_like(phi[k]) for k in keys}
+    if not math.isfinite(h):
+        return loss.detach(), None
+    base = [leaves[k].grad for k in keys]
+    plus_leaves = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        _set_rng_state(state, devices)
+        plus = _phi_grads(pretrain_loss(_shifted(theta, direction, h), plus_leaves), plus_leaves)
+    out = {}
+    for k, b, p in zip(keys, base, plus):
+        if b is None or p is None:
+            out[k] = torch.zeros_like(phi[k])
+        else:
+            out[k] = (p - b) / h
+    return loss.detach(), out
 
 
 def directional_mixed_term(
@@ -53,34 +132,22 @@ def directional_mixed_term(
         relative_step: the step's size relative to ‖θ‖ (float32: 1e-3 keeps the difference of
             the losses well above their rounding).
     """
-    if not relative_step > 0:
-        raise ValueError(f"directional_mixed_term: relative_step must be > 0, got {relative_step}")
-    theta_norm = math.sqrt(sum(float(v.detach().double().pow(2).sum()) for v in theta.values()))
-    u_norm = math.sqrt(sum(float(v.detach().double().pow(2).sum()) for v in direction.values()))
+    h = _step_size(theta, direction, relative_step)
     keys = list(phi)
-    if u_norm == 0.0 or not math.isfinite(u_norm):
-        fill = 0.0 if u_norm == 0.0 else math.nan
-        return {k: torch.full_like(phi[k], fill) for k in keys}
-    h = relative_step * max(theta_norm, 1.0) / u_norm
-    shifted = [{k: (v.detach() + sign * h * direction[k].to(v.dtype)) if k in direction else v.detach()
-                for k, v in theta.items()} for sign in (1.0, -1.0)]
-    devices = sorted({v.device.index for v in theta.values() if v.device.type == "cuda"})
+    if h == 0.0 or not math.isfinite(h):
+        return {k: torch.full_like(phi[k], 0.0 if h == 0.0 else math.nan) for k in keys}
+    devices = _rng_devices(theta)
     flipped = [v for v in phi.values() if not v.requires_grad]
     for v in flipped:
         v.requires_grad_(True)
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            cpu_state = torch.get_rng_state()
-            cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+            state = _rng_state(devices)
             losses = []
-            for th in shifted:  # the same random draws (dropout masks) at both points
-                torch.set_rng_state(cpu_state)
-                for d, s in zip(devices, cuda_states):
-                    torch.cuda.set_rng_state(s, d)
-                losses.append(pretrain_loss(th, phi))
-            diff = (losses[0] - losses[1]) / (2.0 * h)
-            grads = torch.autograd.grad(diff, [phi[k] for k in keys], allow_unused=True) \
-                if diff.requires_grad else [None] * len(keys)
+            for sign in (1.0, -1.0):  # the same random draws (dropout masks) at both points
+                _set_rng_state(state, devices)
+                losses.append(pretrain_loss(_shifted(theta, direction, sign * h), phi))
+            grads = _phi_grads((losses[0] - losses[1]) / (2.0 * h), phi)
     finally:
         for v in flipped:
             v.requires_grad_(False)
