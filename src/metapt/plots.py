@@ -12,15 +12,49 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+#: Axis labels in words for the step log's keys (``phi/NAME`` becomes "φ: NAME" otherwise).
+LABELS = {
+    "pt_loss": "pre-training loss",
+    "meta_loss": "meta-loss\n(FT loss on MetaFT-val.)",
+    "hypergrad_norm": "hypergradient norm\n‖dL_V/dφ‖",
+    "solver_residual": "inverse-HVP solver\nresidual ‖Hx − g‖",
+}
+
+
+def label(key: str) -> str:
+    """The words for a step-log key on an axis."""
+    if key in LABELS:
+        return LABELS[key]
+    if key.startswith("phi/"):
+        return "φ: " + key[4:].replace("_", " ")
+    return key.replace("_", " ")
+
+
+def plotted_keys(rows: Sequence[Mapping], keys: Sequence[str]) -> tuple[list[str], dict[str, float]]:
+    """The keys :func:`plot_curves` draws (logged, and not the same value at every step), and the
+    constant ones with their value (named under the figure instead of drawn as a flat line)."""
+    drawn, constant = [], {}
+    for k in keys:
+        values = {r[k] for r in rows if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))}
+        if len(values) > 1:
+            drawn.append(k)
+        elif len(values) == 1:
+            constant[k] = values.pop()
+    return drawn, constant
+
+
 def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], path: str | Path, title: str = "") -> Path | None:
     """One panel per metric key, one line per phase, against the step; smoothed by a running mean.
 
-    Returns None (and writes nothing) when no row has any of the keys.
+    Axes are labelled in words (:data:`LABELS`); a key whose value never changes gets no panel but
+    is named under the figure; the legend sits below the panels, clear of the title. A quantity
+    spanning more than two decades is drawn on a log scale. Returns None (and writes nothing)
+    when no row has any of the keys.
     """
-    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    keys, constant = plotted_keys(rows, keys)
     if not keys:
         return None
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 1.9 * len(keys) + 0.6), sharex=True, squeeze=False)
     phases = list(dict.fromkeys(r.get("phase", "") for r in rows))
     colour = {phase: f"C{i}" for i, phase in enumerate(phases)}  # one colour per phase in every panel
     for ax, key in zip(axes[:, 0], keys):
@@ -32,14 +66,23 @@ def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], path: str | Path, 
             window = max(1, len(vals) // 50)
             smooth = [sum(vals[max(0, i - window + 1) : i + 1]) / len(vals[max(0, i - window + 1) : i + 1]) for i in range(len(vals))]
             ax.plot(steps, smooth, label=phase, lw=1.2, color=colour[phase])
-        ax.set_ylabel(key, fontsize=8)
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if values and min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_yscale("log")
+        ax.set_ylabel(label(key), fontsize=8)
         ax.grid(alpha=0.3)
     handles = {l: h for ax in axes[:, 0] for h, l in zip(*ax.get_legend_handles_labels())}
-    axes[0, 0].legend(handles.values(), handles.keys(), fontsize=8)
     axes[-1, 0].set_xlabel("pre-training step")
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    # the title heads the legend above the first panel: nothing can overlap it
+    axes[0, 0].legend(handles.values(), handles.keys(), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.02),
+                      ncol=min(len(handles), 2), title=(f"{title}\n" if title else "") + "one line per phase (setting/method)",
+                      title_fontsize=10, frameon=False)
+    notes = "; ".join(f"{label(k)} = {v:.3g} throughout" for k, v in constant.items()).replace("\n", " ")
+    if notes:
+        axes[-1, 0].annotate(notes, xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -36), textcoords="offset points",
+                             ha="center", va="top", fontsize=7, wrap=True)
+    fig.tight_layout()
+    return _save(fig, path, constant={k: v for k, v in constant.items()})
 
 
 def plot_bars(
@@ -51,8 +94,16 @@ def plot_bars(
     title: str = "",
     ylim: tuple[float, float] | None = None,
     rotate: bool = False,
+    reference: tuple[float, str] | None = None,
+    bounds: tuple[float, float] | None = None,
 ) -> Path:
-    """Grouped bars: one group per category, one bar per series, (mean, CI half-width) each."""
+    """Grouped bars: one group per category, one bar per series, (mean, CI half-width) each.
+
+    Without ``ylim`` the axis fits the data (bars and CIs, with a margin; from 0 when every value
+    is positive and the smallest is under 40 % of the largest); ``reference`` = (value, words)
+    draws a dashed line such as chance level, when it falls in that range; ``bounds`` are the
+    values the metric can take (AUROC: 0 to 1), which the axis does not pass for a wide CI.
+    """
     n = max(len(series), 1)
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(categories) * n + 2), 3.6))
@@ -64,14 +115,28 @@ def plot_bars(
     ax.set_xticks(range(len(categories)))
     ax.set_xticklabels(categories, rotation=70 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
     ax.set_ylabel(ylabel)
+    lows = [m - (e if e == e else 0) for values in series.values() for m, e in values if m == m]
+    highs = [m + (e if e == e else 0) for values in series.values() for m, e in values if m == m]
     if ylim:
         ax.set_ylim(*ylim)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
+    elif lows:
+        lo, hi = min(lows), max(highs)
+        if lo >= 0 and (hi <= 0 or min(m for v in series.values() for m, _ in v if m == m) < 0.4 * hi):
+            lo = 0.0
+        pad = 0.08 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-3
+        lo, hi = lo - (pad if lo else 0), hi + pad
+        if bounds is not None:
+            lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+        ax.set_ylim(lo, hi)
+    if reference is not None and ax.get_ylim()[0] <= reference[0] <= ax.get_ylim()[1]:
+        ax.axhline(reference[0], color="k", lw=0.8, ls="--", label=reference[1])
+        ax.set_ylim(ax.get_ylim())  # the line does not widen the axis
+    if len(series) > 1 or reference is not None:  # beside the axes, never over a bar
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return _save(fig, path, means={name: [m for m, _ in values] for name, values in series.items()})
 
 
 def plot_hbars(
@@ -106,8 +171,27 @@ def plot_hbars(
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def axes_record(fig, **extra) -> dict:
+    """What a figure shows, in words and numbers: per axes its title, axis labels, limits and the
+    range of its data, and the legend's entries; written into the PNG's metadata (text chunk
+    ``metapt``) so that tests can check the plots without looking at pixels."""
+    axes = []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        data = ax.dataLim
+        axes.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+                     "xlim": list(ax.get_xlim()), "ylim": list(ax.get_ylim()), "yscale": ax.get_yscale(),
+                     "data_y": [data.y0, data.y1] if data.height == data.height else None,
+                     "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
+                     "legend_title": legend.get_title().get_text() if legend else ""})
+    return {"axes": axes, "suptitle": fig._suptitle.get_text() if fig._suptitle else "", **extra}
+
+
+def _save(fig, path: str | Path, **extra) -> Path:
+    import json
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    record = json.dumps(axes_record(fig, **extra), default=float)
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"metapt": record})  # bbox: a legend beside the axes
     plt.close(fig)
     return Path(path)

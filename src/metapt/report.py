@@ -28,7 +28,10 @@ table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; } th { background: #f4f4f4; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: .9em; } pre { background: #f7f7f7; padding: 1em; overflow-x: auto; }
-.muted { color: #777; }
+.muted { color: #777; } h3 { font-size: 1.05em; margin-bottom: .2em; }
+table.phi td:nth-child(2) { font-variant-numeric: tabular-nums; text-align: right; }
+div.bar { background: #4c72b0; height: .7em; min-width: 1px; }
+table.phi td:nth-child(3) { width: 12em; }
 """
 
 # The order figures appear in; anything else follows alphabetically.
@@ -58,7 +61,12 @@ def write_report(folder: RunFolder) -> Path:
     learned = {setting: res["learned"] for setting, res in summary.get("settings", {}).items() if res.get("learned")}
     if learned:
         parts.append("<h2>Learned meta-parameters</h2>")
-        parts.append(f"<pre>{html.escape(json.dumps(learned, indent=2))}</pre>")
+        parts.append("<p class='muted'>φ at the end of pre-training, per setting and method (task weights: "
+                     "1 is uniform).</p>")
+        for setting, by_method in learned.items():
+            for method, value in by_method.items():
+                parts.append(f"<h3>{html.escape(setting)} · {html.escape(method)}</h3>")
+                parts.append(_phi_tables(value))
     parts.append("<h2>Health</h2>")
     parts.append(_health(folder, summary))
     diagnostics = folder.path / "diagnostics.json"
@@ -72,6 +80,47 @@ def write_report(folder: RunFolder) -> Path:
     path = folder.path / "report.html"
     write_text_atomic(path, page)
     return path
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return html.escape(str(value))
+    return f"{value:.4g}" if math.isfinite(value) else "n/a"
+
+
+def _words(key: str) -> str:
+    return html.escape(key.replace("_", " "))
+
+
+def _phi_tables(value: Any) -> str:
+    """Learned φ as named tables: scalar summaries in one, each name → number mapping in its own
+    (sorted, highest first, with a bar), lists of one length side by side, indexed."""
+    if not isinstance(value, dict):
+        return f"<p>{_number(value)}</p>"
+    out = []
+    scalars = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
+    if scalars:
+        out.append("<table class='phi'><tr><th>quantity</th><th>value</th></tr>"
+                   + "".join(f"<tr><td>{_words(k)}</td><td>{_number(v)}</td></tr>" for k, v in scalars.items())
+                   + "</table>")
+    for key, mapping in ((k, v) for k, v in value.items() if isinstance(v, dict)):
+        numbers = {n: v for n, v in mapping.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if len(numbers) != len(mapping):
+            out.append(f"<p>{_words(key)}</p><pre>{html.escape(json.dumps(mapping, indent=1))}</pre>")
+            continue
+        top = max((abs(v) for v in numbers.values() if math.isfinite(v)), default=1.0) or 1.0
+        rows = "".join(f"<tr><td>{html.escape(str(n))}</td><td>{_number(v)}</td><td><div class='bar' "
+                       f"style='width:{max(0.0, 100 * abs(v) / top) if math.isfinite(v) else 0:.0f}%'></div></td></tr>"
+                       for n, v in sorted(numbers.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else 0))
+        out.append(f"<table class='phi'><tr><th>{_words(key)}: name</th><th>value</th><th></th></tr>{rows}</table>")
+    lists = {k: v for k, v in value.items() if isinstance(v, list)}
+    for length in sorted({len(v) for v in lists.values()}):
+        group = {k: v for k, v in lists.items() if len(v) == length}
+        head = "<tr><th>#</th>" + "".join(f"<th>{_words(k)}</th>" for k in group) + "</tr>"
+        rows = "".join("<tr><td>" + str(i) + "</td>" + "".join(f"<td>{_number(v[i])}</td>" for v in group.values())
+                       + "</tr>" for i in range(length))
+        out.append(f"<table class='phi'>{head}{rows}</table>")
+    return "".join(out)
 
 
 def _read(path: Path) -> str:
@@ -91,7 +140,8 @@ def _figure_rank(path: Path) -> tuple[int, str]:
 
 
 def _caption(stem: str) -> str:
-    captions = {"losses": "Losses, meta-loss, hypergradient norm and solver residual over pre-training steps",
+    captions = {"losses": "Pre-training and meta-learning over PT steps: one panel per logged quantity that changes "
+                          "(the ones that stay constant are named under the panels), one line per phase",
                 "task_weights": "Learned task weights (1 = uniform)", "scores": "Downstream test score per method",
                 "warp_magnitude": "Warp magnitude over steps", "warp_examples": "Examples of the learned warp"}
     for prefix, text in captions.items():

@@ -550,8 +550,11 @@ def write_plots(domain: Domain, folder: RunFolder, summary: Mapping[str, Any]) -
                   [(res["scores"][k][mode][fr]["mean"] if res["scores"][k][mode][fr]["mean"] is not None else math.nan,
                     res["scores"][k][mode][fr]["ci95"] if res["scores"][k][mode][fr]["ci95"] is not None else math.nan)
                    for k in methods] for mode, fr in columns}
-        plot_bars(methods, series, out / f"scores_{_slug(setting)}.png", ylabel=metric,
-                  title=f"{setting}: downstream {metric}", ylim=(0.5, 1.0) if res["metric"] == "auroc" else None)
+        auroc = res["metric"] == "auroc"
+        plot_bars(methods, series, out / f"scores_{_slug(setting)}.png",
+                  ylabel=f"{metric}, {'higher' if auroc else 'lower'} is better\n(mean ± 95 % CI over seeds)",
+                  title=f"{setting}: downstream {metric} per method", reference=(0.5, "chance (AUROC 0.5)") if auroc else None,
+                  bounds=(0.0, 1.0) if auroc else None)
     domain.plots(out, summary)
 
 

@@ -190,6 +190,8 @@ def plot_magnitude(metrics: Path, path: Path) -> None:
     ax[0].set_title("learned global magnitude")
     ax[1].plot(steps, [r["phi/mean_abs_shift"] for r in rows], color="C1")
     ax[1].set_title("mean |displacement| on 32 fixed beats (samples)")
+    ax[0].set_ylabel("warp magnitude φ\n(velocity std / window length)")
+    ax[1].set_ylabel("mean |displacement| (samples)")
     for a in ax:
         a.set_xlabel("pre-training step")
     fig.tight_layout()

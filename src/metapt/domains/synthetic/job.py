@@ -112,8 +112,9 @@ class Synthetic:
         if learned:
             names = [f"{'helpful' if h else 'noise'} {i}" for i, h in enumerate(learned["helpful_task"])]
             plot_bars(names, {"learned weight": [(w, float("nan")) for w in learned["task_weights"]]},
-                      out / "task_weights.png", ylabel="2·sigmoid(logit)", title="Learned task weights (1 = uniform)",
-                      rotate=True)
+                      out / "task_weights.png", ylabel="learned task weight\n2·sigmoid(logit)",
+                      title="Learned task weights per task (dashed: 1, uniform)", rotate=True,
+                      reference=(1.0, "uniform weight"))
 
 
 DOMAIN = Synthetic()
