@@ -22,9 +22,11 @@ finite, so the newest one is always a state the run can go on from.
 Safety: one process owns a run folder at a time (an OS lock on ``.metapt-lock``); a run
 folder holds a marker (``.metapt-run``), and ``--overwrite`` replaces only folders that
 hold one — the old folder is moved aside and deleted only once the new run has written
-its first checkpoint (restored if the new run fails before). Resume refuses a changed
-configuration, a different process count, a damaged ``metrics.jsonl`` and a folder
-whose checkpoints are all unreadable; it never deletes what this run did not write.
+its first checkpoint (restored if the new run fails before; if it was killed outright, the
+next command on the folder restores it, or names it when the new run had got under way).
+Resume refuses a changed configuration, a different process count, a damaged
+``metrics.jsonl`` and a folder whose checkpoints are all unreadable; it never deletes what
+this run did not write. A phase computed again (its results file was lost) logs no row twice.
 
 Files are written atomically (temporary file, fsync, rename, fsync of the folder).
 Checkpoints hold only tensors and plain containers and are read with
@@ -528,6 +530,8 @@ def recover_set_aside(path: str | Path, console: Console | None = None) -> None:
     folder whose ``--overwrite`` process is alive (it holds the folder's lock) is left alone.
     """
     path = Path(path)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 alone deals with the folder
     asides = _set_aside_of(path)
     if not asides:
         return
