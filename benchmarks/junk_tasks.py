@@ -65,11 +65,21 @@ def base_overrides(args) -> list[str]:
 
 
 def pretrain(config: MoleculesJob, data, method: str, seed: int):
+    """The trained trainer, its pre-training seconds, and the hypergradients its φ updates used."""
     built = DOMAIN.pretraining(config, data, METHODS[method], seed, torch.device("cpu"))
     trainer = build_trainer(built, config, METHODS[method], seed)
+    used = []
+    step = trainer.meta_opt.step
+
+    def recording_step(*a, **kw):  # the hypergradient each applied meta-step used (the premise)
+        used.append({k: v.grad.detach().to_dense().clone() for k, v in trainer.metaparams.items()
+                     if v.grad is not None})
+        return step(*a, **kw)
+
+    trainer.meta_opt.step = recording_step
     start = time.perf_counter()
     trainer.run_until(config.pretrain.steps)
-    return trainer, time.perf_counter() - start
+    return trainer, time.perf_counter() - start, used
 
 
 def junk_scores(weights: np.ndarray, junk: np.ndarray) -> dict:
@@ -118,13 +128,17 @@ def main() -> None:
     started = time.perf_counter()
     uniform_seconds = {}
     for seed in seeds:
-        _, uniform_seconds[seed] = pretrain(base, data, "uniform", seed)
+        _, uniform_seconds[seed], _ = pretrain(base, data, "uniform", seed)
     runs, table = [], {}
     for option in options:
         config = load_config("molecules", base_overrides(args) + OPTIONS[option])
         weights, ratios = [], []
         for seed in seeds:
-            trainer, seconds = pretrain(config, data, "meta_task_weights", seed)
+            trainer, seconds, used = pretrain(config, data, "meta_task_weights", seed)
+            # the run's mean hypergradient per task and its t-statistic over meta-steps: a positive
+            # one lowers the weight; does the data say the junk tasks should sink?
+            hyper = torch.stack([u["task_logits"] for u in used]).double().numpy()
+            t_stat = hyper.mean(0) / (hyper.std(0, ddof=1) / math.sqrt(len(hyper)) + 1e-30)
             phi = trainer.averaged_metaparams
             w = DOMAIN.describe(config, data, METHODS["meta_task_weights"], phi)["task_weights"]
             w = np.array([w[n] for n in names])
@@ -132,7 +146,11 @@ def main() -> None:
             ratios.append(seconds / uniform_seconds[seed])
             runs.append({"option": option, "seed": seed, "seconds": round(seconds, 1),
                          "cost_vs_uniform": seconds / uniform_seconds[seed], "skipped": trainer.skipped,
-                         "task_weights": dict(zip(names, w.round(4).tolist())), **junk_scores(w, junk)})
+                         "task_weights": dict(zip(names, w.round(4).tolist())), **junk_scores(w, junk),
+                         "premise_auroc_mean_hypergrad_junk": float(roc_auc_score(junk, hyper.mean(0))),
+                         "premise_auroc_t_junk": float(roc_auc_score(junk, t_stat)),
+                         "premise_t_junk_mean": float(t_stat[junk].mean()),
+                         "premise_t_real_mean": float(t_stat[~junk].mean())})
             print(f"{option} seed {seed}: {runs[-1]['share_junk_below_median_real']:.2f} junk below median, "
                   f"AUROC {runs[-1]['auroc_neg_weight_junk']:.2f}, {seconds:.0f} s", flush=True)
         mine = [r for r in runs if r["option"] == option]
@@ -144,6 +162,8 @@ def main() -> None:
             "agreement_real_tasks": agreement([w[~junk] for w in weights]),
             "agreement_all_tasks": agreement(weights),
             "cost_vs_uniform": float(np.mean(ratios)),
+            "premise_auroc_t_junk": mean_ci95([r["premise_auroc_t_junk"] for r in mine]),
+            "premise_t_junk_minus_real": mean_ci95([r["premise_t_junk_mean"] - r["premise_t_real_mean"] for r in mine]),
         }
     result = {"benchmark": "junk_tasks", **(prov or {}), "setting": args.setting, "junk_tasks": int(junk.sum()),
               "real_tasks": int((~junk).sum()), "pretrain_molecules": len(data.pretrain_positions),
@@ -169,16 +189,20 @@ def markdown(r: dict) -> str:
              f"pre-training seeds {r['seeds'][0]}–{r['seeds'][-1]})", "",
              "Mean ± 95 % CI over pre-training seeds. Bar (issue 20): every junk weight below the median real "
              "weight, in every seed. Agreement: Spearman ρ of the learned real-task weights, each seed against "
-             "the mean of the others (CI over seeds), and the mean over pairs.", "",
+             "the mean of the others (CI over seeds), and the mean over pairs. Premise: each task's mean "
+             "hypergradient over the run's applied meta-steps as a t-statistic (positive lowers the weight); its "
+             "AUROC for the junk flag is how well the integrated signal itself separates junk from real tasks.", "",
              f"| option | seeds with every junk task below the median (of {n}) | share of junk below median | "
              "junk mean percentile (chance 0.5) | AUROC of −weight for junk | agreement ρ, real tasks "
-             "(leave-one-out) | pairwise ρ | cost vs uniform |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(leave-one-out) | pairwise ρ | premise: AUROC of the run's hypergradient t for junk | "
+             "premise: t junk − t real | cost vs uniform |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for option, t in r["table"].items():
         a = t["agreement_real_tasks"]
         lines.append(f"| {option} | {t['seeds_all_junk_below_median']} | {_pm(t['share_junk_below_median'])} | "
                      f"{_pm(t['junk_mean_percentile'])} | {_pm(t['auroc_neg_weight_junk'])} | "
                      f"{_pm((a['leave_one_out_mean'], a['leave_one_out_ci95']))} | {a['pairwise_mean']:.2f} | "
+                     f"{_pm(t['premise_auroc_t_junk'])} | {_pm(t['premise_t_junk_minus_real'])} | "
                      f"{t['cost_vs_uniform']:.2f}× |")
     lines += ["", "Options (overrides of the molecules job): " + "; ".join(
         f"**{o}**: `{' '.join(v) or '(none)'}`" for o, v in r["options"].items())]

@@ -188,3 +188,22 @@ def test_junk_tasks_are_label_permuted_copies():
     assert add_junk_tasks(data, 0, seed=0) is data
     with pytest.raises(ValueError, match="junk_tasks"):
         add_junk_tasks(data, -1, seed=0)
+
+
+def test_draws_for_cosine_half_against_simulated_signal_plus_noise():
+    from metapt.diagnostics import draws_for_cosine
+
+    assert draws_for_cosine(0.2) == pytest.approx(4.0) and draws_for_cosine(0.04) == pytest.approx(24.0)
+    assert draws_for_cosine(-0.1) == math.inf and draws_for_cosine(0.9) == 1.0
+    # simulate: draws s + n in 400 dims with ‖s‖²/E‖n‖² = 0.1; single-draw cosine ≈ 0.09
+    g = torch.Generator().manual_seed(0)
+    d, r = 400, 0.1
+    s = torch.randn(d, generator=g)
+    s = s / s.norm() * math.sqrt(r * d)
+    draw = lambda: s + torch.randn(d, generator=g)  # noqa: E731
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))  # noqa: E731
+    single = sum(cos(draw(), draw()) for _ in range(400)) / 400
+    n = round(draws_for_cosine(single))
+    avg = lambda: sum(draw() for _ in range(n)) / n  # noqa: E731
+    averaged = sum(cos(avg(), avg()) for _ in range(200)) / 200
+    assert 0.42 < averaged < 0.58, (single, n, averaged)

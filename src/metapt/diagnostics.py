@@ -334,15 +334,29 @@ def _agreement(preds: Sequence[float], truth: Sequence[float]) -> float:
 
 
 def signal_to_noise(probe: StateProbe, estimator: Estimator, samples: int) -> dict[str, float]:
-    """Independent hypergradients (other PT and FT/validation batches): their mean pairwise cosine
-    and ‖mean‖ / √(mean ‖h_i − mean‖²)."""
+    """Independent hypergradients (other PT and FT/validation batches): their mean pairwise cosine c,
+    ‖mean‖ / √(mean ‖h_i − mean‖²), and ``draws_for_half``: how many draws must be averaged for two
+    such averages to reach cosine 0.5 (draws = signal s + noise n: c ≈ r/(1 + r) with r = ‖s‖²/E‖n‖²,
+    and a mean of N draws has pairwise cosine N·r/(1 + N·r); inf when c ≤ 0: no expected direction)."""
     hs = [probe.estimate(estimator, sample=s)[0] for s in range(samples)]
     if samples < 2:
-        return {"mean_pairwise_cos": float("nan"), "snr": float("nan")}
+        return {"mean_pairwise_cos": float("nan"), "snr": float("nan"), "draws_for_half": float("nan")}
     cosines = [_cos(hs[i], hs[j]) for i in range(samples) for j in range(i + 1, samples)]
     mean = {k: sum(h[k] for h in hs) / samples for k in hs[0]}
     spread = math.sqrt(sum(tree_norm({k: h[k] - mean[k] for k in h}) ** 2 for h in hs) / (samples - 1))
-    return {"mean_pairwise_cos": sum(cosines) / len(cosines), "snr": tree_norm(mean) / spread if spread > 0 else math.inf}
+    c = sum(cosines) / len(cosines)
+    return {"mean_pairwise_cos": c, "snr": tree_norm(mean) / spread if spread > 0 else math.inf,
+            "draws_for_half": draws_for_cosine(c, 0.5)}
+
+
+def draws_for_cosine(pair_cos: float, target: float = 0.5) -> float:
+    """Draws to average so that two independent averages have cosine ``target``, given the pairwise
+    cosine of single draws (signal + independent noise): N = (target/(1 − target)) · (1 − c)/c."""
+    if not math.isfinite(pair_cos) or pair_cos <= 0:
+        return math.inf
+    if pair_cos >= 1:
+        return 1.0
+    return max(1.0, target / (1 - target) * (1 - pair_cos) / pair_cos)
 
 
 def default_estimators(pt_lr: float, horizon: int) -> dict[str, Estimator]:
@@ -515,6 +529,9 @@ def verdict(result: Mapping[str, Any]) -> str:
     if pair is not None and math.isfinite(pair):
         text += ("; its draws agree with each other (pair cos " if pair >= 0.5 else
                  "; its draws are mostly batch noise (pair cos ") + f"{pair:.2f})"
+        need = draws_for_cosine(pair)
+        text += (f"; there is a signal to learn from here: about {need:.0f} draws average to cosine 0.5"
+                 if math.isfinite(need) else "; no expected direction here: the objective is flat at this state")
     cost = r.get("cost_pt_steps") or math.inf
     better = [(o.get("cos_exact"), n) for n, o in rows.items()
               if n != name and o.get("cost_pt_steps", math.inf) <= 2 * cost
