@@ -80,3 +80,12 @@ def test_learned_phi_is_a_named_table_not_a_json_dump(run):
         assert "CHEMBL" in section  # task weights by target name
     else:
         assert "helpful weight" in section and "noise weight" in section
+
+
+def test_each_section_opens_with_a_verdict_line(run):
+    page = (run / "report.html").read_text()
+    results = page.split("<h2>Results</h2>", 1)[1].split("<h2>", 1)[0]
+    assert re.search(r"<p class='verdict'>Verdict, \w+ \(paired 95 % CIs\): meta task weights − uniform weights: "
+                     r"(better|worse|indistinguishable)", results), results[:500]
+    learned = page.split("<h2>Learned meta-parameters</h2>", 1)[1].split("<h2>", 1)[0]
+    assert re.search(r"<p class='verdict'>task weights span [\d.]+ to [\d.]+", learned)

@@ -113,7 +113,10 @@ def plot_bars(
         errs = [0.0 if (e is None or math.isnan(e)) else e for _, e in values]
         ax.bar(xs, means, width, yerr=errs if any(errs) else None, capsize=3, label=name)
     ax.set_xticks(range(len(categories)))
-    ax.set_xticklabels(categories, rotation=70 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
+    import textwrap
+
+    shown = categories if rotate else ["\n".join(textwrap.wrap(str(c), 14)) or str(c) for c in categories]  # no overlap
+    ax.set_xticklabels(shown, rotation=70 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
     ax.set_ylabel(ylabel)
     lows = [m - (e if e == e else 0) for values in series.values() for m, e in values if m == m]
     highs = [m + (e if e == e else 0) for values in series.values() for m, e in values if m == m]

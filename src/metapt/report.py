@@ -28,7 +28,8 @@ table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: left; } th { background: #f4f4f4; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: .9em; } pre { background: #f7f7f7; padding: 1em; overflow-x: auto; }
-.muted { color: #777; } h3 { font-size: 1.05em; margin-bottom: .2em; }
+.muted { color: #777; } .verdict { background: #f3f6fb; border-left: 3px solid #4c72b0; padding: .4em .8em; }
+h3 { font-size: 1.05em; margin-bottom: .2em; }
 table.phi td:nth-child(2) { font-variant-numeric: tabular-nums; text-align: right; }
 div.bar { background: #4c72b0; height: .7em; min-width: 1px; }
 table.phi td:nth-child(3) { width: 12em; }
@@ -49,6 +50,8 @@ def write_report(folder: RunFolder) -> Path:
     parts.append(f"<p class='muted'>job <b>{html.escape(str(job))}</b> · folder {html.escape(str(folder.path))}"
                  f"{_wall(summary)}</p>")
     parts.append("<h2>Results</h2>")
+    for line in results_verdicts(summary):
+        parts.append(f"<p class='verdict'>{html.escape(line)}</p>")
     parts.append(markdown.markdown(summary_md, extensions=["tables"]) if summary_md else
                  "<p>No summary yet: the run has not finished.</p>")
     figures = sorted(folder.path.glob("*.png"), key=_figure_rank)
@@ -82,6 +85,33 @@ def write_report(folder: RunFolder) -> Path:
     return path
 
 
+def results_verdicts(summary: dict) -> list[str]:
+    """One line per setting: did each meta-learned method help, by its paired gains' 95 % CIs?"""
+    lines = []
+    for setting, res in summary.get("settings", {}).items():
+        higher = res.get("metric", "auroc") == "auroc"
+        said = []
+        for label, by_mode in res.get("gains", {}).items():
+            if "meta" not in label.lower():
+                continue
+            cells = []
+            for mode, by_fraction in by_mode.items():
+                for fraction, g in by_fraction.items():
+                    mean, ci = g.get("mean"), g.get("ci95")
+                    where = mode + ("" if len(by_fraction) == 1 else f", {float(fraction):.0%} labels")
+                    if mean is None or ci is None or not (math.isfinite(mean) and math.isfinite(ci)):
+                        cells.append(f"no CI ({where})")
+                    elif abs(mean) > ci:
+                        cells.append(f"{'better' if (mean > 0) == higher else 'worse'} by {abs(mean):.3g} ± {ci:.2g} "
+                                     f"({where})")
+                    else:
+                        cells.append(f"indistinguishable ({where})")
+            said.append(f"{label}: " + ", ".join(cells))
+        if said:
+            lines.append(f"Verdict, {setting} (paired 95 % CIs): " + "; ".join(said) + ".")
+    return lines
+
+
 def _number(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return html.escape(str(value))
@@ -98,6 +128,20 @@ def _phi_tables(value: Any) -> str:
     if not isinstance(value, dict):
         return f"<p>{_number(value)}</p>"
     out = []
+    spans = []
+    stats = {"mean", "std", "min", "max", "median"}
+    for key, v in value.items():
+        if isinstance(v, dict) and v and set(v) <= stats:  # a summary of many entries, not one per name
+            if "min" in v and "max" in v:
+                spans.append(f"{key.replace('_', ' ')} span {v['min']:.3g} to {v['max']:.3g}")
+            continue
+        numbers = list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else []
+        numbers = [x for x in numbers if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
+        if len(numbers) > 1:
+            spans.append(f"{key.replace('_', ' ')} span {min(numbers):.3g} to {max(numbers):.3g} ({len(numbers)} entries)")
+    if spans:
+        note = " (1 is uniform)" if any("weight" in k for k in value) else ""
+        out.append(f"<p class='verdict'>{html.escape('; '.join(spans) + note)}.</p>")
     scalars = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
     if scalars:
         out.append("<table class='phi'><tr><th>quantity</th><th>value</th></tr>"
@@ -107,6 +151,11 @@ def _phi_tables(value: Any) -> str:
         numbers = {n: v for n, v in mapping.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if len(numbers) != len(mapping):
             out.append(f"<p>{_words(key)}</p><pre>{html.escape(json.dumps(mapping, indent=1))}</pre>")
+            continue
+        if set(numbers) <= stats:  # summary statistics, in their own order
+            out.append(f"<table class='phi'><tr><th>{_words(key)}</th><th>value</th></tr>"
+                       + "".join(f"<tr><td>{_words(n)}</td><td>{_number(v)}</td></tr>" for n, v in numbers.items())
+                       + "</table>")
             continue
         top = max((abs(v) for v in numbers.values() if math.isfinite(v)), default=1.0) or 1.0
         rows = "".join(f"<tr><td>{html.escape(str(n))}</td><td>{_number(v)}</td><td><div class='bar' "
