@@ -207,7 +207,7 @@ class PretrainConfig:
 
     Attributes:
         steps: PT steps per method.
-        lr: Adam learning rate (also the Neumann α unless ``meta.solver.alpha`` is set).
+        lr: Adam learning rate (also α of the implicit meta.solver kinds unless ``meta.solver.alpha`` is set).
         batch_size: pre-training examples per step.
         seed: the pre-training seed: θ₀, φ₀, the order of the PT, FT and MetaFT-validation
             batches and their random draws (augmentations, dropout). The data split has its
