@@ -186,3 +186,14 @@ def test_error_messages_are_bounded(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config("synthetic", ["steps=" + "9" * 100_000 + "x"])
     assert len(str(err.value)) <= 2000
+
+
+def test_choosing_another_solver_kind_drops_the_old_kinds_keys():
+    # the synthetic job's default is {kind: neumann, terms: 5, alpha: 0.01}; another kind starts afresh
+    for override in ("meta.solver=cg", "meta.solver.kind=cg", "meta.solver={kind: cg}"):
+        solver = load_config("synthetic", [override]).meta.solver
+        assert solver.kind == "cg" and solver.terms is None and solver.alpha is None, override
+    same = load_config("synthetic", ["meta.solver.kind=neumann", "meta.solver.alpha=0.5"]).meta.solver
+    assert (same.kind, same.terms, same.alpha) == ("neumann", 5, 0.5)  # the same kind keeps its keys
+    cg = load_config("synthetic", ["meta.solver=cg", "meta.solver.max_iter=7"]).meta.solver
+    assert cg.max_iter == 7

@@ -207,3 +207,26 @@ def test_draws_for_cosine_half_against_simulated_signal_plus_noise():
     avg = lambda: sum(draw() for _ in range(n)) / n  # noqa: E731
     averaged = sum(cos(avg(), avg()) for _ in range(200)) / 200
     assert 0.42 < averaged < 0.58, (single, n, averaged)
+
+
+def test_normalize_weights_reaches_every_domain_or_is_refused():
+    from metapt.config import ConfigError, load_config
+    from metapt.domains.synthetic.job import DOMAIN as SYNTHETIC
+
+    config = load_config("synthetic", ["meta.normalize_weights=true"])
+    data = SYNTHETIC.load(config, "synthetic", None)
+    assert data.task_weights.normalize
+    with pytest.raises(ConfigError, match="normalize_weights"):
+        load_config("ecg-quick", ["meta.normalize_weights=true"])
+
+
+def test_accumulated_solver_config_builds_its_estimator_and_refuses_other_kinds_keys():
+    from metapt.config import ConfigError, load_config
+
+    config = load_config("synthetic", ["meta.solver={kind: accumulated, every: 3, alpha: 0.5}"])
+    est = config.meta.solver.estimator(0.01)
+    assert est.accumulate == 3 and est.solver == Identity(0.5) and est.adam_preconditioner
+    with pytest.raises(ConfigError, match="horizon"):
+        load_config("synthetic", ["meta.solver={kind: accumulated, horizon: 2}"])
+    with pytest.raises(ConfigError, match="every"):
+        load_config("molecules-test", ["meta.solver.every=2"])  # the default kind, unrolled, reads no every

@@ -214,13 +214,18 @@ def _extend(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
 
 
 def _merge(cls: Any, base: Any, update: Any) -> Any:
-    """``update`` laid over ``base``: sections (config classes) merge key by key, anything else is replaced."""
+    """``update`` laid over ``base``: sections (config classes) merge key by key, anything else is replaced.
+
+    A section with a ``kind`` (``meta.solver``) that is given another kind starts afresh: the old
+    kind's own keys (Neumann's ``terms``) would not apply to the new one."""
     if not (dataclasses.is_dataclass(cls) and isinstance(update, dict)):
         return update
     if not isinstance(base, dict):
         base = {}
-    out = dict(base)
     names = {f.name for f in dataclasses.fields(cls)}
+    if "kind" in names and "kind" in update and update["kind"] != base.get("kind"):
+        base = {}
+    out = dict(base)
     for key, value in update.items():
         section = _section_type(cls, key) if key in names else None
         value = _shorthand(section, value)
@@ -254,6 +259,8 @@ def apply_override(raw: dict, item: str, cls: type | None = None) -> None:
         names = {f.name for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else set()
         child_type = _section_type(section, part) if part in names else None
         if depth == len(parts) - 1:  # a section given as a mapping (or by name) merges into the one there
+            if part == "kind" and "kind" in names and parsed != node.get("kind"):
+                node.clear()  # another kind: the old kind's own keys go with it (see _merge)
             node[part] = _merge(child_type, node.get(part), _shorthand(child_type, parsed))
             return
         child = _shorthand(child_type, node.get(part))

@@ -74,6 +74,9 @@ class ECGJob:
     def __post_init__(self) -> None:
         check_device(self.device)
         check_job(self, any(METHODS[m].phi == "learned" for m in self.methods))
+        if self.meta.normalize_weights:
+            raise ValueError("meta.normalize_weights normalises task or example weights; the ECG job learns an "
+                             "augmentation and a noise model, no weights: leave it false")
         default = ECGProblemConfig()
         if (self.problem.pretrain_batch_size, self.problem.seed) != (default.pretrain_batch_size, default.seed):
             raise ValueError("problem.pretrain_batch_size and problem.seed are set by pretrain.batch_size and "

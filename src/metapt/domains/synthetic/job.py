@@ -17,7 +17,6 @@ from rich.console import Console
 from torch import nn
 
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig
-from ...metaparams import weights_from_logits
 from ...plots import plot_bars
 from ...runner import Method, Pretraining
 from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, SolverConfig, check_device, check_job, schema
@@ -79,7 +78,8 @@ class Synthetic:
         return ("synthetic",)
 
     def load(self, config: SyntheticJob, setting: str, console: Console) -> SyntheticTaskWeighting:
-        return SyntheticTaskWeighting(replace(config.problem, batch_size=config.pretrain.batch_size))
+        return SyntheticTaskWeighting(replace(config.problem, batch_size=config.pretrain.batch_size),
+                                      normalize_weights=config.meta.normalize_weights)
 
     def pretraining(self, config: SyntheticJob, data: SyntheticTaskWeighting, method: Method, seed: int,
                     device: torch.device) -> Pretraining:
@@ -103,7 +103,7 @@ class Synthetic:
                 "noise_tasks": c.noise_tasks, "dim": c.dim, "subspace": c.subspace}
 
     def describe(self, config: SyntheticJob, data: SyntheticTaskWeighting, method: Method, phi: dict) -> dict[str, Any]:
-        weights = weights_from_logits(phi["task_logits"])
+        weights = data.task_weights.weights(phi)
         return {"task_weights": [round(float(w), 4) for w in weights],
                 "helpful_task": [bool(h) for h in data.helpful], **data.describe_metaparams(phi)}
 

@@ -71,9 +71,10 @@ MAX_ELEMENTS = 50_000_000
 class SyntheticTaskWeighting(LabelledBatches):
     """Task weighting on the synthetic problem; implements :class:`metapt.problem.MetaProblem`."""
 
-    def __init__(self, config: SyntheticConfig = SyntheticConfig(), dtype: torch.dtype = torch.float32):
+    def __init__(self, config: SyntheticConfig = SyntheticConfig(), dtype: torch.dtype = torch.float32, *,
+                 normalize_weights: bool = False):
         c = config
-        self.config, self.dtype = c, dtype
+        self.config, self.dtype, self.normalize_weights = c, dtype, normalize_weights
         g = torch.Generator().manual_seed(c.seed)
         basis, _ = torch.linalg.qr(torch.randn(c.dim, c.dim, generator=g, dtype=torch.float64))
         signal = basis[:, : c.subspace]  # orthonormal basis of S
@@ -105,8 +106,8 @@ class SyntheticTaskWeighting(LabelledBatches):
 
     @property
     def task_weights(self) -> TaskWeights:
-        """φ's family: one weight per PT task, 2·sigmoid(logit)."""
-        return TaskWeights(self.num_tasks)
+        """φ's family: one weight per PT task, 2·sigmoid(logit) (K·softmax with ``normalize_weights``)."""
+        return TaskWeights(self.num_tasks, normalize=self.normalize_weights)
 
     @property
     def num_tasks(self) -> int:
