@@ -230,7 +230,7 @@ class PretrainConfig:
 
 @schema
 class MetaConfig:
-    """Algorithm 1's meta-learning knobs (the paper's defaults unless noted).
+    """Algorithm 1's meta-learning knobs (the paper's values where it gives one, as noted).
 
     Attributes:
         interval: PT steps between meta-steps (paper: 10).
@@ -256,7 +256,9 @@ class MetaConfig:
             before each meta-step instead of a second PT forward/backward (cheaper, but H is
             one PT step older than g; off by default: every derivative at the same θ, as in the
             paper; benchmarks/meta_overhead.py measures the saving).
-        solver: the inverse-HVP solver.
+        solver: the hypergradient estimator (:class:`SolverConfig`; default: reverse-mode through
+            the next PT step; ``accumulated``: every PT batch's mixed term, the noise-controlled
+            option).
     """
 
     interval: int = Field(default=10, ge=1, le=MAX_STEPS)

@@ -157,10 +157,11 @@ class MetaPretrainer:
         pt_optimizer: builds the PT optimiser from θ's tensors, e.g.
             ``lambda ps: torch.optim.Adam(ps, lr=1e-3)``.
         meta_optimizer: builds φ's optimiser (paper: Adam), e.g.
-            ``lambda ps: torch.optim.Adam(ps, lr=0.05)``. The hypergradient is about as
-            small as the solver's α (the PT learning rate by default): norms of 1e-5 to 1e-4
-            in metapt's examples (PT lr 1e-2), smaller with a smaller PT lr, so plain SGD on φ
-            at lr 1 moves nothing; Adam (scale-free) or SGD
+            ``lambda ps: torch.optim.Adam(ps, lr=0.05)``. The hypergradient scales with the PT
+            learning rate (every estimator differentiates a PT step of that size or multiplies
+            by α, the PT learning rate by default): its norm runs from about 1e-5 to 3e-3 in the
+            guide's example (PT lr 1e-2; ``docs/guide.md`` quotes the measured figures), smaller
+            with a smaller PT lr, so plain SGD on φ at lr 1 moves nothing; Adam (scale-free) or SGD
             with a learning rate of the order of 1/‖hypergradient‖ does. For the control
             that runs the meta-objective backwards (φ ascends L_V), pass an optimiser that
             takes ``maximize=True``, e.g. ``torch.optim.Adam(ps, lr=0.05, maximize=True)``.
@@ -169,8 +170,9 @@ class MetaPretrainer:
             takes one (:class:`metapt.optim.LazyAdam`, :class:`metapt.optim.LazySGD`: only the
             rows a meta-step touched move, at a cost independent of |φ|), else made dense.
         inner_optimizer: the differentiable FT optimiser that is unrolled.
-        solver: the inverse-HVP solver (paper: ``Neumann(1, alpha=PT lr)``); short for
-            ``estimator=Estimator(solver=solver)``.
+        solver: an inverse-HVP solver, short for ``estimator=Estimator(solver=solver)`` (the
+            paper's estimator with that solver; the paper's solver is ``Neumann(1, alpha=PT lr)``).
+            Not the default: leave both unset for :func:`metapt.hypergrad.default_estimator`.
         estimator: which hypergradient each meta-step estimates
             (:class:`metapt.hypergrad.Estimator`): the solver, the PT batches H and the mixed
             term are taken on (the one just taken, as the paper, or the upcoming ones), Adam's
