@@ -26,7 +26,6 @@ WORKLOAD = r"""
 import sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 from metapt.config import load_config
-from metapt.runner import _placed
 from metapt.domains import domain
 from metapt.trainer import MetaPretrainer
 from metapt.hypergrad import sgd
@@ -34,7 +33,7 @@ from rich.console import Console
 config = load_config("molecules", ["data.max_pretrain=4000", "data.max_downstream=500"])
 d = domain("molecules")
 data = d.load(config, "b3db", Console(quiet=True))
-built = _placed(d.pretraining(config, data, d.methods["meta_task_weights"], 0, torch.device("cpu")), torch.device("cpu"))
+built = d.pretraining(config, data, d.methods["meta_task_weights"], 0, torch.device("cpu"))
 meta = config.meta
 t = MetaPretrainer(built.problem, built.params, built.head, built.metaparams,
                    pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.pretrain.lr),

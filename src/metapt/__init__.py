@@ -37,7 +37,9 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API docs) read
     )
     from .problem import EpochShuffler, MetaProblem, Params
     from .strategy import ReusePTGraph, Strategy
-    from .trainer import MetaPretrainer, MetaSchedule, MetricsLogger, NonFiniteLossError, TrainerSnapshot
+    from .errors import NonFiniteLossError
+    from .schedule import MetaSchedule
+    from .trainer import MetaPretrainer, MetricsLogger, TrainerSnapshot
 
 #: public name -> the module that defines it; imported on first use, so that `metapt --help`
 #: and `metapt config --list` start without importing torch
@@ -53,10 +55,10 @@ _WHERE = {
     "LabelFlipRates": ".metaparams",
     "MetaPretrainer": ".trainer",
     "MetaProblem": ".problem",
-    "MetaSchedule": ".trainer",
+    "MetaSchedule": ".schedule",
     "MetricsLogger": ".trainer",
     "Neumann": ".hypergrad",
-    "NonFiniteLossError": ".trainer",
+    "NonFiniteLossError": ".errors",
     "Params": ".problem",
     "pretraining_hypergradient": ".hypergrad",
     "ReusePTGraph": ".strategy",

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .hypergrad import Neumann, sgd, unrolled_finetune
-from .hypergrad._tree import Params, tree_dot, tree_norm
+from .hypergrad import Neumann, sgd, tree_dot, tree_norm, unrolled_finetune
 from .hypergrad.curvature import lanczos
 from .hypergrad.estimators import (
     Estimator,
@@ -43,7 +42,8 @@ from .hypergrad.estimators import (
     pretrain_lookahead,
     unrolled_pretraining_hypergradient,
 )
-from .problem import MetaProblem
+from .problem import MetaProblem, Params
+from .schedule import pt_batch_index
 
 __all__ = [
     "DiagnoseOptions",
@@ -120,10 +120,9 @@ class StateProbe:
     # ---- the pieces ----------------------------------------------------------------------------
 
     def pt_batch_index(self, t: int, sample: int = 0, stride: int = 1) -> int:
-        """t ≥ 0: the t-th upcoming PT batch; t < 0: the (−t)-th just taken; sample s shifts by s·stride."""
-        if t < 0:
-            return max(self.step + t - sample * stride, 0)
-        return self.step + t + sample * stride
+        """t ≥ 0: the t-th upcoming PT batch; t < 0: the (−t)-th just taken; sample s shifts by s·stride
+        (:func:`metapt.schedule.pt_batch_index`, as the trainer's meta-step)."""
+        return pt_batch_index(self.step, t, sample, stride)
 
     def pretrain_loss_at(self, sample: int = 0, stride: int = 1) -> Callable[[Params, Mapping[str, Tensor], int], Tensor]:
         cache: dict[int, Any] = {}
@@ -624,7 +623,7 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
     from .config import load_config
     from .domains import domain as domain_of
     from .errors import UserError
-    from .runs import RunFolder, _CKPT, _load_verified, write_text_atomic
+    from .runs import RunFolder, write_text_atomic
     from .runner import parse_phase
 
     folder = RunFolder.open(run_dir)
@@ -632,9 +631,8 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
     dom = domain_of(config.job)
     state, recorded = None, None
     for path in reversed(folder.checkpoints()):
-        match = _CKPT.match(path.name)
         try:
-            ckpt = _load_verified(path, match.group(2))
+            ckpt = folder.load_checkpoint(path)
         except Exception:  # noqa: BLE001 (a damaged checkpoint: try the previous one)
             continue
         if ckpt.get("trainer") is not None and (phase is None or ckpt.get("phase") == phase):

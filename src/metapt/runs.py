@@ -60,16 +60,18 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from .errors import RunFolderError, check_stop, deferred_stop
+from .errors import NonFiniteLossError, RunFolderError, check_stop, deferred_stop
 from .metrics import JsonlLogger, TensorBoardLogger
 from .schema import CheckpointConfig, jsonable
-from .trainer import MetaPretrainer, NonFiniteLossError
+
+if TYPE_CHECKING:
+    from .trainer import MetaPretrainer
 
 __all__ = ["FORMAT", "RunFolder", "RunFolderError", "Session", "atomic_path", "capture_rng", "config_changes",
            "read_json", "restore_rng", "write_json_atomic", "write_text_atomic"]
@@ -439,6 +441,17 @@ class RunFolder:
         for old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def load_checkpoint(self, path: Path) -> Any:
+        """One checkpoint file of :meth:`checkpoints`, read with ``weights_only=True``.
+
+        Raises:
+            RunFolderError: its bytes do not match the checksum in its name, or it has none.
+        """
+        match = _CKPT.match(Path(path).name)
+        if match is None or match.group(2) is None:
+            raise RunFolderError(f"{path} has no checksum in its name (not a checkpoint of this version of metapt)")
+        return _load_verified(Path(path), match.group(2))
 
     def latest_checkpoint(self, console: Console | None = None) -> dict[str, Any] | None:
         """The newest checkpoint that matches its checksum and is a metapt checkpoint, or None."""

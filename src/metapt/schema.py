@@ -22,7 +22,7 @@ from pydantic import ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 from .hypergrad import ConjugateGradient, Estimator, Identity, Neumann, Solver
-from .trainer import MetaSchedule
+from .schedule import MetaSchedule
 
 #: Decorator for configuration classes: frozen, validated, unknown keys are errors.
 schema = functools.partial(_pydantic_dataclass, frozen=True, config=ConfigDict(extra="forbid"))

@@ -53,6 +53,7 @@ from .optim import accepts_sparse_grad
 from .errors import NonFiniteLossError
 from .hypergrad.estimators import GaussNewtonProblem
 from .problem import MetaProblem, Params
+from .schedule import MetaSchedule, pt_batch_index
 from .strategy import Strategy
 
 log = logging.getLogger(__name__)  # "metapt.trainer": configure "metapt" to route or silence it
@@ -62,56 +63,6 @@ class MetricsLogger(Protocol):
     """Receives the numbers of every step; files, progress bars and TensorBoard attach here."""
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
-
-
-@dataclass(frozen=True)
-class MetaSchedule:
-    """When and how meta-steps happen (the paper's defaults).
-
-    Attributes:
-        meta_interval: PT steps between meta-steps (paper: 10).
-        unroll_steps: K, unrolled FT steps per meta-step (paper: 1).
-        unroll_encoder: unroll θ together with the head instead of the head only.
-        meta_batches: PT/validation batch pairs whose hypergradients are averaged
-            per meta-step (paper: 1; single-batch estimates are noisy).
-        warmup_steps: PT steps, with the head trained alongside, before the
-            first meta-step.
-        head_steps: plain (not differentiated) FT steps of the head before each
-            meta-step's unroll, so the persisted head keeps up with the moving
-            encoder (paper: 0; a stale head makes L_V, and its gradient, about
-            the head rather than the representation).
-        learn_phi: False runs plain pre-training with φ held at its initial value: no
-            warm-up head steps, no meta-steps (the frozen-φ baselines).
-        average: which φ the trainer reports as its result (``averaged_metaparams``):
-            ``none`` the last φ, ``polyak`` the mean of φ over every meta-step, ``ema`` an
-            exponential moving average with ``average_decay``. A single φ at the last step
-            is the endpoint of a noisy walk; its average over the run is what the
-            hypergradients agreed on. Pre-training always uses the live φ.
-        average_decay: the EMA's decay per meta-step (the first meta-steps average
-            uniformly: decay min(d, (1 + n)/(10 + n)) after n updates).
-    """
-
-    meta_interval: int = 10
-    unroll_steps: int = 1
-    unroll_encoder: bool = False
-    meta_batches: int = 1
-    warmup_steps: int = 0
-    head_steps: int = 0
-    learn_phi: bool = True
-    average: str = "none"
-    average_decay: float = 0.95
-
-    def __post_init__(self):
-        if self.average not in ("none", "polyak", "ema"):
-            raise ValueError(f"MetaSchedule: average must be none, polyak or ema, got {self.average!r}")
-        if not 0.0 < self.average_decay < 1.0:
-            raise ValueError(f"MetaSchedule: average_decay must be in (0, 1), got {self.average_decay}")
-        for name in ("meta_interval", "meta_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MetaSchedule: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("unroll_steps", "warmup_steps", "head_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MetaSchedule: {name} must be >= 0, got {getattr(self, name)}")
 
 
 def _leaves(params: Mapping[str, Tensor]) -> Params:
@@ -723,8 +674,7 @@ def _pt_loss_at(problem: MetaProblem, view: MetaProblem, step: int, sample: int,
     """(θ, φ, t) ↦ L_PT on PT batch step + t (t ≥ 0: upcoming; t < 0: just taken), sample j shifted by j·stride."""
 
     def loss(theta, phi, t):
-        index = step + t + sample * stride if t >= 0 else max(step + t - sample * stride, 0)
-        return problem.pretrain_loss(theta, phi, view.pretrain_batch(index))
+        return problem.pretrain_loss(theta, phi, view.pretrain_batch(pt_batch_index(step, t, sample, stride)))
 
     return loss
 
@@ -737,8 +687,7 @@ def _gauss_newton_at(problem: Any, view: MetaProblem, step: int, sample: int, st
     fixed = {k: v.detach() for k, v in phi.items()}
 
     def at(t: int):
-        index = step + t + sample * stride if t >= 0 else max(step + t - sample * stride, 0)
-        batch = view.pretrain_batch(index)
+        batch = view.pretrain_batch(pt_batch_index(step, t, sample, stride))
         return (lambda theta: problem.pretrain_outputs(theta, fixed, batch),
                 lambda outputs: problem.pretrain_output_loss(outputs, fixed, batch))
 
@@ -763,7 +712,7 @@ def _mean_of(values: Sequence[float | None]) -> float:
 
 def _extra_index(step: int, j: int) -> int:
     """PT batch index for the j-th extra hypergradient sample: past batches, newest first."""
-    return max(step - 1 - j, 0)
+    return pt_batch_index(step, -1, j)
 
 
 def _first_lr(opt: torch.optim.Optimizer) -> float:

@@ -1,5 +1,6 @@
 """The math of metapt: pure functions over dict[str, Tensor], no modules, data or I/O."""
 
+from ._tree import tree_dot, tree_norm
 from .accumulate import directional_mixed_term, pretrain_backward_with_mixed_term
 from .core import (
     HypergradInfo,
@@ -49,6 +50,8 @@ __all__ = [
     "pretrain_graph",
     "pretraining_hypergradient",
     "sgd",
+    "tree_dot",
+    "tree_norm",
     "unrolled_finetune",
     "unrolled_pretraining_hypergradient",
 ]

@@ -25,6 +25,7 @@ def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
 
 
 def tree_norm(a: Mapping[str, Tensor]) -> float:
+    """‖a‖ over every leaf, as a float."""
     return float(torch.sqrt(tree_dot(a, a)))
 
 

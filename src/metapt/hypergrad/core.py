@@ -53,7 +53,7 @@ class HypergradInfo:
 
 
 @contextlib.contextmanager
-def _differentiable(phi: Mapping[str, Tensor]) -> Iterator[None]:
+def differentiable(phi: Mapping[str, Tensor]) -> Iterator[None]:
     """Make φ's own tensors require grad for the duration, so closures over φ see it."""
     flipped = [v for v in phi.values() if not v.requires_grad]
     for v in flipped:
@@ -65,7 +65,7 @@ def _differentiable(phi: Mapping[str, Tensor]) -> Iterator[None]:
             v.requires_grad_(False)
 
 
-def _check_inputs(theta: Mapping[str, Tensor], phi: Mapping[str, Tensor]) -> None:
+def check_inputs(theta: Mapping[str, Tensor], phi: Mapping[str, Tensor]) -> None:
     if not theta:
         raise ValueError("pretraining_hypergradient: theta is empty; pass the pre-trained parameters as a dict")
     if not phi:
@@ -117,11 +117,11 @@ def pretrain_graph(
     ``grad`` detached is that step's gradient, and the :class:`PretrainGraph` lets
     :func:`pretraining_hypergradient` skip its own PT forward/backward (``graph=``).
     """
-    _check_inputs(theta, phi)
+    check_inputs(theta, phi)
     theta_v = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
-    with _differentiable(phi), torch.enable_grad():
+    with differentiable(phi), torch.enable_grad():
         loss = pretrain_loss(theta_v, phi)
-        _check_scalar(loss, "pretrain_loss")
+        check_scalar(loss, "pretrain_loss")
         grads = torch.autograd.grad(loss, list(theta_v.values()), create_graph=True, allow_unused=True)
     return PretrainGraph(theta_v, dict(phi), loss, dict(zip(theta_v, grads)))
 
@@ -179,7 +179,7 @@ def pretraining_hypergradient(
         ValueError: an entry of φ does not influence the pre-training loss, or
             ``meta_loss`` does not depend on its θ argument.
     """
-    _check_inputs(theta, phi)
+    check_inputs(theta, phi)
     if graph is not None:
         _check_graph(graph, theta, phi)
     if preconditioner is not None and set(preconditioner) != set(theta):
@@ -190,10 +190,10 @@ def pretraining_hypergradient(
     t_list = [theta_v[k] for k in t_keys]
     p_list = [phi[k] for k in p_keys]
 
-    with _differentiable(phi), torch.enable_grad():
+    with differentiable(phi), torch.enable_grad():
         # g = dL_V/dθ and the direct term ∂L_V/∂φ, in one backward.
         lv = meta_loss(theta_v)
-        _check_scalar(lv, "meta_loss")
+        check_scalar(lv, "meta_loss")
         grads = torch.autograd.grad(lv, t_list + p_list, allow_unused=True)
         if all(gr is None for gr in grads[: len(t_keys)]):
             raise ValueError(
@@ -207,7 +207,7 @@ def pretraining_hypergradient(
         if graph is None:
             h_point = theta_v
             lpt = pretrain_loss(theta_v, phi)
-            _check_scalar(lpt, "pretrain_loss")
+            check_scalar(lpt, "pretrain_loss")
             grad_pt = torch.autograd.grad(lpt, t_list, create_graph=True, allow_unused=True)
         else:
             h_point, lpt = graph.theta, graph.loss
@@ -298,7 +298,7 @@ def _check_graph(graph: PretrainGraph, theta: Mapping[str, Tensor], phi: Mapping
         )
 
 
-def _check_scalar(value: Tensor, name: str) -> None:
+def check_scalar(value: Tensor, name: str) -> None:
     if not isinstance(value, Tensor) or value.dim() != 0:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"pretraining_hypergradient: {name} must return a scalar tensor, got {shape}")

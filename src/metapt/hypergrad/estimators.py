@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ._tree import Params, tree_norm
-from .core import HypergradInfo, PretrainGraph, _check_inputs, _check_scalar, _differentiable, pretraining_hypergradient
+from .core import HypergradInfo, PretrainGraph, check_inputs, check_scalar, differentiable, pretraining_hypergradient
 from .curvature import gauss_newton_product
 from .optim import AdamState, InnerOptimizer, SGDState, adam, sgd
 from .solvers import Identity, Neumann, Solver, SolverInfo
@@ -234,20 +234,20 @@ def unrolled_pretraining_hypergradient(
     """
     if steps < 1:
         raise ValueError(f"unrolled_pretraining_hypergradient: steps must be >= 1, got {steps}")
-    _check_inputs(theta, phi)
+    check_inputs(theta, phi)
     p_keys = list(phi)
-    with _differentiable(phi), torch.enable_grad():
+    with differentiable(phi), torch.enable_grad():
         th: Params = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
         first = None
         for t in range(steps):
             loss = pretrain_loss_at(th, phi, t)
-            _check_scalar(loss, "pretrain_loss")
+            check_scalar(loss, "pretrain_loss")
             first = float(loss.detach()) if first is None else first
             grads = torch.autograd.grad(loss, list(th.values()), create_graph=True, allow_unused=True)
             grads = {k: torch.zeros_like(th[k]) if g is None else g for k, g in zip(th, grads)}
             th, state = optimizer.update(th, grads, state)
         lv = meta_loss(th)
-        _check_scalar(lv, "meta_loss")
+        check_scalar(lv, "meta_loss")
         grads = torch.autograd.grad(lv, [phi[k] for k in p_keys], allow_unused=True)
     hyper = {k: torch.zeros_like(phi[k]) if g is None else g.detach() for k, g in zip(p_keys, grads)}
     norm = tree_norm(hyper)

@@ -685,7 +685,7 @@ class RecordSplit:
                 for k, v in self.groups().items()}
 
 
-def _group_sizes(n: int, fractions: Sequence[float]) -> list[int]:
+def group_sizes(n: int, fractions: Sequence[float]) -> list[int]:
     """Largest-remainder sizes summing to n; a group with fraction > 0 gets at least one id."""
     total = float(sum(fractions))
     raw = [f / total * n for f in fractions]
@@ -725,7 +725,7 @@ def split_records(
     if len(unique) < needed:
         raise ValueError(f"{len(unique)} records cannot fill {needed} non-empty groups; "
                          "add records or set some fractions to 0")
-    sizes = _group_sizes(len(unique), fractions)
+    sizes = group_sizes(len(unique), fractions)
     rng = np.random.default_rng(seed)
 
     def cut(order: np.ndarray) -> RecordSplit:

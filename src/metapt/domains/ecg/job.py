@@ -112,7 +112,8 @@ class ECG:
                      use_noise=method.variant in ("noise", "warp_noise"), seed=seed,
                      pretrain_batch_size=config.pretrain.batch_size)
         problem = ECGSimCLRProblem.from_dataset(data["ds"], data["split"], pc)
-        _place(problem, device)
+        if device.type != "cpu":
+            problem.to(device)
         return Pretraining(problem, problem.initial_params(seed), problem.initial_head(),
                            problem.initial_metaparams(seed), encoder=problem.encoder_module,
                            emb_dim=problem.embedding_dim)
@@ -134,19 +135,6 @@ class ECG:
     def plots(self, out: Path, summary: dict[str, Any]) -> None:
         if (out / "metrics.jsonl").is_file():
             plot_magnitude(out / "metrics.jsonl", out / "warp_magnitude.png")
-
-
-def _place(problem: ECGSimCLRProblem, device: torch.device) -> None:
-    """The problem's own tensors and modules on ``device`` (its batches are built from them)."""
-    if device.type == "cpu":
-        return
-    problem.pretrain_x = problem.pretrain_x.to(device)
-    problem.ft_train = tuple(t.to(device) for t in problem.ft_train)
-    problem.metaval = tuple(t.to(device) for t in problem.metaval)
-    problem._probe, problem._probe_noise = problem._probe.to(device), problem._probe_noise.to(device)
-    problem.net.to(device)
-    if problem.warp is not None:
-        problem.warp.to(device)
 
 
 DOMAIN = ECG()

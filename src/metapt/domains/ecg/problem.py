@@ -42,7 +42,7 @@ from ...problem import EpochShuffler, LabelledBatches, Params
 from ...schema import schema
 from ...metaparams import AugmentationNetwork, GaussianNoiseScales
 from .augment import BandNoiseConfig, LearnedWarp, WarpConfig, band_split, default_augment
-from .data import ECGDataset, _group_sizes, ptbxl_fold_indices
+from .data import ECGDataset, group_sizes, ptbxl_fold_indices
 from .losses import nt_xent
 from .models import EncoderConfig, ProjectionHead, ResNet1dEncoder
 
@@ -154,7 +154,7 @@ def split_beats_by_record(
     unique = sorted({str(p) for p in ds.patient_ids})
     if len(unique) < 4:
         raise DataError(f"{len(unique)} records cannot fill 4 disjoint groups; the beat layout needs at least 4")
-    sizes = _group_sizes(len(unique), fractions.as_tuple())
+    sizes = group_sizes(len(unique), fractions.as_tuple())
     positives = ds.positives_per_patient(class_index)
     rng = np.random.default_rng(seed)
     for _ in range(max_tries):
@@ -417,6 +417,17 @@ class ECGSimCLRProblem(LabelledBatches):
         self._probe = self.pretrain_x[probe]  # fixed beats on which describe_metaparams measures the warp
         self._probe_noise = torch.randn(len(probe), config.warp.n_knots, generator=torch.Generator().manual_seed(1),
                                         dtype=dtype)
+
+    def to(self, device: torch.device) -> ECGSimCLRProblem:
+        """Move the problem's own tensors and modules to ``device`` (its batches are built from them)."""
+        self.pretrain_x = self.pretrain_x.to(device)
+        self.ft_train = tuple(t.to(device) for t in self.ft_train)
+        self.metaval = tuple(t.to(device) for t in self.metaval)
+        self._probe, self._probe_noise = self._probe.to(device), self._probe_noise.to(device)
+        self.net.to(device)
+        if self.warp is not None:
+            self.warp.to(device)
+        return self
 
     @classmethod
     def from_dataset(
