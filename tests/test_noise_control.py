@@ -230,3 +230,19 @@ def test_accumulated_solver_config_builds_its_estimator_and_refuses_other_kinds_
         load_config("synthetic", ["meta.solver={kind: accumulated, horizon: 2}"])
     with pytest.raises(ConfigError, match="every"):
         load_config("molecules-test", ["meta.solver.every=2"])  # the default kind, unrolled, reads no every
+
+
+def test_signal_to_noise_split_half_agreement_on_known_draws():
+    from metapt.diagnostics import signal_to_noise
+
+    draws = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, -2.0])]
+
+    class Probe:
+        def estimate(self, estimator, sample=0):
+            return {"phi": draws[sample]}, None, 0.0
+
+    out = signal_to_noise(Probe(), None, 4)
+    # halves: (1,0)+(1,2) = (2,2) and (1,0)+(1,-2) = (2,-2): cosine 0
+    assert out["split_half_cos"] == pytest.approx(0.0, abs=1e-7)
+    pairs = [1.0, 1 / math.sqrt(5), 1 / math.sqrt(5), 1 / math.sqrt(5), 1 / math.sqrt(5), -3 / 5]
+    assert out["mean_pairwise_cos"] == pytest.approx(sum(pairs) / 6)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .hypergrad import Neumann, sgd, tree_dot, tree_norm, unrolled_finetune
+from .hypergrad import Neumann, tree_dot, tree_norm, unrolled_finetune
 from .hypergrad.curvature import lanczos
 from .hypergrad.estimators import (
     Estimator,
@@ -334,18 +334,24 @@ def _agreement(preds: Sequence[float], truth: Sequence[float]) -> float:
 
 def signal_to_noise(probe: StateProbe, estimator: Estimator, samples: int) -> dict[str, float]:
     """Independent hypergradients (other PT and FT/validation batches): their mean pairwise cosine c,
+    ``split_half_cos``: the cosine of the means of two disjoint halves of the draws (does the
+    averaged hypergradient agree with itself on other batches?),
     ‖mean‖ / √(mean ‖h_i − mean‖²), and ``draws_for_half``: how many draws must be averaged for two
     such averages to reach cosine 0.5 (draws = signal s + noise n: c ≈ r/(1 + r) with r = ‖s‖²/E‖n‖²,
     and a mean of N draws has pairwise cosine N·r/(1 + N·r); inf when c ≤ 0: no expected direction)."""
     hs = [probe.estimate(estimator, sample=s)[0] for s in range(samples)]
     if samples < 2:
-        return {"mean_pairwise_cos": float("nan"), "snr": float("nan"), "draws_for_half": float("nan")}
+        return {"mean_pairwise_cos": float("nan"), "snr": float("nan"), "draws_for_half": float("nan"),
+                "split_half_cos": float("nan")}
     cosines = [_cos(hs[i], hs[j]) for i in range(samples) for j in range(i + 1, samples)]
     mean = {k: sum(h[k] for h in hs) / samples for k in hs[0]}
     spread = math.sqrt(sum(tree_norm({k: h[k] - mean[k] for k in h}) ** 2 for h in hs) / (samples - 1))
     c = sum(cosines) / len(cosines)
+    half = samples // 2  # the steady-signal check: two disjoint halves of the draws, averaged, agree?
+    split = (_cos({k: sum(h[k] for h in hs[:half]) for k in hs[0]},
+                  {k: sum(h[k] for h in hs[half:2 * half]) for k in hs[0]}) if half >= 1 else float("nan"))
     return {"mean_pairwise_cos": c, "snr": tree_norm(mean) / spread if spread > 0 else math.inf,
-            "draws_for_half": draws_for_cosine(c, 0.5)}
+            "draws_for_half": draws_for_cosine(c, 0.5), "split_half_cos": split}
 
 
 def draws_for_cosine(pair_cos: float, target: float = 0.5) -> float:
@@ -444,15 +450,9 @@ def diagnose_state(problem: MetaProblem, state: Mapping[str, Any], *, pt_lr: flo
         pt_lr: the Adam learning rate of pre-training.
         meta: the run's :class:`metapt.schema.MetaConfig` (schedule and FT inner learning rate).
     """
-    from .trainer import MetaPretrainer
+    from .runner import trainer_from_config
 
-    trainer = MetaPretrainer(
-        problem, state["params"], state["head"], state["metaparams"],
-        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=pt_lr),
-        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=max(meta.lr, 1e-12)),
-        inner_optimizer=sgd(meta.inner_lr),
-        schedule=meta.schedule(),
-    )
+    trainer = trainer_from_config(problem, state["params"], state["head"], state["metaparams"], pt_lr=pt_lr, meta=meta)
     trainer.load_state_dict(state)
     return diagnose(trainer, estimators, options)
 
@@ -624,7 +624,7 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
     from .domains import domain as domain_of
     from .errors import UserError
     from .runs import RunFolder, write_text_atomic
-    from .runner import parse_phase
+    from .runner import build_trainer, parse_phase
 
     folder = RunFolder.open(run_dir)
     config = load_config(folder.config_file)
@@ -673,21 +673,10 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
 
     progress(f"loading the data and rebuilding phase {phase!r}")
     data = dom.load(config, setting or dom.settings(config)[0], console)
-    import inspect
-
-    extra = {"device": torch.device("cpu")} if "device" in inspect.signature(dom.pretraining).parameters else {}
-    built = dom.pretraining(config, data, dom.methods[method_name], seed, **extra)
+    method = dom.methods[method_name]
+    built = dom.pretraining(config, data, method, seed, torch.device("cpu"))
     meta = config.meta
-    from .trainer import MetaPretrainer
-
-    trainer = MetaPretrainer(
-        built.problem, built.params, built.head, built.metaparams,
-        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.pretrain.lr),
-        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=max(meta.lr, 1e-12)),
-        inner_optimizer=sgd(meta.inner_lr),
-        estimator=meta.solver.estimator(config.pretrain.lr),
-        schedule=meta.schedule(),
-    )
+    trainer = build_trainer(built, config, method, seed)  # as the run built it: its checkpoint's state loads
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         if state.get("problem") is not None and hasattr(built.problem, "load_state_dict"):
