@@ -293,17 +293,30 @@ def build_trainer(built: Pretraining, config: Any, method: Method, seed: int, di
         strategy = dist.strategy(sync_buffers_of=built.buffers)
     else:
         strategy = ReusePTGraph() if meta.reuse_pt_graph and learn else None
-    trainer = MetaPretrainer(
-        problem, built.params, built.head, phi,
-        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.pretrain.lr),
-        meta_optimizer=lambda ps: _meta_optimizer(meta, dict(zip(phi, ps))),
+    trainer = trainer_from_config(problem, built.params, built.head, phi, pt_lr=config.pretrain.lr, meta=meta,
+                                  learn=learn, strategy=strategy)
+    check_device(trainer, device)
+    return trainer
+
+
+def trainer_from_config(problem: MetaProblem, params: Params, head: Params, metaparams: Params, *, pt_lr: float,
+                        meta: Any, learn: bool = True, strategy: Strategy | None = None) -> MetaPretrainer:
+    """The one construction of a :class:`MetaPretrainer` from a run's configuration: Adam on θ at
+    ``pt_lr``; φ's optimiser from ``meta`` (:class:`metapt.schema.MetaConfig`: LazyAdam with
+    ``meta.lr_groups``); SGD at ``meta.inner_lr`` for the unrolled FT steps; ``meta.solver``'s
+    estimator; ``meta``'s schedule (no meta-steps unless ``learn``). Every phase of a run
+    (:func:`build_trainer`) and the diagnostics of a run's state are built here, so a checkpoint's
+    optimiser states load in either."""
+    keys = list(metaparams)
+    return MetaPretrainer(
+        problem, params, head, metaparams,
+        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=pt_lr),
+        meta_optimizer=lambda ps: _meta_optimizer(meta, dict(zip(keys, ps))),
         inner_optimizer=sgd(meta.inner_lr),
-        estimator=meta.solver.estimator(config.pretrain.lr),
+        estimator=meta.solver.estimator(pt_lr),
         schedule=meta.schedule(learn_phi=learn),
         strategy=strategy,
     )
-    check_device(trainer, device)
-    return trainer
 
 
 def _meta_optimizer(meta: Any, phi: Params) -> torch.optim.Optimizer:
