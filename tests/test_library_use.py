@@ -32,16 +32,13 @@ def test_public_api_is_listed_once_and_importable():
         assert getattr(metapt, name).__doc__, f"metapt.{name} has no docstring"
 
 
-def test_run_until_is_a_total_and_run_is_its_deprecated_alias():
+def test_run_until_is_a_total():
     t = _trainer(SyntheticTaskWeighting(SyntheticConfig(seed=1)))
     t.run_until(5)
     t.run_until(5)
     assert t.step == 5
     t.run_until(t.step + 3)
     assert t.step == 8 and t.meta_step_count == 4
-    with pytest.warns(DeprecationWarning, match="run_until"):
-        t.run(10)
-    assert t.step == 10
 
 
 def test_snapshot_is_detached_copies_and_counters():

@@ -751,7 +751,6 @@ class Session:
             trainer.loggers = [*own_loggers, _SkipLogged(self.log, logged) if logged else self.log, tb]
         every = self.checkpoint.every
         skipped = trainer.skipped
-        run_until = getattr(trainer, "run_until", None) or trainer.run  # pre-train until trainer.step == n
 
         def tick(step: int) -> None:
             check_stop()  # a stop signal (recorded by the handler, errors.deferred_stop) stops the run here
@@ -761,7 +760,7 @@ class Session:
         with deferred_stop():  # a stop signal stops the phase at a step boundary, not inside a write
             try:
                 while trainer.step < steps:
-                    run_until(min(steps, (trainer.step // every + 1) * every), tick)
+                    trainer.run_until(min(steps, (trainer.step // every + 1) * every), tick)
                     if trainer.skipped > skipped:
                         self.console.print(
                             f"[yellow]{phase}: {trainer.skipped - skipped} meta-step(s) skipped at step {trainer.step} "

@@ -1,6 +1,6 @@
 """Algorithm 1 of Raghu et al. (NeurIPS 2021): online meta-learning of pre-training hyperparameters.
 
-Read top to bottom: :meth:`MetaPretrainer.run` pre-trains θ with the current φ
+Read top to bottom: :meth:`MetaPretrainer.run_until` pre-trains θ with the current φ
 and, every ``meta_interval`` steps, takes one meta-step on φ:
 
 1. unroll K fine-tuning steps of the head ψ (or of ψ and θ) on FT-train batches,
@@ -23,7 +23,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from contextlib import contextmanager
@@ -218,12 +217,6 @@ class MetaPretrainer:
             self._log(metrics)
             if progress is not None:
                 progress(self.step)
-
-    def run(self, steps: int, progress: Callable[[int], None] | None = None) -> None:
-        """Deprecated name of :meth:`run_until` (``steps`` is the total to reach, not a count)."""
-        warnings.warn("MetaPretrainer.run(steps) is run_until(step): it pre-trains until trainer.step == steps; "
-                      "call run_until", DeprecationWarning, stacklevel=2)
-        self.run_until(steps, progress)
 
     def meta_step_due(self, step: int) -> bool:
         """Whether a meta-step follows PT step number ``step`` (counted from 1)."""
