@@ -132,6 +132,11 @@ class Domain(Protocol):
         """Extra plots from the run folder (may do nothing)."""
         ...
 
+    # Optional: ``check(config)``, called before a run folder is made, raises
+    # :class:`metapt.errors.UserError` for what the configuration cannot express but the run
+    # cannot do without (the ECG job: a data folder that exists). A domain without it accepts
+    # every configuration its schema accepts.
+
 
 # ---- the run ----------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from rich.console import Console
 
+from ...errors import UserError
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig
 from ...runner import Method, Pretraining
 from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
@@ -89,6 +90,14 @@ class ECG:
     gains = (("simclr_meta_warp", "simclr"), ("simclr_meta_warp", "simclr_fixed_warp"),
              ("simclr_meta_noise", "simclr"), ("simclr_meta_noise", "simclr_fixed_noise"),
              ("simclr_fixed_warp", "simclr"), ("simclr", "no_pretrain"))
+
+    def check(self, config: ECGJob) -> None:
+        """Before a run folder is made: the data folder is given and exists."""
+        if not config.data_dir:
+            raise UserError("the ecg job needs a data folder: --data DIR or data_dir in the config "
+                            "(a folder of WFDB records, e.g. ../shared/data/mitbih)")
+        if not Path(config.data_dir).is_dir():
+            raise UserError(f"data folder {config.data_dir} does not exist or is not a folder")
 
     def settings(self, config: ECGJob) -> tuple[str, ...]:
         return ("ecg",)
