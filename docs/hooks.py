@@ -52,8 +52,15 @@ def _cli_page() -> str:
     return "\n".join(parts)
 
 
+#: A link from a docs page to a file of the repository outside docs/ (a results file): it works
+#: where the Markdown is read in the repository; the built site names the file instead.
+REPO_LINK = re.compile(r"\[([^\]]+)\]\(\.\./((?:benchmarks|examples|src|tests)/[^)\s]+)\)")
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     markdown = EXAMPLE.sub(_example, markdown)
+    markdown = REPO_LINK.sub(lambda m: m.group(1) if m.group(1).strip("`") == m.group(2).rsplit("/", 1)[-1]
+                             else f"{m.group(1)} (`{m.group(2)}`)", markdown)
     if "<!-- metapt-cli -->" in markdown:
         markdown = markdown.replace("<!-- metapt-cli -->", _cli_page())
     if "<!-- metapt-config-reference -->" in markdown:
