@@ -53,6 +53,8 @@ OPTIONS: dict[str, list[str]] = {
     "accumulated + polyak": ["meta.solver=accumulated", "meta.average=polyak"],
     "accumulated + normalized + polyak": ["meta.solver=accumulated", "meta.normalize_weights=true",
                                           "meta.average=polyak"],
+    "accumulated every 3rd + normalized + polyak": ["meta.solver=accumulated", "meta.solver.every=3",
+                                                    "meta.normalize_weights=true", "meta.average=polyak"],
 }
 
 
