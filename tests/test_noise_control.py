@@ -161,6 +161,7 @@ def test_seed_agreement_known_answers():
     assert same["pairwise_mean"] == pytest.approx(1.0) and same["leave_one_out_mean"] == pytest.approx(1.0)
     opposite = seed_agreement([a, [-x for x in a]])
     assert opposite["pairwise_mean"] == pytest.approx(-1.0)
+    assert math.isnan(opposite["leave_one_out_ci95"])  # two seeds give no CI, not a CI of 0
     assert math.isnan(seed_agreement([a])["pairwise_mean"])
     assert math.isnan(seed_agreement([a, [1.0] * 5])["pairwise_mean"])  # a φ that never moved
 

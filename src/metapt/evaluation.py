@@ -82,6 +82,8 @@ def seed_agreement(vectors: Sequence[Sequence[float]]) -> dict[str, float]:
     pairs = [rho(vs[i], vs[j]) for i in range(len(vs)) for j in range(i + 1, len(vs))]
     loo = [rho(v, np.mean([w for j, w in enumerate(vs) if j != i], axis=0)) for i, v in enumerate(vs)]
     mean, ci = mean_ci95(loo)
+    if len(vs) < 3:  # two seeds: each against the other is one number twice, a CI of 0 would be a lie
+        ci = math.nan
     return {"pairwise_mean": float(np.mean(pairs)), "leave_one_out_mean": mean, "leave_one_out_ci95": ci,
             "seeds": len(vs)}
 
