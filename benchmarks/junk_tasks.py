@@ -25,7 +25,6 @@ No downstream scores are read (nothing here can pick a default by test data).
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import time
 from dataclasses import replace
@@ -39,7 +38,7 @@ from sklearn.metrics import roc_auc_score
 from metapt.config import load_config
 from metapt.domains.molecules.job import DOMAIN, METHODS, MoleculesJob
 from metapt.domains.molecules.problem import is_junk_task
-from metapt.evaluation import mean_ci95
+from metapt.evaluation import mean_ci95, seed_agreement
 from metapt.runner import build_trainer
 from rich.console import Console
 
@@ -91,17 +90,6 @@ def junk_scores(weights: np.ndarray, junk: np.ndarray) -> dict:
             "share_junk_below_median_real": float((weights[junk] < real_median).mean()),
             "junk_mean_percentile": float(ranks[junk].mean()),
             "auroc_neg_weight_junk": float(roc_auc_score(junk, -weights))}
-
-
-def agreement(vectors: list[np.ndarray]) -> dict:
-    """Mean pairwise Spearman ρ, and each seed's ρ against the mean of the others (t-CI over seeds)."""
-    if len(vectors) < 2:
-        return {"pairwise_mean": math.nan, "leave_one_out_mean": math.nan, "leave_one_out_ci95": math.nan}
-    pairs = [stats.spearmanr(a, b).statistic for a, b in itertools.combinations(vectors, 2)]
-    loo = [stats.spearmanr(v, np.mean([w for j, w in enumerate(vectors) if j != i], 0)).statistic
-           for i, v in enumerate(vectors)]
-    mean, ci = mean_ci95(loo)
-    return {"pairwise_mean": float(np.mean(pairs)), "leave_one_out_mean": mean, "leave_one_out_ci95": ci}
 
 
 def main() -> None:
@@ -161,8 +149,8 @@ def main() -> None:
             "share_junk_below_median": mean_ci95([r["share_junk_below_median_real"] for r in mine]),
             "junk_mean_percentile": mean_ci95([r["junk_mean_percentile"] for r in mine]),
             "auroc_neg_weight_junk": mean_ci95([r["auroc_neg_weight_junk"] for r in mine]),
-            "agreement_real_tasks": agreement([w[~junk] for w in weights]),
-            "agreement_all_tasks": agreement(weights),
+            "agreement_real_tasks": seed_agreement([w[~junk] for w in weights]),
+            "agreement_all_tasks": seed_agreement(weights),
             "cost_vs_uniform": float(np.mean(ratios)),
             "premise_auroc_t_junk": mean_ci95([r["premise_auroc_t_junk"] for r in mine]),
             "premise_t_junk_minus_real": mean_ci95([r["premise_t_junk_mean"] - r["premise_t_real_mean"] for r in mine]),

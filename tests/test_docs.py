@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import metapt
+from run_folders import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,10 +100,7 @@ def test_nav_links_open_from_disk(site):
 
 
 def _hooks():
-    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("docs_hooks", ROOT / "docs" / "hooks.py")
 
 
 def test_config_reference_lists_every_key_with_its_default_and_meaning(site):

@@ -1,6 +1,5 @@
 """The front door (issue 22): --version, described presets, and the MIT-BIH conversion script."""
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from typer.testing import CliRunner
 
 from metapt._presets import preset_description, presets
 from metapt.cli import app
+from run_folders import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -36,10 +36,7 @@ def test_every_preset_has_a_one_line_description_that_fits_80_columns():
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("mitbih_beats", ROOT / "scripts" / "mitbih_beats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("mitbih_beats", ROOT / "scripts" / "mitbih_beats.py")
 
 
 def test_mitbih_script_writes_the_layout_the_loader_reads(tmp_path):

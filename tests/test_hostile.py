@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from metapt.cli import app
 from metapt.runs import MARKER, RunFolder
+from run_folders import copy_run as _copy
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -41,12 +42,6 @@ def finished(tmp_path_factory) -> Path:
     res = _run(out)
     assert res.exit_code == 0, res.output
     return out
-
-
-def _copy(run: Path, to: Path) -> Path:
-    shutil.copytree(run, to)
-    (to / ".metapt-lock").unlink(missing_ok=True)
-    return to
 
 
 def _kept(path: Path) -> dict[str, bytes]:

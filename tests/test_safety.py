@@ -24,6 +24,7 @@ from metapt import cli
 from metapt.cli import app
 from metapt.config import ConfigError, load_config
 from metapt.errors import RunFolderError, UserError
+from run_folders import copy_run as _copy
 from metapt.metrics import JsonlLogger, read_jsonl
 from metapt.runs import MARKER, RunFolder, Session, write_json_atomic
 
@@ -49,14 +50,6 @@ def finished(tmp_path_factory) -> Path:
     res = _run(out)
     assert res.exit_code == 0, res.output
     return out
-
-
-def _copy(run: Path, to: Path) -> Path:
-    import shutil
-
-    shutil.copytree(run, to)
-    (to / ".metapt-lock").unlink(missing_ok=True)
-    return to
 
 
 def _tree(path: Path) -> dict[str, bytes]:
