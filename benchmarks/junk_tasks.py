@@ -54,6 +54,8 @@ OPTIONS: dict[str, list[str]] = {
                                           "meta.average=polyak"],
     "accumulated every 3rd + normalized + polyak": ["meta.solver=accumulated", "meta.solver.every=3",
                                                     "meta.normalize_weights=true", "meta.average=polyak"],
+    "accumulated every 2nd + normalized + polyak": ["meta.solver=accumulated", "meta.solver.every=2",
+                                                    "meta.normalize_weights=true", "meta.average=polyak"],
 }
 
 

@@ -4,7 +4,7 @@ The molecules job (B3DB setting, 35,633 ChEMBL molecules × 30 tasks, task weigh
 GIN (the job's default) and Hu et al.'s 5 × 300 GIN. Every trainer is built by the runner
 (``runner.build_trainer``) from the job's configuration with the option's overrides; plain
 pre-training is the ``uniform`` method (φ frozen). The trainers are advanced in turn, in chunks of
-``meta.interval`` PT steps (each meta chunk holds one meta-step), on the same batch indices, in
+the longest ``meta.interval`` of the options (each meta chunk holds one meta-step or more), on the same batch indices, in
 a rotating order; a ratio is the median over chunks of (option's chunk time / plain chunk time).
 Timing starts after the warm-up and two meta-steps, so the accumulated estimator is drawing.
 
@@ -31,6 +31,11 @@ OPTIONS = {
     "accumulated, every 2nd PT step": ["meta.solver=accumulated", "meta.solver.every=2"],
     "accumulated + polyak + normalized": ["meta.solver=accumulated", "meta.average=polyak",
                                           "meta.normalize_weights=true"],
+    "accumulated every 2nd + polyak + normalized": ["meta.solver=accumulated", "meta.solver.every=2",
+                                                    "meta.average=polyak", "meta.normalize_weights=true"],
+    "accumulated every 2nd + polyak + normalized, interval 20": [
+        "meta.solver=accumulated", "meta.solver.every=2", "meta.average=polyak", "meta.normalize_weights=true",
+        "meta.interval=20"],
 }
 SIZES = {"3x64": ["model.num_layers=3", "model.emb_dim=64"], "5x300": ["model.num_layers=5", "model.emb_dim=300"]}
 
@@ -55,7 +60,7 @@ def main() -> None:
         configs = {"plain": (load_config("molecules", base + SIZES[size]), "uniform")}
         configs |= {o: (load_config("molecules", base + SIZES[size] + sets), "meta_task_weights")
                     for o, sets in OPTIONS.items()}
-        interval = configs["plain"][0].meta.interval
+        interval = max(config.meta.interval for config, _ in configs.values())  # each chunk holds a meta-step
         trainers = {}
         for name, (config, method) in configs.items():
             built = DOMAIN.pretraining(config, data, METHODS[method], 0, torch.device("cpu"))

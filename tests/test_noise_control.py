@@ -36,7 +36,9 @@ def test_fused_draw_in_the_pt_step_matches_the_central_difference():
     central.run_until(60)
     a, b = fused.metaparams["task_logits"].detach(), central.metaparams["task_logits"].detach()
     assert float((a - problem.initial_metaparams()["task_logits"]).abs().max()) > 1e-2  # φ moved
-    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+    # every φ step is a mean of PT draws (fused: O(h), central: O(h²)) and SGD at 1e3 amplifies
+    # their difference over 8 meta-steps; a wrong sign or scale would be off by 100 %
+    torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-3)
     for k in fused.params:  # the PT trajectories differ only through φ's small differences
         torch.testing.assert_close(fused.params[k], central.params[k], rtol=1e-2, atol=1e-3)
 
@@ -52,13 +54,13 @@ def test_accumulated_estimator_finds_the_noise_tasks(seed):
     assert trainer.skipped == 0
 
 
-def test_each_meta_step_pools_its_fresh_draw_with_the_pt_steps_draws(monkeypatch):
+def test_each_meta_step_averages_the_pt_steps_draws_and_draws_afresh_only_when_none_wait(monkeypatch):
     # the pooling arithmetic, with the draws replaced by known numbers (the n-th draw is
     # values[n]·1); SGD(lr=1) on φ exposes the hypergradient each meta-step used
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
     trainer = _trainer(problem, MetaSchedule(meta_interval=4, warmup_steps=4), Estimator(accumulate=2),
                        meta_opt=lambda ps: torch.optim.SGD(ps, lr=1.0), strategy=_NotPlain())
-    calls, values = [], [100.0, 8.0, 10.0, 300.0]
+    calls, values = [], [100.0, 8.0, 10.0, 300.0, 7.0]
 
     def fake_draw(view, batch, direction):
         calls.append(trainer.step)
@@ -72,9 +74,13 @@ def test_each_meta_step_pools_its_fresh_draw_with_the_pt_steps_draws(monkeypatch
     direct = 0.0  # the synthetic L_V does not read φ
     torch.testing.assert_close(phi0 - step1, torch.full_like(phi0, 100.0 + direct))
     trainer.run_until(12)  # PT steps 8..11 (0-based index s before the update): draws at s = 8, 10
-    assert calls == [8, 8, 10, 12]
-    # the PT draws 8 and 10 pooled with the meta-step's fresh draw 300: (8 + 10 + 300) / 3
-    torch.testing.assert_close(step1 - trainer.metaparams["task_logits"].detach(), torch.full_like(phi0, 106.0))
+    assert calls == [8, 8, 10]  # PT steps drew since the last meta-step: it takes no fresh draw of its own
+    # the mean of the PT draws 8 and 10, plus the direct term
+    step2 = trainer.metaparams["task_logits"].detach().clone()
+    torch.testing.assert_close(step1 - step2, torch.full_like(phi0, 9.0 + direct))
+    trainer.run_until(16)
+    assert calls == [8, 8, 10, 12, 14]
+    torch.testing.assert_close(step2 - trainer.metaparams["task_logits"].detach(), torch.full_like(phi0, 153.5))
 
 
 @pytest.mark.parametrize("kind", ["polyak", "ema"])

@@ -303,7 +303,8 @@ class MetaPretrainer:
                 return self.problem.finetune_loss(theta_ft, head, val_batch)
 
             if self.estimator.accumulate:  # v and the direct term here; mixed terms from every k-th PT batch
-                hyper, info, direction = self._accumulated_draw(view, meta_loss, j)
+                hyper, info, direction = self._accumulated_draw(view, meta_loss, j,
+                                                                fresh=not self._accumulated_count)
                 directions.append(direction)
             elif self.estimator.uses_past_batch:  # the paper's: H and the mixed term on the PT batch just taken
                 hyper, info = pretraining_hypergradient(
@@ -330,14 +331,16 @@ class MetaPretrainer:
                 heads.append({k: v.detach() for k, v in outcome["head"].items()})
             if total is None:
                 total = hyper
-            else:
+            else:  # None: an entry of φ this draw leaves out (the accumulated estimator's direct term)
                 for k in total:
-                    total[k].add_(hyper[k])
+                    if hyper[k] is not None:
+                        total[k] = hyper[k] if total[k] is None else total[k].add_(hyper[k])
         if len(infos) > 1:
             for v in total.values():
-                v.div_(len(infos))
+                if v is not None:
+                    v.div_(len(infos))
         if self.estimator.accumulate:
-            total = self._with_accumulated(total, len(infos), directions)
+            total = self._with_accumulated(total, directions)
         if not all(i.usable for i in infos):  # NaN survives the cross-process mean: every process skips alike
             total = {k: torch.full(v.shape, math.nan, dtype=v.dtype) for k, v in total.items()}
         if type(self.strategy).reduce_hypergrad is not Strategy.reduce_hypergrad:  # collectives take dense tensors
@@ -445,8 +448,10 @@ class MetaPretrainer:
         self._accumulated_count += 1
 
     def _accumulated_draw(self, view: MetaProblem, meta_loss: Callable[[Params], Tensor],
-                          j: int) -> tuple[Params, HypergradInfo, Params]:
-        """v = ∇θ L_V and the direct term ∂L_V/∂φ, plus one fresh mixed draw on the upcoming PT batch."""
+                          j: int, *, fresh: bool) -> tuple[Params, HypergradInfo, Params]:
+        """v = ∇θ L_V and the direct term ∂L_V/∂φ, plus, if ``fresh``, one mixed draw on the upcoming
+        PT batch (only when no PT step has drawn since the last meta-step: its two forwards cost
+        about as much as the PT steps' draws of a whole interval)."""
         theta = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
         keys_t, keys_p = list(theta), list(self.metaparams)
         with torch.enable_grad():
@@ -454,28 +459,29 @@ class MetaPretrainer:
             grads = torch.autograd.grad(lv, [theta[k] for k in keys_t] + [self.metaparams[k] for k in keys_p],
                                         allow_unused=True)
         direction = {k: torch.zeros_like(theta[k]) if g is None else g.detach() for k, g in zip(keys_t, grads)}
-        direct = dict(zip(keys_p, grads[len(keys_t):]))
-        batch = view.pretrain_batch(self.step + j)  # the batch pre-training takes next (j: the j-th after)
-        hyper = self._mixed_draw(view, batch, direction)
-        for k, d in direct.items():
-            if d is not None:
-                hyper[k] = hyper[k] + d.detach()
+        direct = {k: d.detach() for k, d in zip(keys_p, grads[len(keys_t):]) if d is not None}
+        if fresh:
+            batch = view.pretrain_batch(self.step + j)  # the batch pre-training takes next (j: the j-th after)
+            hyper = self._mixed_draw(view, batch, direction)
+            hyper = {k: v + direct[k] if k in direct else v for k, v in hyper.items()}
+        else:  # the PT steps' draws are added in _with_accumulated; φ that L_V does not read stays sparse
+            hyper = {k: direct.get(k) for k in keys_p}
         norm = math.sqrt(sum(float(torch.sum((v.coalesce().values() if v.is_sparse else v) ** 2))
-                             for v in hyper.values()))
+                             for v in hyper.values() if v is not None))
         info = HypergradInfo(solver=SolverInfo(0, None, 0.0, False), meta_loss=float(lv.detach()),
                              pretrain_loss=float("nan"), norm=norm,
-                             direct_norm=math.sqrt(sum(float(torch.sum(d.detach() ** 2)) for d in direct.values()
-                                                       if d is not None)),
+                             direct_norm=math.sqrt(sum(float(torch.sum(d ** 2)) for d in direct.values())),
                              finite=math.isfinite(norm))
         return hyper, info, direction
 
-    def _with_accumulated(self, fresh: Params, draws: int, directions: Sequence[Params]) -> Params:
-        """The meta-step's hypergradient: its ``draws`` fresh draws (mean ``fresh``, direct term
-        included) pooled with the PT steps' draws since the last meta-step; v becomes the mean of
-        this meta-step's directions."""
+    def _with_accumulated(self, fresh: Params, directions: Sequence[Params]) -> Params:
+        """The meta-step's hypergradient: the mean direct term of its validation batches
+        (``fresh``; it holds their fresh mixed draws too when no PT step drew) plus the mean of the
+        PT steps' draws since the last meta-step; v becomes the mean of this meta-step's directions."""
         if self._accumulated is not None and self._accumulated_count:
-            n = draws + self._accumulated_count
-            fresh = {k: (v * draws + self._accumulated[k].to(v.device)) / n for k, v in fresh.items()}
+            mean = {k: v.to(self.metaparams[k].device) / self._accumulated_count for k, v in self._accumulated.items()}
+            fresh = {k: mean[k] if v is None else v + mean[k] for k, v in fresh.items()}
+        fresh = {k: torch.zeros_like(self.metaparams[k]) if v is None else v for k, v in fresh.items()}
         direction = _mean(directions)
         if all(bool(torch.isfinite(v).all()) for v in direction.values()):
             self._direction = direction  # a non-finite v would poison every draw until the next meta-step
