@@ -4,8 +4,9 @@ The molecules job (B3DB setting, 35,633 ChEMBL molecules × 30 tasks, task weigh
 GIN (the job's default) and Hu et al.'s 5 × 300 GIN. Every trainer is built by the runner
 (``runner.build_trainer``) from the job's configuration with the option's overrides; plain
 pre-training is the ``uniform`` method (φ frozen). The trainers are advanced in turn, in chunks of
-the longest ``meta.interval`` of the options (each meta chunk holds one meta-step or more), on the same batch indices, in
-a rotating order; a ratio is the median over chunks of (option's chunk time / plain chunk time).
+the options' longest ``meta.interval`` (each meta chunk holds one meta-step or more), on the same
+batch indices, in a rotating order; a ratio is the median over chunks of (option's chunk time /
+plain chunk time).
 Timing starts after the warm-up and two meta-steps, so the accumulated estimator is drawing.
 
     OMP_NUM_THREADS=1 python benchmarks/noise_control_cost.py --out noise_control_cost
