@@ -86,12 +86,19 @@ def pretrain(config: MoleculesJob, data, method: str, seed: int):
 
 
 def junk_scores(weights: np.ndarray, junk: np.ndarray) -> dict:
+    if not junk.any():  # --junk 0: only the agreement of the real tasks' weights is measured
+        return {"all_junk_below_median_real": False, **dict.fromkeys(
+            ["share_junk_below_median_real", "junk_mean_percentile", "auroc_neg_weight_junk"], math.nan)}
     real_median = float(np.median(weights[~junk]))
     ranks = stats.rankdata(weights) / len(weights)
     return {"all_junk_below_median_real": bool((weights[junk] < real_median).all()),
             "share_junk_below_median_real": float((weights[junk] < real_median).mean()),
             "junk_mean_percentile": float(ranks[junk].mean()),
             "auroc_neg_weight_junk": float(roc_auc_score(junk, -weights))}
+
+
+def _auroc(flags: np.ndarray, scores: np.ndarray) -> float:
+    return float(roc_auc_score(flags, scores)) if 0 < flags.sum() < len(flags) else math.nan
 
 
 def main() -> None:
@@ -104,6 +111,7 @@ def main() -> None:
     ap.add_argument("--options", default=",".join(OPTIONS), help="comma-separated names of OPTIONS")
     ap.add_argument("--set", action="append", default=[], help="extra override on the base config")
     ap.add_argument("--out", help="results name under benchmarks/results (without extension)")
+    ap.add_argument("--skip-uniform", action="store_true", help="no uniform runs (no cost column)")
     ap.add_argument("--allow-dirty", action="store_true")
     args = ap.parse_args()
     prov = provenance(args.allow_dirty) if args.out else None
@@ -119,7 +127,7 @@ def main() -> None:
     junk = np.array([is_junk_task(n) for n in names])
     started = time.perf_counter()
     uniform_seconds = {}
-    for seed in seeds:
+    for seed in [] if args.skip_uniform else seeds:
         _, uniform_seconds[seed], _ = pretrain(base, data, "uniform", seed)
     runs, table = [], {}
     for option in options:
@@ -135,13 +143,13 @@ def main() -> None:
             w = DOMAIN.describe(config, data, METHODS["meta_task_weights"], phi)["task_weights"]
             w = np.array([w[n] for n in names])
             weights.append(w)
-            ratios.append(seconds / uniform_seconds[seed])
+            ratios.append(seconds / uniform_seconds[seed] if seed in uniform_seconds else math.nan)
             runs.append({"option": option, "seed": seed, "seconds": round(seconds, 1),
-                         "cost_vs_uniform": seconds / uniform_seconds[seed], "skipped": trainer.skipped,
+                         "cost_vs_uniform": ratios[-1], "skipped": trainer.skipped,
                          "task_weights": dict(zip(names, w.round(4).tolist())), **junk_scores(w, junk),
-                         "premise_auroc_mean_hypergrad_junk": float(roc_auc_score(junk, hyper.mean(0))),
-                         "premise_auroc_t_junk": float(roc_auc_score(junk, t_stat)),
-                         "premise_t_junk_mean": float(t_stat[junk].mean()),
+                         "premise_auroc_mean_hypergrad_junk": _auroc(junk, hyper.mean(0)),
+                         "premise_auroc_t_junk": _auroc(junk, t_stat),
+                         "premise_t_junk_mean": float(t_stat[junk].mean()) if junk.any() else math.nan,
                          "premise_t_real_mean": float(t_stat[~junk].mean())})
             print(f"{option} seed {seed}: {runs[-1]['share_junk_below_median_real']:.2f} junk below median, "
                   f"AUROC {runs[-1]['auroc_neg_weight_junk']:.2f}, {seconds:.0f} s", flush=True)
@@ -154,6 +162,7 @@ def main() -> None:
             "agreement_real_tasks": seed_agreement([w[~junk] for w in weights]),
             "agreement_all_tasks": seed_agreement(weights),
             "cost_vs_uniform": float(np.mean(ratios)),
+            "pretrain_seconds": float(np.mean([r["seconds"] for r in mine])),
             "premise_auroc_t_junk": mean_ci95([r["premise_auroc_t_junk"] for r in mine]),
             "premise_t_junk_minus_real": mean_ci95([r["premise_t_junk_mean"] - r["premise_t_real_mean"] for r in mine]),
         }
@@ -170,6 +179,8 @@ def main() -> None:
 
 def _pm(cell) -> str:
     mean, ci = cell
+    if not math.isfinite(mean):
+        return "—"
     return f"{mean:.2f} ± {ci:.2f}" if ci is not None and math.isfinite(ci) else f"{mean:.2f}"
 
 
@@ -187,15 +198,16 @@ def markdown(r: dict) -> str:
              f"| option | seeds with every junk task below the median (of {n}) | share of junk below median | "
              "junk mean percentile (chance 0.5) | AUROC of −weight for junk | agreement ρ, real tasks "
              "(leave-one-out) | pairwise ρ | premise: AUROC of the run's hypergradient t for junk | "
-             "premise: t junk − t real | cost vs uniform |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "premise: t junk − t real | cost vs uniform | seconds per run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for option, t in r["table"].items():
         a = t["agreement_real_tasks"]
         lines.append(f"| {option} | {t['seeds_all_junk_below_median']} | {_pm(t['share_junk_below_median'])} | "
                      f"{_pm(t['junk_mean_percentile'])} | {_pm(t['auroc_neg_weight_junk'])} | "
                      f"{_pm((a['leave_one_out_mean'], a['leave_one_out_ci95']))} | {a['pairwise_mean']:.2f} | "
                      f"{_pm(t['premise_auroc_t_junk'])} | {_pm(t['premise_t_junk_minus_real'])} | "
-                     f"{t['cost_vs_uniform']:.2f}× |")
+                     + (f"{t['cost_vs_uniform']:.2f}× |" if math.isfinite(t["cost_vs_uniform"]) else "— |")
+                     + (f" {t['pretrain_seconds']:.0f} |" if "pretrain_seconds" in t else " — |"))
     lines += ["", "Options (overrides of the molecules job): " + "; ".join(
         f"**{o}**: `{' '.join(v) or '(none)'}`" for o, v in r["options"].items())]
     if r["base_overrides"]:
