@@ -18,6 +18,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -29,6 +30,8 @@ from ...problem import EpochShuffler, Params
 from ...schema import schema
 from .data import held_out_split, load_b3db, load_chembl_pretraining, scaffold_split
 from .featurize import MoleculeGraphs, featurize_smiles
+from .motifs import MOTIF_PREFIX
+from .motifs import motif_tasks as compute_motif_tasks
 from .models import GINEncoder, masked_bce
 
 
@@ -51,6 +54,8 @@ class MoleculeData:
     split: dict[str, Tensor]
     pretrain_task_names: list[str]
     downstream_task_names: list[str]
+    #: what :func:`add_motif_tasks` kept and dropped (:meth:`MotifTasks.summary`); None without motif tasks
+    motifs: dict | None = None
 
     def pretrain_batch(self, rows: Tensor) -> Batch:
         """Rows of the pre-training set (0..N_pt-1) as a batch with ``y`` [B, T_pt]."""
@@ -144,6 +149,46 @@ def is_junk_task(name: str) -> bool:
     return name.startswith("junk") and ":" in name
 
 
+#: The pre-training task groups: ChEMBL targets, RDKit motif tasks, label-permuted junk tasks.
+TASK_GROUPS = ("chembl", "motif", "junk")
+
+
+def task_group(name: str) -> str:
+    """``"junk"`` (:func:`add_junk_tasks`, whatever it copies), ``"motif"`` (:func:`add_motif_tasks`)
+    or ``"chembl"`` (a ChEMBL target column)."""
+    if is_junk_task(name):
+        return "junk"
+    return "motif" if name.startswith(MOTIF_PREFIX) else "chembl"
+
+
+def add_motif_tasks(data: MoleculeData, smiles: list[str], min_fraction: float = 0.01, *,
+                    cache_dir: str | None = None) -> MoleculeData:
+    """``data`` with RDKit functional-group tasks (:func:`metapt.domains.molecules.motifs.motif_tasks`)
+    appended to its pre-training tasks, named ``motif:fr_*``.
+
+    ``smiles[i]`` must be pre-training row i's molecule: the labels, and which fragments are kept
+    (constant, rare and duplicate ones are dropped), come from these structures alone; no
+    downstream molecule or label is read.
+    """
+    if len(smiles) != len(data.pretrain_positions):
+        raise ValueError(f"add_motif_tasks: {len(smiles)} SMILES for {len(data.pretrain_positions)} pre-training rows")
+    motifs = compute_motif_tasks(smiles, min_fraction, cache_dir=cache_dir)
+    return dataclasses.replace(
+        data, pretrain_labels=torch.cat([data.pretrain_labels, motifs.labels], 1),
+        pretrain_task_names=[*data.pretrain_task_names, *motifs.names], motifs=motifs.summary())
+
+
+def keep_task_groups(data: MoleculeData, groups: tuple[str, ...]) -> MoleculeData:
+    """``data`` with the labels of every pre-training task outside ``groups`` masked (NaN): the same
+    molecules and task columns, pre-trained on the kept groups only."""
+    keep = torch.tensor([task_group(n) in groups for n in data.pretrain_task_names])
+    if not keep.any():
+        raise ValueError(f"no pre-training task is in the groups {list(groups)}; the tasks' groups are "
+                         f"{sorted({task_group(n) for n in data.pretrain_task_names})} (motif tasks need "
+                         "data.motif_tasks=true, junk tasks data.junk_tasks > 0)")
+    return dataclasses.replace(data, pretrain_labels=data.pretrain_labels.masked_fill(~keep, float("nan")))
+
+
 def load_molecule_data(
     setting: str = "b3db",
     *,
@@ -153,6 +198,8 @@ def load_molecule_data(
     cache_dir: str | None = None,
     progress: bool = False,
     junk_tasks: int = 0,
+    motif_tasks: bool = False,
+    motif_min_fraction: float = 0.01,
 ) -> MoleculeData:
     """Featurise (cached) the shipped data for a downstream setting.
 
@@ -166,6 +213,9 @@ def load_molecule_data(
             downstream valid/test splits get a fifth of ``max_downstream`` each).
         junk_tasks: label-permuted copies of real tasks appended as pre-training tasks
             (:func:`add_junk_tasks`, seeded by ``seed``): a planted answer for task weights.
+        motif_tasks: add RDKit functional-group presence tasks of the pre-training molecules
+            (:func:`add_motif_tasks`; ``motif_min_fraction`` drops the rare ones), before the junk
+            tasks (which may then copy a motif task too).
     """
     chembl = load_chembl_pretraining()
     if setting == "b3db":
@@ -197,7 +247,7 @@ def load_molecule_data(
     local = {name: ds_table.positions(rows) for name, rows in ds_split.items()}
     local_train = local["train"]
     meta = scaffold_split([ds_scaffolds[i] for i in local_train.tolist()], (0.8, 0.2, 0.0))
-    return add_junk_tasks(MoleculeData(
+    data = MoleculeData(
         pretrain=pt_table.graphs,
         pretrain_positions=pt_positions,
         pretrain_labels=pt_table.graphs.y[pt_positions][:, pt_tasks],
@@ -207,7 +257,11 @@ def load_molecule_data(
                "valid": local["valid"], "test": local["test"]},
         pretrain_task_names=[chembl.target_names[int(t)] for t in pt_tasks],
         downstream_task_names=ds_names,
-    ), junk_tasks, seed)
+    )
+    if motif_tasks:  # the pre-training molecules' own structures, row by row
+        pt_smiles = [chembl.smiles[i] for i in pt_table.table_rows()[pt_positions].tolist()]
+        data = add_motif_tasks(data, pt_smiles, motif_min_fraction, cache_dir=cache_dir)
+    return add_junk_tasks(data, junk_tasks, seed)
 
 
 @schema
@@ -244,6 +298,9 @@ class WeightingConfig:
         noise: the noise models' starting values.
         normalize: task weights T·softmax and example weights scaled to mean 1 per batch
             (``meta.normalize_weights``).
+        task_groups: pre-train on the tasks of these groups only (:data:`TASK_GROUPS`: ``chembl``,
+            ``motif``, ``junk``); the others' labels are masked (NaN), which is pre-training without
+            them: the loss averages over observed labels. None: every task.
     """
 
     task_weights: bool = True
@@ -252,6 +309,7 @@ class WeightingConfig:
     feature_noise: bool = False
     noise: NoiseModelConfig = NoiseModelConfig()
     normalize: bool = False
+    task_groups: tuple[Literal["chembl", "motif", "junk"], ...] | None = None
 
 
 class MoleculesProblem:
@@ -267,6 +325,8 @@ class MoleculesProblem:
         ft_batch_size: int = 64,
         seed: int = 0,
     ):
+        if weighting.task_groups is not None:
+            data = keep_task_groups(data, weighting.task_groups)
         self.data, self.encoder, self.weighting = data, encoder, weighting
         self.num_pt_tasks = data.pretrain_labels.shape[1]
         self.num_ft_tasks = data.downstream_labels.shape[1]
