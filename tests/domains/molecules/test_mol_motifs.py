@@ -150,7 +150,7 @@ def test_task_groups_and_the_one_group_controls(tmp_path):
 
 
 def test_config_knows_the_many_tasks_setting():
-    config = load_config("molecules-many-tasks")
+    config = load_config("molecules-motifs")
     assert config.data.motif_tasks and config.data.junk_tasks > 0 and set(config.data.settings) == {"b3db", "heldout"}
     assert {"uniform", "meta_task_weights", "random_task_weights", "chembl_only", "motifs_only"} <= set(config.methods)
     with pytest.raises(Exception, match="data.motif_tasks=true"):
