@@ -56,7 +56,7 @@ OPTIONS: dict[str, list[str]] = {
                                                     "meta.normalize_weights=true", "meta.average=polyak"],
     "accumulated every 2nd + normalized + polyak": ["meta.solver=accumulated", "meta.solver.every=2",
                                                     "meta.normalize_weights=true", "meta.average=polyak"],
-    "accumulated every 2nd + normalized + polyak, interval 20": [
+    "accumulated every 2nd + normalized + polyak + interval 20": [
         "meta.solver=accumulated", "meta.solver.every=2", "meta.normalize_weights=true", "meta.average=polyak",
         "meta.interval=20"],
 }
