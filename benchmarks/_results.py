@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from metapt.schema import jsonable  # strict JSON: NaN (a CI over one seed, a cost not measured) → null
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -36,5 +38,5 @@ def provenance(allow_dirty: bool = False) -> dict[str, Any]:
 
 def write(name: str, result: dict[str, Any], markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(jsonable(result), indent=2, allow_nan=False) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)

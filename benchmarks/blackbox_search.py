@@ -66,7 +66,6 @@ from metapt.evaluation import finetune_and_score, mean_ci95
 from metapt.metaparams import weights_from_logits
 from metapt.runner import build_trainer
 from metapt.runs import capture_rng, restore_rng
-from metapt.schema import jsonable
 
 #: The search's compute, in multiples of W (the meta-learned run's CPU time); the picks are read at each.
 BUDGETS = (1, 2, 5, 10)
@@ -282,7 +281,7 @@ def main() -> None:
               "n_startup_trials": N_STARTUP, "rung_steps": rung_steps(config.pretrain.steps),
               "pretrain_tasks": {t: target_name(t) for t in data.pretrain_task_names},
               "summary": summarise(records, searches, budgets), "seeds": records}
-    write(name, jsonable(result), markdown(result))  # strict JSON: a CI over one seed is NaN → null
+    write(name, result, markdown(result))
 
 
 def _stat(values: list[float | None]) -> dict[str, Any]:
