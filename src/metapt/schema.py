@@ -283,6 +283,11 @@ class MetaConfig:
     reuse_pt_graph: bool = False
     solver: SolverConfig = SolverConfig()
 
+    @field_validator("inner_lr_cap", mode="before")
+    @classmethod
+    def _cap_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
     @field_validator("solver", mode="before")
     @classmethod
     def _solver_by_name(cls, value: Any) -> Any:

@@ -98,11 +98,12 @@ class MetaPretrainer:
     Before each warm-up head step, catch-up and meta-step unroll the trainer estimates λ of the
     fine-tuning loss in what is fine-tuned (the head, or θ and the head with
     ``unroll_encoder``), on the first FT batch that step takes, with 10 Hessian-vector
-    products (:func:`metapt.hypergrad.hessian_spectrum`); if ``lr·λ > 1`` that step runs at
-    ``1/λ`` instead: the step that lands on the minimum along the stiffest direction of a
-    quadratic, half the divergence bound, so a λ estimated up to 2× low still gives a stable
-    step. A rate with ``lr·λ ≤ 1`` is used as given, bit for bit (the estimate draws on no RNG
-    and leaves the problem's buffers alone), so runs that were stable do not change. When the
+    products (:func:`metapt.hypergrad.hessian_spectrum`). If ``lr·λ > 1.9`` (within 5 % of the
+    divergence bound 2) that step runs at ``1/λ`` instead: the step that lands on the minimum
+    along the stiffest direction of a quadratic, so a λ estimated up to 2× low still gives a
+    stable step. A rate with ``lr·λ ≤ 1.9`` converges and is used as given, bit for bit (the
+    estimate draws on no RNG and leaves the problem's buffers alone), so runs that were stable
+    do not change. When the
     cap binds it says so: ``inner_lr``, ``inner_curvature`` (λ) and ``inner_lr_capped`` in the
     step's metrics and a WARNING the first time. ``inner_lr_cap="off"`` uses the rate as given.
 
@@ -465,7 +466,7 @@ class MetaPretrainer:
 
     def _inner_for(self, theta: Params, batches: Sequence[tuple[MetaProblem, Any]], *, joint: bool,
                    count: bool = True) -> tuple[InnerOptimizer, dict[str, float]]:
-        """``self.inner``, or the same optimiser at 1/λ where its rate is above that (class docstring)."""
+        """``self.inner``, or the same optimiser at 1/λ where lr·λ > 1.9 (class docstring)."""
         lr = self.inner.lr
         if self.inner_lr_cap == "off" or lr is None or self.inner.with_lr is None:
             return self.inner, {}
@@ -473,7 +474,7 @@ class MetaPretrainer:
         lam = self.strategy.reduce_max(max((c for c in found if math.isfinite(c)), default=-math.inf))
         lam = lam if math.isfinite(lam) else math.nan  # a non-finite loss: the divergence check's case
         inner = self.inner
-        if lam * lr > _INNER_RATE_CAP:
+        if lam * lr > _INNER_RATE_BOUND:
             inner = self.inner.with_lr(_INNER_RATE_CAP / lam)
             if count:
                 self.inner_lr_capped += 1
@@ -483,10 +484,11 @@ class MetaPretrainer:
 
     def cap_message(self, curvature: float) -> str:
         """What the inner-rate cap did, in the terms the user set it with (log and console share it)."""
-        return (f"the fine-tuning (inner) rate {self.inner.lr:g} is above 1/λ = {_INNER_RATE_CAP / curvature:.3g} "
-                f"(λ = {curvature:.3g}, the largest eigenvalue of the fine-tuning loss's Hessian; plain "
-                f"SGD diverges above 2/λ), so fine-tuning steps run at 1/λ wherever this holds "
-                "(meta.inner_lr_cap: auto; 'off', or MetaPretrainer(inner_lr_cap='off'), uses the rate as given)")
+        return (f"the fine-tuning (inner) rate {self.inner.lr:g} is near or above 2/λ = {2 / curvature:.3g}, where "
+                f"plain SGD diverges (λ = {curvature:.3g}, the largest eigenvalue of the fine-tuning loss's Hessian; "
+                f"lr·λ = {self.inner.lr * curvature:.3g} > {_INNER_RATE_BOUND:g}), so this step, and every one where "
+                f"that holds, runs at 1/λ = {_INNER_RATE_CAP / curvature:.3g} (meta.inner_lr_cap: auto; 'off', or "
+                "MetaPretrainer(inner_lr_cap='off'), uses the rate as given)")
 
     def _curvature(self, view: MetaProblem, theta: Params, batch: Any, joint: bool) -> float:
         """λmax of the FT loss's Hessian in the head (and θ if ``joint``), with no side effects on the run:
@@ -782,8 +784,12 @@ def _gauss_newton_at(problem: Any, view: MetaProblem, step: int, sample: int, st
 #: L_V this many times its lowest so far marks a diverged fine-tuning head.
 _DIVERGED_FACTOR = 1e3
 
-#: c of the inner-rate cap lr ≤ c/λ: 1 is the exact minimiser's step along the stiffest direction of
-#: a quadratic, half of the 2/λ where plain gradient descent diverges (margin for a λ estimated low).
+#: The inner-rate cap binds where lr·λ is above this: within 5 % of 2, where plain gradient descent
+#: diverges along the stiffest direction. Below it a rate is stable and left exactly as given.
+_INNER_RATE_BOUND = 1.9
+
+#: Where it binds, the rate becomes this over λ: the step that lands on the minimum along the
+#: stiffest direction of a quadratic, half the divergence bound (margin for a λ estimated low).
 _INNER_RATE_CAP = 1.0
 
 #: Hessian-vector products per curvature estimate (Lanczos is exact once they reach the dimension).
