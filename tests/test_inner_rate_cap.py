@@ -125,7 +125,7 @@ def test_the_trainer_caps_at_one_over_the_exact_curvature_of_the_batch():
     ft = torch.cat([net_features, torch.ones(len(net_features), 1)], dim=1).double()
     exact = float(torch.linalg.eigvalsh(2 * ft.T @ ft / len(ft))[-1])
     assert metrics["inner_curvature"] == pytest.approx(exact, rel=1e-4)
-    assert exact * 0.1 > 1 and metrics["inner_lr"] == pytest.approx(1 / exact, rel=1e-4)
+    assert exact * 0.1 > 1.9 and metrics["inner_lr"] == pytest.approx(1 / exact, rel=1e-4)
 
 
 def _features(trainer, theta, x):
@@ -140,10 +140,11 @@ def _features(trainer, theta, x):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_toy_works_at_default_settings(seed, caplog):
     # the default inner rate (0.1) is above 2/λ of this head: without the cap most meta-steps are skipped
-    trainer, tasks = _toy(seed)
+    trainer, tasks = _toy(seed, loggers=[rec := Recorder()])
     with caplog.at_level(logging.WARNING, logger="metapt"):
         trainer.run_until(1000)
     assert trainer.skipped == 0 and trainer.rejected_heads == 0
+    assert max(m.get("inner_curvature", 0) for _, m in rec.rows) > 20  # the guide's figure: 0.1 is past 2/λ
     assert trainer.inner_lr_capped > 0  # it ran below the rate asked for, and said so, once
     said = [r.getMessage() for r in caplog.records if "inner_lr_cap" in r.getMessage()]
     assert len(said) == 1 and "1/λ" in said[0]
@@ -193,9 +194,15 @@ def test_a_capped_run_resumes_exactly():
 def test_a_stable_rate_is_used_as_given_bit_for_bit():
     # on the synthetic problem sgd(0.1) is stable (λ·lr ≤ 0.8): the cap must not bind, and the run must be
     # the one without it; a cap applied always (lr → 1/λ) would make these runs differ
-    problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
+    class WithDropout(SyntheticTaskWeighting):  # fine-tuning draws random numbers: the estimate must not
+        def finetune_loss(self, params, head, batch):
+            x, y = batch
+            return super().finetune_loss(params, head, (torch.nn.functional.dropout(x, 0.1), y))
+
+    problem = WithDropout(SyntheticConfig(seed=0))
 
     def run(cap):
+        torch.manual_seed(0)  # the same dropout draws for both runs, unless the estimate took some
         rec = Recorder()
         t = metapt.MetaPretrainer(
             problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
@@ -208,7 +215,7 @@ def test_a_stable_rate_is_used_as_given_bit_for_bit():
     auto, rec = run("auto")
     off, rec_off = run("off")
     curvatures = [m["inner_curvature"] for _, m in rec.rows if "inner_curvature" in m]
-    assert len(curvatures) == 20 + 26 and 0.3 < max(curvatures) * 0.1 <= 1  # every step estimated, none above 1/lr
+    assert len(curvatures) == 20 + 26 and 0.3 < max(curvatures) * 0.1 <= 1.9  # every step estimated, none binds
     assert auto.inner_lr_capped == 0 and all(m["inner_lr"] == 0.1 for _, m in rec.rows if "inner_lr" in m)
     for part in ("params", "metaparams", "head"):
         assert _same(getattr(auto, part), getattr(off, part)), part

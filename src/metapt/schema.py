@@ -238,10 +238,10 @@ class MetaConfig:
         unroll_encoder: unroll θ together with the head instead of the head only.
         inner_lr: SGD learning rate of the fine-tuning head steps (warm-up, catch-up and unrolled).
         inner_lr_cap: ``auto``: before each fine-tuning step the largest eigenvalue λ of the
-            fine-tuning loss's Hessian is estimated, and a step whose ``inner_lr`` is above 1/λ
-            runs at 1/λ (plain SGD diverges above 2/λ); the run says so (``inner_lr_capped`` in the
-            metrics and the summary, a warning the first time). A stable rate is used as given,
-            so such runs do not change. ``off``: ``inner_lr`` as given, always.
+            fine-tuning loss's Hessian is estimated, and a step with ``inner_lr``·λ > 1.9 (near or
+            past 2, where plain SGD diverges) runs at 1/λ; the run says so (``inner_lr_capped`` in
+            the metrics and the summary, a warning the first time). A stable rate is used as
+            given, so such runs do not change. ``off``: ``inner_lr`` as given, always.
         lr: Adam learning rate of φ.
         batches: hypergradients averaged per meta-step (paper: 1).
         warmup_steps: PT steps, the head trained alongside, before the first meta-step.
