@@ -253,3 +253,22 @@ def test_diagnostics_unroll_at_the_rate_the_next_meta_step_would():
     inner, metrics = trainer.meta_step_inner()
     assert inner.lr < 0.1 and inner.lr == pytest.approx(1 / metrics["inner_curvature"])
     assert StateProbe(trainer).inner.lr == inner.lr
+
+
+def test_the_command_says_when_the_cap_binds(tmp_path):
+    # on the synthetic preset λ·0.1 stays below 0.8; at meta.inner_lr=5 every fine-tuning step is capped
+    import json
+
+    from typer.testing import CliRunner
+
+    from metapt.cli import app
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.steps=110",
+                                   "--set", "meta.inner_lr=5", "--set", "evaluation.seeds=1", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("ran below meta.inner_lr") == 1 and "meta.inner_lr_cap" in res.output  # once a phase
+    health = json.loads((out / "summary.json").read_text())["pretraining"]["synthetic/meta_task_weights"]
+    assert health["inner_lr_capped"] == 100 + 2 and health["skipped_meta_steps"] == 0  # warm-up + meta-steps
+    assert "Fine-tuning steps run below meta.inner_lr" in (out / "summary.md").read_text()
+    assert "fine-tuning steps ran below meta.inner_lr" in (out / "report.html").read_text()

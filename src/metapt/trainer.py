@@ -277,7 +277,7 @@ class MetaPretrainer:
         """One plain FT step of the head on the current θ (warm-up; nothing unrolled)."""
         theta = {k: v.detach() for k, v in self.params.items()}
         batch = self.problem.finetune_batch(self.step)
-        inner, capped = self._inner_for(theta, [(self.problem, batch)], joint=False)
+        inner, capped = self._inner_for(theta, [batch], joint=False)
         with _buffers_kept(self.problem):
             head, loss = self._finetune({**self.head}, theta, lambda _: batch, 1, inner)
         if self._diverged(loss):  # the head these steps made has blown up: start it again from ψ₀
@@ -307,7 +307,7 @@ class MetaPretrainer:
         if sched.head_steps:
             theta = {k: v.detach() for k, v in self.params.items()}
             first = self.meta_step_count * sched.head_steps
-            inner, capped = self._inner_for(theta, [(self.problem, self.problem.finetune_batch(first))], joint=False)
+            inner, capped = self._inner_for(theta, [self.problem.finetune_batch(first)], joint=False)
             head, loss = self._finetune(self.head, theta, lambda k: self.problem.finetune_batch(first + k),
                                         sched.head_steps, inner)
             self.head = self.strategy.reduce_head({k: v.detach() for k, v in head.items()})
@@ -461,16 +461,16 @@ class MetaPretrainer:
             return self.inner, {}
         first = self.meta_step_count * self.schedule.meta_batches * max(self.schedule.unroll_steps, 1)
         theta = {k: v.detach() for k, v in self.params.items()}
-        views = [(view, view.finetune_batch(first)) for view in self.strategy.meta_views(self)]
-        return self._inner_for(theta, views, joint=self.schedule.unroll_encoder, count=count)
+        batches = [view.finetune_batch(first) for view in self.strategy.meta_views(self)]  # views give batches
+        return self._inner_for(theta, batches, joint=self.schedule.unroll_encoder, count=count)
 
-    def _inner_for(self, theta: Params, batches: Sequence[tuple[MetaProblem, Any]], *, joint: bool,
+    def _inner_for(self, theta: Params, batches: Sequence[Any], *, joint: bool,
                    count: bool = True) -> tuple[InnerOptimizer, dict[str, float]]:
         """``self.inner``, or the same optimiser at 1/λ where lr·λ > 1.9 (class docstring)."""
         lr = self.inner.lr
         if self.inner_lr_cap == "off" or lr is None or self.inner.with_lr is None:
             return self.inner, {}
-        found = [self._curvature(view, theta, batch, joint) for view, batch in batches]
+        found = [self._curvature(theta, batch, joint) for batch in batches]
         lam = self.strategy.reduce_max(max((c for c in found if math.isfinite(c)), default=-math.inf))
         lam = lam if math.isfinite(lam) else math.nan  # a non-finite loss: the divergence check's case
         inner = self.inner
@@ -490,7 +490,7 @@ class MetaPretrainer:
                 f"that holds, runs at 1/λ = {_INNER_RATE_CAP / curvature:.3g} (meta.inner_lr_cap: auto; 'off', or "
                 "MetaPretrainer(inner_lr_cap='off'), uses the rate as given)")
 
-    def _curvature(self, view: MetaProblem, theta: Params, batch: Any, joint: bool) -> float:
+    def _curvature(self, theta: Params, batch: Any, joint: bool) -> float:
         """λmax of the FT loss's Hessian in the head (and θ if ``joint``), with no side effects on the run:
         the RNG (dropout) and the problem's buffers are as before, so a run the cap leaves alone is unchanged."""
         devices = sorted({v.device.index or 0 for v in self.head.values() if v.device.type == "cuda"})
@@ -498,9 +498,11 @@ class MetaPretrainer:
             if joint:
                 point = {**{f"theta/{k}": v for k, v in theta.items()}, **{f"head/{k}": v for k, v in self.head.items()}}
                 spectrum = hessian_spectrum(
-                    lambda p: view.finetune_loss(_part(p, "theta/"), _part(p, "head/"), batch), point, _CURVATURE_STEPS)
+                    lambda p: self.problem.finetune_loss(_part(p, "theta/"), _part(p, "head/"), batch), point,
+                    _CURVATURE_STEPS)
             else:
-                spectrum = hessian_spectrum(lambda h: view.finetune_loss(theta, h, batch), self.head, _CURVATURE_STEPS)
+                spectrum = hessian_spectrum(lambda h: self.problem.finetune_loss(theta, h, batch), self.head,
+                                            _CURVATURE_STEPS)
         return spectrum.lambda_max if math.isfinite(spectrum.lambda_max) else math.nan
 
     # ---- pieces -------------------------------------------------------------------------------
