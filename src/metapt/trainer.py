@@ -103,9 +103,10 @@ class MetaPretrainer:
     along the stiffest direction of a quadratic, so a λ estimated up to 2× low still gives a
     stable step. A rate with ``lr·λ ≤ 1.9`` converges and is used as given, bit for bit (the
     estimate draws on no RNG and leaves the problem's buffers alone), so runs that were stable
-    do not change. When the
-    cap binds it says so: ``inner_lr``, ``inner_curvature`` (λ) and ``inner_lr_capped`` in the
-    step's metrics and a WARNING the first time. ``inner_lr_cap="off"`` uses the rate as given.
+    do not change. When the cap binds it says so: ``inner_lr``, ``inner_curvature`` (λ) and
+    ``inner_lr_capped`` in the step's metrics and a WARNING the first time (``last_cap`` keeps
+    its text). ``inner_lr_cap="off"`` uses the rate as given. Data-parallel processes cap with
+    the largest of their λ, so they stay alike.
 
     **Logging.** Skipped meta-steps and rejected heads are reported through the standard
     :mod:`logging` module (logger ``metapt.trainer``, a child of ``metapt``) at WARNING on
@@ -137,7 +138,8 @@ class MetaPretrainer:
             :func:`metapt.metaparams.gather_rows`) reaches the optimiser as a sparse tensor when it
             takes one (:class:`metapt.optim.LazyAdam`, :class:`metapt.optim.LazySGD`: only the
             rows a meta-step touched move, at a cost independent of |φ|), else made dense.
-        inner_optimizer: the differentiable FT optimiser that is unrolled.
+        inner_optimizer: the differentiable FT optimiser of the warm-up, catch-up and unrolled
+            head steps (default ``sgd(0.1)``).
         solver: an inverse-HVP solver, short for ``estimator=Estimator(solver=solver)`` (the
             paper's estimator with that solver; the paper's solver is ``Neumann(1, alpha=PT lr)``).
             Not the default: leave both unset for :func:`metapt.hypergrad.default_estimator`.
@@ -156,6 +158,8 @@ class MetaPretrainer:
             mixed term from the PT step's own graph), or data-parallel
             (:meth:`metapt.distributed.DistributedContext.strategy`). It never changes what
             is computed.
+        inner_lr_cap: ``"auto"`` caps an SGD inner rate where it would diverge (above);
+            ``"off"`` uses it as given.
 
     Normalisation statistics (batch norm): only PT steps update a problem's buffers.
     Warm-up head steps and meta-steps run with the problem's ``state_dict()`` (its buffers)
@@ -634,6 +638,7 @@ class MetaPretrainer:
             head={k: v.detach().clone() for k, v in self.head.items()},
             metaparams={k: v.detach().clone() for k, v in self.metaparams.items()},
             averaged_metaparams=self.averaged_metaparams,
+            inner_lr_capped=self.inner_lr_capped,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -701,6 +706,7 @@ class TrainerSnapshot:
         metaparams: φ, raw (e.g. logits; apply your family's transform to read weights).
         averaged_metaparams: φ averaged over the meta-steps as ``schedule.average`` says (the
             last φ when it is ``none``): the result to read.
+        inner_lr_capped: fine-tuning steps run below the inner rate given (the rate cap bound).
     """
 
     step: int
@@ -711,6 +717,7 @@ class TrainerSnapshot:
     head: Params
     metaparams: Params
     averaged_metaparams: Params | None = None
+    inner_lr_capped: int = 0
 
 
 def _log_doubling(count: int, message: str, *args: Any) -> None:
