@@ -281,7 +281,7 @@ class MetaPretrainer:
         """One plain FT step of the head on the current θ (warm-up; nothing unrolled)."""
         theta = {k: v.detach() for k, v in self.params.items()}
         batch = self.problem.finetune_batch(self.step)
-        inner, capped = self._inner_for(theta, [batch], joint=False)
+        inner, capped = self._inner_for(theta, lambda: [batch], joint=False)
         with _buffers_kept(self.problem):
             head, loss = self._finetune({**self.head}, theta, lambda _: batch, 1, inner)
         if self._diverged(loss):  # the head these steps made has blown up: start it again from ψ₀
@@ -311,7 +311,7 @@ class MetaPretrainer:
         if sched.head_steps:
             theta = {k: v.detach() for k, v in self.params.items()}
             first = self.meta_step_count * sched.head_steps
-            inner, capped = self._inner_for(theta, [self.problem.finetune_batch(first)], joint=False)
+            inner, capped = self._inner_for(theta, lambda: [self.problem.finetune_batch(first)], joint=False)
             head, loss = self._finetune(self.head, theta, lambda k: self.problem.finetune_batch(first + k),
                                         sched.head_steps, inner)
             self.head = self.strategy.reduce_head({k: v.detach() for k, v in head.items()})
@@ -465,16 +465,17 @@ class MetaPretrainer:
             return self.inner, {}
         first = self.meta_step_count * self.schedule.meta_batches * max(self.schedule.unroll_steps, 1)
         theta = {k: v.detach() for k, v in self.params.items()}
-        batches = [view.finetune_batch(first) for view in self.strategy.meta_views(self)]  # views give batches
+        batches = lambda: [view.finetune_batch(first) for view in self.strategy.meta_views(self)]  # noqa: E731
         return self._inner_for(theta, batches, joint=self.schedule.unroll_encoder, count=count)
 
-    def _inner_for(self, theta: Params, batches: Sequence[Any], *, joint: bool,
+    def _inner_for(self, theta: Params, batches: Callable[[], Sequence[Any]], *, joint: bool,
                    count: bool = True) -> tuple[InnerOptimizer, dict[str, float]]:
-        """``self.inner``, or the same optimiser at 1/λ where lr·λ > 1.9 (class docstring)."""
+        """``self.inner``, or the same optimiser at 1/λ where lr·λ > 1.9 (class docstring). ``batches``
+        is called only when the cap is on: with it off, the trainer asks for no batch of its own."""
         lr = self.inner.lr
         if self.inner_lr_cap == "off" or lr is None or self.inner.with_lr is None:
             return self.inner, {}
-        found = [self._curvature(theta, batch, joint) for batch in batches]
+        found = [self._curvature(theta, batch, joint) for batch in batches()]
         lam = self.strategy.reduce_max(max((c for c in found if math.isfinite(c)), default=-math.inf))
         lam = lam if math.isfinite(lam) else math.nan  # a non-finite loss: the divergence check's case
         inner = self.inner
