@@ -357,6 +357,10 @@ def test_ecg_two_processes_match_the_one_process_reference(tmp_path):
     for (s, a), (t, b) in zip(outs[0]["rows"], rec.rows):
         assert s == t and a.keys() == b.keys()
         for k in a:
+            if k == "inner_curvature":  # the inner-rate cap's λ: the largest of the processes' own, which
+                # bounds that of the mean of their losses (the reference's) from above: a cap binds no later
+                assert a[k] >= b[k] * (1 - 1e-10) and a[k] * a["inner_lr"] < 1.9, s
+                continue
             assert a[k] == pytest.approx(b[k], rel=1e-10, abs=1e-12), (s, k)
     _assert_states_close(outs[0]["final"], _state(ref), rtol=1e-10)
     _assert_states_close(outs[1]["final"], outs[0]["final"], rtol=0)  # replicas bitwise equal

@@ -172,7 +172,8 @@ def test_problem_protocol_default_and_isinstance():
     assert isinstance(SyntheticTaskWeighting(SyntheticConfig(seed=1)), metapt.MetaProblem)
 
 
-def test_batch_indices_are_the_documented_ones():
+@pytest.mark.parametrize("cap", ["auto", "off"])
+def test_batch_indices_are_the_documented_ones(cap):
     # MetaProblem's docstring and the guide state which index each stream asks for; record them
     base = SyntheticTaskWeighting(SyntheticConfig(seed=1))
     asked = []
@@ -200,7 +201,8 @@ def test_batch_indices_are_the_documented_ones():
     schedule = MetaSchedule(meta_interval=I, warmup_steps=W, meta_batches=B, unroll_steps=K, head_steps=C)
     t = MetaPretrainer(Recording(), base.initial_params(0), base.initial_head(), base.initial_metaparams(),
                        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
-                       meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1), schedule=schedule)
+                       meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1), schedule=schedule,
+                       inner_lr_cap=cap)
     assert asked == [("pt", 0)]  # the construction check
     asked.clear()
     t.run_until(steps)
@@ -212,7 +214,11 @@ def test_batch_indices_are_the_documented_ones():
         if n <= W:
             expected.append(("ft", n))
         elif n % I == 0:
-            expected += [("ft", m * C + c) for c in range(C)]
+            # the inner-rate cap's curvature estimate asks once more for the first FT batch of the
+            # catch-up steps and of the unroll (the warm-up step's batch it shares)
+            estimate = cap == "auto"
+            expected += [("ft", m * C)] * estimate + [("ft", m * C + c) for c in range(C)]
+            expected += [("ft", m * B * K)] * estimate
             for j in range(B):  # the default estimator: reverse-mode through the next PT step's batch
                 expected.append(("val", m * B + j))
                 expected.append(("pt", n + j))

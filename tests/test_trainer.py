@@ -97,7 +97,7 @@ def test_unrolling_the_encoder_differentiates_through_the_joint_fine_tuning_step
                        meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0), inner_optimizer=sgd(0.1),
                        estimator=Estimator(solver=solver),
                        schedule=MetaSchedule(meta_interval=1, unroll_steps=1, unroll_encoder=True),
-                       strategy=Recording())
+                       strategy=Recording(), inner_lr_cap="off")  # the formula's η as given (the cap would bind)
     theta0 = {k: v.detach().clone() for k, v in t.params.items()}
     head0 = {k: v.clone() for k, v in t.head.items()}
     t.pretrain_step()
@@ -221,7 +221,7 @@ def test_a_diverging_fine_tuning_head_is_named_and_the_advice_fits(caplog):
     diverging = MetaPretrainer(
         problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
-        inner_optimizer=sgd(3.0), schedule=MetaSchedule(meta_interval=5, warmup_steps=20))
+        inner_optimizer=sgd(3.0), schedule=MetaSchedule(meta_interval=5, warmup_steps=20), inner_lr_cap="off")
     with caplog.at_level("WARNING", logger="metapt"):
         diverging.run_until(120)
     assert diverging.skipped > 0 and diverging.rejected_heads > 0

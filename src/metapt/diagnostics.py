@@ -96,9 +96,10 @@ class StateProbe:
     """Pure measurements at one trainer state; the trainer itself is never stepped.
 
     Reads from ``trainer``: ``problem``, ``params`` (θ), ``metaparams`` (φ), ``head`` (ψ),
-    ``pt_opt`` (Adam or SGD), ``inner`` (the FT optimiser), ``schedule``, ``step`` and
-    ``meta_step_count``. The meta-objective is the one the next meta-step optimises: the head
-    fine-tuned by K unrolled steps on that meta-step's FT batches, scored on its MetaFT-validation
+    ``pt_opt`` (Adam or SGD), ``meta_step_inner()`` (the FT optimiser, its rate capped as the
+    trainer's would be), ``schedule``, ``step`` and ``meta_step_count``. The meta-objective is
+    the one the next meta-step optimises: the head fine-tuned by K unrolled steps on that
+    meta-step's FT batches, scored on its MetaFT-validation
     batch, averaged over ``val_pairs`` consecutive pairs.
     """
 
@@ -109,7 +110,7 @@ class StateProbe:
         self.head = {k: v.detach().clone() for k, v in trainer.head.items()}
         self.pt_opt = trainer.pt_opt
         self.trainer_params = trainer.params  # the keys of pt_opt's state
-        self.inner = trainer.inner
+        self.inner = trainer.meta_step_inner()[0]  # the rate the next meta-step unrolls with (capped or not)
         self.schedule = trainer.schedule
         self.step = int(trainer.step)
         self.meta_index = int(trainer.meta_step_count) * self.schedule.meta_batches

@@ -390,6 +390,11 @@ class DataParallel(Strategy):
     def reduce_head(self, head: Params) -> Params:
         return self.ctx.all_reduce_mean(head)
 
+    def reduce_max(self, value: float) -> float:
+        flat = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+        return float(flat)
+
     def end_step(self, trainer: Any, metrics: Mapping[str, float]) -> dict[str, float]:
         """Metrics averaged over processes (so rank 0 logs the global step); replica check on schedule."""
         keys = sorted(metrics)

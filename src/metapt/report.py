@@ -207,6 +207,9 @@ def _health(folder: RunFolder, summary: dict) -> str:
                 f"diverging solver), {rejected} non-finite heads rejected")
         if skipped:
             text += " — see `metapt diagnose` and the solver options in the README"
+        if int(h.get("inner_lr_capped", 0)):
+            text += (f"; {int(h['inner_lr_capped'])} fine-tuning steps ran below meta.inner_lr, at 1/λ of the "
+                     "head's curvature (meta.inner_lr_cap: auto)")
         items.append(text)
     for setting, res in summary.get("settings", {}).items():
         bad = sum(int(v.get("nonfinite", 0)) for by_mode in res.get("scores", {}).values()

@@ -277,7 +277,7 @@ def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, met
         "metaparams": trainer.averaged_metaparams,  # the live φ unless meta.average says otherwise
         "problem": built.problem.state_dict() if hasattr(built.problem, "state_dict") else None,
         "health": {"meta_steps": trainer.meta_step_count, "skipped_meta_steps": trainer.skipped,
-                   "rejected_heads": trainer.rejected_heads},
+                   "rejected_heads": trainer.rejected_heads, "inner_lr_capped": trainer.inner_lr_capped},
     })
 
 
@@ -308,7 +308,7 @@ def trainer_from_config(problem: MetaProblem, params: Params, head: Params, meta
                         meta: Any, learn: bool = True, strategy: Strategy | None = None) -> MetaPretrainer:
     """The one construction of a :class:`MetaPretrainer` from a run's configuration: Adam on θ at
     ``pt_lr``; φ's optimiser from ``meta`` (:class:`metapt.schema.MetaConfig`: LazyAdam with
-    ``meta.lr_groups``); SGD at ``meta.inner_lr`` for the unrolled FT steps; ``meta.solver``'s
+    ``meta.lr_groups``); SGD at ``meta.inner_lr`` for the FT steps, capped as ``meta.inner_lr_cap`` says; ``meta.solver``'s
     estimator; ``meta``'s schedule (no meta-steps unless ``learn``). Every phase of a run
     (:func:`build_trainer`) and the diagnostics of a run's state are built here, so a checkpoint's
     optimiser states load in either."""
@@ -318,6 +318,7 @@ def trainer_from_config(problem: MetaProblem, params: Params, head: Params, meta
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=pt_lr),
         meta_optimizer=lambda ps: _meta_optimizer(meta, dict(zip(keys, ps))),
         inner_optimizer=sgd(meta.inner_lr),
+        inner_lr_cap=meta.inner_lr_cap,
         estimator=meta.solver.estimator(pt_lr),
         schedule=meta.schedule(learn_phi=learn),
         strategy=strategy,
@@ -547,8 +548,12 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
                 "and paired gains are over pre-training seeds, of each seed's mean over fine-tuning seeds."
     else:
         seeds = f"Each method is pre-trained once (seed {pt['seed']}): the CIs cover fine-tuning seeds only."
+    capped = sum(int(h.get("inner_lr_capped", 0)) for h in health.values())
     lines.append(f"Meta-steps: {meta_steps}, skipped (unusable hypergradient): {skipped}, "
                  f"non-finite heads rejected: {rejected}. {seeds}")
+    if capped:
+        lines.append(f"Fine-tuning steps run below meta.inner_lr, at 1/λ of the head's curvature "
+                     f"(meta.inner_lr_cap: auto): {capped}.")
     lines.append(f"Wall time: {summary.get('wall_seconds', float('nan'))} s.")
     return "\n".join(lines) + "\n"
 

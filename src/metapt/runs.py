@@ -750,7 +750,7 @@ class Session:
             logged = self._logged_steps(phase)  # a phase computed again (its result was lost) has its rows already
             trainer.loggers = [*own_loggers, _SkipLogged(self.log, logged) if logged else self.log, tb]
         every = self.checkpoint.every
-        skipped = trainer.skipped
+        skipped, capped = trainer.skipped, trainer.inner_lr_capped
 
         def tick(step: int) -> None:
             check_stop()  # a stop signal (recorded by the handler, errors.deferred_stop) stops the run here
@@ -767,6 +767,10 @@ class Session:
                             f"(last: {trainer.last_skip_reason}); if this keeps happening, {trainer.skip_advice()}[/]"
                         )
                         skipped = trainer.skipped
+                    if trainer.inner_lr_capped and not capped:  # once a phase: it usually binds all along
+                        self.console.print(f"[yellow]{phase}: {trainer.inner_lr_capped} fine-tuning step(s) by step "
+                                           f"{trainer.step} ran below meta.inner_lr: {trainer.last_cap}[/]")
+                        capped = trainer.inner_lr_capped
                     if trainer.step < steps:
                         self._save(phase, trainer, problem)
             except NonFiniteLossError:

@@ -236,7 +236,12 @@ class MetaConfig:
         interval: PT steps between meta-steps (paper: 10).
         unroll_steps: K, differentiable fine-tuning steps per meta-step (paper: 1).
         unroll_encoder: unroll θ together with the head instead of the head only.
-        inner_lr: SGD learning rate of the unrolled head steps.
+        inner_lr: SGD learning rate of the fine-tuning head steps (warm-up, catch-up and unrolled).
+        inner_lr_cap: ``auto``: before each fine-tuning step the largest eigenvalue λ of the
+            fine-tuning loss's Hessian is estimated, and a step with ``inner_lr``·λ > 1.9 (near or
+            past 2, where plain SGD diverges) runs at 1/λ; the run says so (``inner_lr_capped`` in
+            the metrics and the summary, a warning the first time). A stable rate is used as
+            given, so such runs do not change. ``off``: ``inner_lr`` as given, always.
         lr: Adam learning rate of φ.
         batches: hypergradients averaged per meta-step (paper: 1).
         warmup_steps: PT steps, the head trained alongside, before the first meta-step.
@@ -265,6 +270,7 @@ class MetaConfig:
     unroll_steps: int = Field(default=1, ge=0, le=MAX_PER_STEP)
     unroll_encoder: bool = False
     inner_lr: float = Field(default=0.1, gt=0)
+    inner_lr_cap: Literal["auto", "off"] = "auto"
     lr: float = Field(default=0.05, ge=0)
     batches: int = Field(default=1, ge=1, le=MAX_PER_STEP)
     warmup_steps: int = Field(default=100, ge=0, le=MAX_STEPS)
@@ -276,6 +282,11 @@ class MetaConfig:
     normalize_weights: bool = False
     reuse_pt_graph: bool = False
     solver: SolverConfig = SolverConfig()
+
+    @field_validator("inner_lr_cap", mode="before")
+    @classmethod
+    def _cap_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
 
     @field_validator("solver", mode="before")
     @classmethod

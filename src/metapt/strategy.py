@@ -67,6 +67,10 @@ class Strategy:
     def reduce_head(self, head: Params) -> Params:
         return head
 
+    def reduce_max(self, value: float) -> float:
+        """The largest ``value`` over processes: every replica then caps the inner rate alike."""
+        return value
+
     def end_step(self, trainer: MetaPretrainer, metrics: Mapping[str, float]) -> dict[str, float]:
         return dict(metrics)
 

@@ -44,6 +44,7 @@ from .hypergrad import (
     adam_preconditioner,
     default_estimator,
     estimate_hypergradient,
+    hessian_spectrum,
     pretraining_hypergradient,
     sgd,
     unrolled_finetune,
@@ -87,7 +88,25 @@ class MetaPretrainer:
     current head; ``step`` counts PT steps, ``meta_step_count`` meta-steps attempted,
     ``skipped`` meta-steps whose update was skipped (non-finite hypergradient or diverged
     solve), ``rejected_heads`` meta-steps whose fine-tuned head was not finite (the previous
-    head was kept). The per-step numbers go to ``loggers``.
+    head was kept), ``inner_lr_capped`` fine-tuning steps whose rate was capped (below). The
+    per-step numbers go to ``loggers``.
+
+    **The fine-tuning rate is capped where it would diverge** (``inner_lr_cap="auto"``, for an
+    SGD inner optimiser such as the default ``sgd(0.1)``). Plain gradient descent on a loss whose
+    Hessian has largest eigenvalue λ diverges once its rate exceeds 2/λ, and the head's λ grows
+    with the scale of the features pre-training makes, so no fixed rate suits every problem.
+    Before each warm-up head step, catch-up and meta-step unroll the trainer estimates λ of the
+    fine-tuning loss in what is fine-tuned (the head, or θ and the head with
+    ``unroll_encoder``), on the first FT batch that step takes, with 10 Hessian-vector
+    products (:func:`metapt.hypergrad.hessian_spectrum`). If ``lr·λ > 1.9`` (within 5 % of the
+    divergence bound 2) that step runs at ``1/λ`` instead: the step that lands on the minimum
+    along the stiffest direction of a quadratic, so a λ estimated up to 2× low still gives a
+    stable step. A rate with ``lr·λ ≤ 1.9`` converges and is used as given, bit for bit (the
+    estimate draws on no RNG and leaves the problem's buffers alone), so runs that were stable
+    do not change. When the cap binds it says so: ``inner_lr``, ``inner_curvature`` (λ) and
+    ``inner_lr_capped`` in the step's metrics and a WARNING the first time (``last_cap`` keeps
+    its text). ``inner_lr_cap="off"`` uses the rate as given. Data-parallel processes cap with
+    the largest of their λ, so they stay alike.
 
     **Logging.** Skipped meta-steps and rejected heads are reported through the standard
     :mod:`logging` module (logger ``metapt.trainer``, a child of ``metapt``) at WARNING on
@@ -119,7 +138,8 @@ class MetaPretrainer:
             :func:`metapt.metaparams.gather_rows`) reaches the optimiser as a sparse tensor when it
             takes one (:class:`metapt.optim.LazyAdam`, :class:`metapt.optim.LazySGD`: only the
             rows a meta-step touched move, at a cost independent of |φ|), else made dense.
-        inner_optimizer: the differentiable FT optimiser that is unrolled.
+        inner_optimizer: the differentiable FT optimiser of the warm-up, catch-up and unrolled
+            head steps (default ``sgd(0.1)``).
         solver: an inverse-HVP solver, short for ``estimator=Estimator(solver=solver)`` (the
             paper's estimator with that solver; the paper's solver is ``Neumann(1, alpha=PT lr)``).
             Not the default: leave both unset for :func:`metapt.hypergrad.default_estimator`.
@@ -138,6 +158,8 @@ class MetaPretrainer:
             mixed term from the PT step's own graph), or data-parallel
             (:meth:`metapt.distributed.DistributedContext.strategy`). It never changes what
             is computed.
+        inner_lr_cap: ``"auto"`` caps an SGD inner rate where it would diverge (above);
+            ``"off"`` uses it as given.
 
     Normalisation statistics (batch norm): only PT steps update a problem's buffers.
     Warm-up head steps and meta-steps run with the problem's ``state_dict()`` (its buffers)
@@ -159,6 +181,7 @@ class MetaPretrainer:
         loggers: Sequence[MetricsLogger] = (),
         strategy: Strategy | None = None,
         estimator: Estimator | None = None,
+        inner_lr_cap: str = "auto",
     ):
         self.problem = problem
         self.params = _leaves(params)
@@ -173,6 +196,9 @@ class MetaPretrainer:
         self.pt_opt = pt_optimizer(list(self.params.values()))
         self.meta_opt = meta_optimizer(list(self.metaparams.values()))
         self.inner = inner_optimizer if inner_optimizer is not None else sgd(0.1)
+        if inner_lr_cap not in ("auto", "off"):
+            raise ValueError(f"MetaPretrainer: inner_lr_cap must be 'auto' or 'off', got {inner_lr_cap!r}")
+        self.inner_lr_cap = inner_lr_cap
         if estimator is not None and solver is not None:
             raise ValueError("MetaPretrainer: pass the solver inside the estimator, estimator=Estimator(solver=...), "
                              "not both solver= and estimator=")
@@ -186,6 +212,8 @@ class MetaPretrainer:
         self.meta_step_count = 0  # meta-steps attempted
         self.skipped = 0  # meta-steps whose hypergradient was unusable
         self.rejected_heads = 0  # meta-steps whose unrolled head was non-finite (the previous one kept)
+        self.inner_lr_capped = 0  # fine-tuning steps (warm-up, catch-up, unroll) run at a capped rate
+        self.last_cap = ""  # what the cap did the last time it bound
         self.last_skip_reason = ""  # why the last skipped meta-step was skipped
         self._meta_loss_floor: float | None = None  # the lowest L_V of a kept head (divergence check)
         # the accumulated estimator: the last validation direction v, and Σ of the mixed-term draws since
@@ -253,18 +281,19 @@ class MetaPretrainer:
         """One plain FT step of the head on the current θ (warm-up; nothing unrolled)."""
         theta = {k: v.detach() for k, v in self.params.items()}
         batch = self.problem.finetune_batch(self.step)
+        inner, capped = self._inner_for(theta, lambda: [batch], joint=False)
         with _buffers_kept(self.problem):
-            head, loss = self._finetune({**self.head}, theta, lambda _: batch, steps=1)
+            head, loss = self._finetune({**self.head}, theta, lambda _: batch, 1, inner)
         if self._diverged(loss):  # the head these steps made has blown up: start it again from ψ₀
             self.rejected_heads += 1
             _log_doubling(self.rejected_heads, "warm-up step %d: the fine-tuning head diverged (loss %.3g) and was "
                           "reset to its initial value; %d rejected so far. Lower the fine-tuning (inner) learning "
                           "rate (meta.inner_lr, or the inner_optimizer's)", self.step, loss, self.rejected_heads)
             self.head = {k: v.clone() for k, v in self._initial_head.items()}
-            return {"warmup_ft_loss": loss}
+            return {"warmup_ft_loss": loss, **capped}
         self._meta_loss_floor = loss if self._meta_loss_floor is None else min(self._meta_loss_floor, loss)
         self.head = self.strategy.reduce_head({k: v.detach() for k, v in head.items()})
-        return {"warmup_ft_loss": loss}
+        return {"warmup_ft_loss": loss, **capped}
 
     def _diverged(self, loss: float) -> bool:
         """A fine-tuning loss that is not finite or orders of magnitude above the lowest seen."""
@@ -282,9 +311,12 @@ class MetaPretrainer:
         if sched.head_steps:
             theta = {k: v.detach() for k, v in self.params.items()}
             first = self.meta_step_count * sched.head_steps
-            head, loss = self._finetune(self.head, theta, lambda k: self.problem.finetune_batch(first + k), sched.head_steps)
+            inner, capped = self._inner_for(theta, lambda: [self.problem.finetune_batch(first)], joint=False)
+            head, loss = self._finetune(self.head, theta, lambda k: self.problem.finetune_batch(first + k),
+                                        sched.head_steps, inner)
             self.head = self.strategy.reduce_head({k: v.detach() for k, v in head.items()})
-            catch_up = {"head_ft_loss": loss}
+            catch_up = {"head_ft_loss": loss, **{f"head_{k}": v for k, v in capped.items()}}
+        inner, capped = self.meta_step_inner(count=True)
         total: Params | None = None
         infos, heads, directions = [], [], []
         kept = self.strategy.pt_graph(self)  # H and the mixed term at the PT step just taken, if kept
@@ -298,7 +330,7 @@ class MetaPretrainer:
             outcome: dict[str, Params] = {}
 
             def meta_loss(theta: Params) -> Tensor:
-                head, theta_ft = self._unroll(theta, ft_batches)
+                head, theta_ft = self._unroll(theta, ft_batches, inner)
                 outcome["head"] = head
                 return self.problem.finetune_loss(theta_ft, head, val_batch)
 
@@ -404,6 +436,7 @@ class MetaPretrainer:
             "meta_skipped": float(self.skipped),
             "rejected_heads": float(self.rejected_heads),
             **catch_up,
+            **capped,
         }
         phi = {k: v.detach() for k, v in self.metaparams.items()}
         metrics.update({f"phi/{k}": v for k, v in self.problem.describe_metaparams(phi).items()})
@@ -420,6 +453,62 @@ class MetaPretrainer:
             return "add damping (meta.solver.damping)"
         return ("lower the fine-tuning (inner) learning rate (meta.inner_lr, or the inner_optimizer's) "
                 "or the PT learning rate")
+
+    # ---- the inner rate -----------------------------------------------------------------------
+
+    def meta_step_inner(self, *, count: bool = False) -> tuple[InnerOptimizer, dict[str, float]]:
+        """The fine-tuning optimiser the next meta-step unrolls from the current θ and ψ (its rate
+        capped as ``inner_lr_cap`` says, on the first FT batch of every view's first sample) and
+        the metrics that say so; diagnostics measure with the same one. ``count``: the meta-step
+        itself, which counts and announces a cap."""
+        if not self.schedule.unroll_steps:
+            return self.inner, {}
+        first = self.meta_step_count * self.schedule.meta_batches * max(self.schedule.unroll_steps, 1)
+        theta = {k: v.detach() for k, v in self.params.items()}
+        batches = lambda: [view.finetune_batch(first) for view in self.strategy.meta_views(self)]  # noqa: E731
+        return self._inner_for(theta, batches, joint=self.schedule.unroll_encoder, count=count)
+
+    def _inner_for(self, theta: Params, batches: Callable[[], Sequence[Any]], *, joint: bool,
+                   count: bool = True) -> tuple[InnerOptimizer, dict[str, float]]:
+        """``self.inner``, or the same optimiser at 1/λ where lr·λ > 1.9 (class docstring). ``batches``
+        is called only when the cap is on: with it off, the trainer asks for no batch of its own."""
+        lr = self.inner.lr
+        if self.inner_lr_cap == "off" or lr is None or self.inner.with_lr is None:
+            return self.inner, {}
+        found = [self._curvature(theta, batch, joint) for batch in batches()]
+        lam = self.strategy.reduce_max(max((c for c in found if math.isfinite(c)), default=-math.inf))
+        lam = lam if math.isfinite(lam) else math.nan  # a non-finite loss: the divergence check's case
+        inner = self.inner
+        if lam * lr > _INNER_RATE_BOUND:
+            inner = self.inner.with_lr(_INNER_RATE_CAP / lam)
+            if count:
+                self.inner_lr_capped += 1
+                self.last_cap = self.cap_message(lam)
+                _log_first(self.inner_lr_capped, "step %d: %s", self.step, self.last_cap)
+        return inner, {"inner_lr": inner.lr, "inner_curvature": lam, "inner_lr_capped": float(self.inner_lr_capped)}
+
+    def cap_message(self, curvature: float) -> str:
+        """What the inner-rate cap did, in the terms the user set it with (log and console share it)."""
+        return (f"the fine-tuning (inner) rate {self.inner.lr:g} is near or above 2/λ = {2 / curvature:.3g}, where "
+                f"plain SGD diverges (λ = {curvature:.3g}, the largest eigenvalue of the fine-tuning loss's Hessian; "
+                f"lr·λ = {self.inner.lr * curvature:.3g} > {_INNER_RATE_BOUND:g}), so this step, and every one where "
+                f"that holds, runs at 1/λ = {_INNER_RATE_CAP / curvature:.3g} (meta.inner_lr_cap: auto; 'off', or "
+                "MetaPretrainer(inner_lr_cap='off'), uses the rate as given)")
+
+    def _curvature(self, theta: Params, batch: Any, joint: bool) -> float:
+        """λmax of the FT loss's Hessian in the head (and θ if ``joint``), with no side effects on the run:
+        the RNG (dropout) and the problem's buffers are as before, so a run the cap leaves alone is unchanged."""
+        devices = sorted({v.device.index or 0 for v in self.head.values() if v.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices), _buffers_kept(self.problem):
+            if joint:
+                point = {**{f"theta/{k}": v for k, v in theta.items()}, **{f"head/{k}": v for k, v in self.head.items()}}
+                spectrum = hessian_spectrum(
+                    lambda p: self.problem.finetune_loss(_part(p, "theta/"), _part(p, "head/"), batch), point,
+                    _CURVATURE_STEPS)
+            else:
+                spectrum = hessian_spectrum(lambda h: self.problem.finetune_loss(theta, h, batch), self.head,
+                                            _CURVATURE_STEPS)
+        return spectrum.lambda_max if math.isfinite(spectrum.lambda_max) else math.nan
 
     # ---- pieces -------------------------------------------------------------------------------
 
@@ -506,24 +595,24 @@ class MetaPretrainer:
             return {k: v.detach().clone() for k, v in self.metaparams.items()}
         return {k: v.clone() for k, v in self._phi_average.items()}
 
-    def _unroll(self, theta: Params, ft_batches: Callable[[int], Any]) -> tuple[Params, Params]:
+    def _unroll(self, theta: Params, ft_batches: Callable[[int], Any], inner: InnerOptimizer) -> tuple[Params, Params]:
         """K differentiable FT steps from (θ, ψ); returns (ψ_K, θ used by the FT model)."""
         steps = self.schedule.unroll_steps
         if not self.schedule.unroll_encoder:
             head = unrolled_finetune(
-                lambda h, k: self.problem.finetune_loss(theta, h, ft_batches(k)), self.head, self.inner, steps
+                lambda h, k: self.problem.finetune_loss(theta, h, ft_batches(k)), self.head, inner, steps
             )
             return head, theta
         joint = {**{f"theta/{k}": v for k, v in theta.items()}, **{f"head/{k}": v for k, v in self.head.items()}}
         out = unrolled_finetune(
             lambda p, k: self.problem.finetune_loss(_part(p, "theta/"), _part(p, "head/"), ft_batches(k)),
             joint,
-            self.inner,
+            inner,
             steps,
         )
         return _part(out, "head/"), _part(out, "theta/")
 
-    def _finetune(self, head: Params, theta: Params, batches, steps: int) -> tuple[Params, float]:
+    def _finetune(self, head: Params, theta: Params, batches, steps: int, inner: InnerOptimizer) -> tuple[Params, float]:
         losses = []
 
         def loss_fn(h, k):
@@ -531,7 +620,7 @@ class MetaPretrainer:
             losses.append(float(loss.detach()))
             return loss
 
-        return unrolled_finetune(loss_fn, head, self.inner, steps), losses[-1]
+        return unrolled_finetune(loss_fn, head, inner, steps), losses[-1]
 
     def _log(self, metrics: Mapping[str, float]) -> None:
         for logger in self.loggers:
@@ -550,6 +639,7 @@ class MetaPretrainer:
             head={k: v.detach().clone() for k, v in self.head.items()},
             metaparams={k: v.detach().clone() for k, v in self.metaparams.items()},
             averaged_metaparams=self.averaged_metaparams,
+            inner_lr_capped=self.inner_lr_capped,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -561,7 +651,7 @@ class MetaPretrainer:
             "pt_opt": copy.deepcopy(self.pt_opt.state_dict()),
             "meta_opt": copy.deepcopy(self.meta_opt.state_dict()),
             "counters": {"step": self.step, "meta_step_count": self.meta_step_count, "skipped": self.skipped,
-                         "rejected_heads": self.rejected_heads},
+                         "rejected_heads": self.rejected_heads, "inner_lr_capped": self.inner_lr_capped},
             "meta_loss_floor": self._meta_loss_floor,
             "noise_control": {
                 "direction": _copy(self._direction), "accumulated": _copy(self._accumulated),
@@ -591,6 +681,7 @@ class MetaPretrainer:
             int(counters["step"]), int(counters["meta_step_count"]), int(counters["skipped"])
         )
         self.rejected_heads = int(counters.get("rejected_heads", 0))
+        self.inner_lr_capped = int(counters.get("inner_lr_capped", 0))
         self._meta_loss_floor = state.get("meta_loss_floor")
         noise = state.get("noise_control")  # absent in checkpoints written before it existed
         if noise is not None:
@@ -616,6 +707,7 @@ class TrainerSnapshot:
         metaparams: φ, raw (e.g. logits; apply your family's transform to read weights).
         averaged_metaparams: φ averaged over the meta-steps as ``schedule.average`` says (the
             last φ when it is ``none``): the result to read.
+        inner_lr_capped: fine-tuning steps run below the inner rate given (the rate cap bound).
     """
 
     step: int
@@ -626,11 +718,17 @@ class TrainerSnapshot:
     head: Params
     metaparams: Params
     averaged_metaparams: Params | None = None
+    inner_lr_capped: int = 0
 
 
 def _log_doubling(count: int, message: str, *args: Any) -> None:
     """WARNING on the 1st, 2nd, 4th, 8th, ... occurrence, DEBUG in between: heard, not flooding."""
     log.log(logging.WARNING if count & (count - 1) == 0 else logging.DEBUG, message, *args)
+
+
+def _log_first(count: int, message: str, *args: Any) -> None:
+    """WARNING the first time, DEBUG after: a cap that binds once usually binds all run long."""
+    log.log(logging.WARNING if count == 1 else logging.DEBUG, message, *args)
 
 
 def _check_metaparams_reach_loss(problem: MetaProblem, params: Params, metaparams: Params) -> None:
@@ -695,6 +793,17 @@ def _gauss_newton_at(problem: Any, view: MetaProblem, step: int, sample: int, st
 
 #: L_V this many times its lowest so far marks a diverged fine-tuning head.
 _DIVERGED_FACTOR = 1e3
+
+#: The inner-rate cap binds where lr·λ is above this: within 5 % of 2, where plain gradient descent
+#: diverges along the stiffest direction. Below it a rate is stable and left exactly as given.
+_INNER_RATE_BOUND = 1.9
+
+#: Where it binds, the rate becomes this over λ: the step that lands on the minimum along the
+#: stiffest direction of a quadratic, half the divergence bound (margin for a λ estimated low).
+_INNER_RATE_CAP = 1.0
+
+#: Hessian-vector products per curvature estimate (Lanczos is exact once they reach the dimension).
+_CURVATURE_STEPS = 10
 
 
 def _copy(tree: Mapping[str, Tensor] | None, like: Mapping[str, Tensor] | None = None) -> Params | None:

@@ -8,7 +8,7 @@ from .core import (
     pretrain_graph,
     pretraining_hypergradient,
 )
-from .curvature import Spectrum, gauss_newton_product, lanczos
+from .curvature import Spectrum, gauss_newton_product, hessian_spectrum, lanczos
 from .estimators import (
     Estimator,
     GaussNewtonProblem,
@@ -45,6 +45,7 @@ __all__ = [
     "differentiable_pt_optimizer",
     "estimate_hypergradient",
     "gauss_newton_product",
+    "hessian_spectrum",
     "lanczos",
     "pretrain_lookahead",
     "pretrain_graph",

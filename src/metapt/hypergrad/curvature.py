@@ -90,6 +90,44 @@ def lanczos(matvec: Operator, like: Mapping[str, Tensor], steps: int = 20, *, se
     return Spectrum(float(ritz[-1]), float(ritz[0]), tuple(float(r) for r in ritz), n)
 
 
+def hessian_spectrum(loss_fn: Callable[[Params], Tensor], params: Mapping[str, Tensor], steps: int = 10, *,
+                     seed: int = 0) -> Spectrum:
+    """Extreme eigenvalues of ∂²loss/∂params² at ``params``: :func:`lanczos` on Hessian-vector products.
+
+    One forward and one gradient with ``create_graph=True``; each product is then a backward
+    through that gradient's graph only (for a fine-tuning head on a frozen encoder: the head's
+    ops, not the encoder's). Lanczos, not plain power iteration: for the same products its top
+    Ritz value is closer to λmax (exact once ``steps`` reaches the dimension), and it too is a
+    lower bound. The start vector comes from its own seeded generator, so the global RNG is untouched.
+
+    Args:
+        loss_fn: ``params ↦ scalar`` (the batch and anything frozen captured by the closure).
+        params: the point; entries are detached and made differentiable here.
+        steps: Hessian-vector products to spend (at most the dimension are used).
+        seed: seeds the random start vector.
+
+    Returns:
+        :class:`Spectrum`.
+    """
+    point = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    keys = list(point)
+    with torch.enable_grad():
+        loss = loss_fn(point)
+        grads = torch.autograd.grad(loss, [point[k] for k in keys], create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]  # others: zero curvature
+
+    def hvp(v: Params) -> Params:
+        out = {k: torch.zeros_like(point[k]) for k in keys}
+        if live:
+            products = torch.autograd.grad([grads[i] for i in live], [point[k] for k in keys],
+                                           grad_outputs=[v[keys[i]] for i in live], retain_graph=True,
+                                           allow_unused=True)
+            out.update({k: p.detach() for k, p in zip(keys, products) if p is not None})
+        return out
+
+    return lanczos(hvp, point, steps, seed=seed)
+
+
 def gauss_newton_product(
     outputs: Callable[[Params], Tensor],
     output_loss: Callable[[Tensor], Tensor],

@@ -19,10 +19,18 @@ from ._tree import Params
 
 
 class InnerOptimizer(NamedTuple):
-    """A pure, differentiable optimiser: ``init`` and ``update``."""
+    """A pure, differentiable optimiser: ``init`` and ``update``.
+
+    ``lr`` and ``with_lr`` (the same optimiser at another rate) are set by :func:`sgd` only: a
+    plain gradient step's stability is a matter of its rate against the loss's curvature, which
+    is what the trainer's inner-rate cap (``MetaPretrainer(inner_lr_cap=...)``) checks.
+    Optimisers without them are used as given.
+    """
 
     init: Callable[[Mapping[str, Tensor]], tuple]
     update: Callable[[Mapping[str, Tensor], Mapping[str, Tensor], tuple], tuple[Params, tuple]]
+    lr: float | None = None
+    with_lr: Callable[[float], InnerOptimizer] | None = None
 
 
 class SGDState(NamedTuple):
@@ -56,7 +64,7 @@ def sgd(lr: float, momentum: float = 0.0) -> InnerOptimizer:
         buf = {k: momentum * state.momentum[k] + grads[k] for k in params}
         return {k: params[k] - lr * buf[k] for k in params}, SGDState(buf)
 
-    return InnerOptimizer(init, update)
+    return InnerOptimizer(init, update, lr, lambda rate: sgd(rate, momentum))
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
