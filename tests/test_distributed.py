@@ -24,7 +24,8 @@ from metapt.distributed import (
 )
 from metapt.domains.synthetic.problem import SyntheticConfig, SyntheticTaskWeighting
 from metapt.hypergrad import Neumann, sgd
-from metapt.runs import RunFolder, Session
+from metapt.runs import RunFolder
+from metapt.session import Session
 from metapt.schema import CheckpointConfig
 from metapt.strategy import MeanOverViews, Strategy
 from metapt.trainer import MetaPretrainer, MetaSchedule

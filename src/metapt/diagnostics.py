@@ -623,7 +623,8 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
     from .config import load_config
     from .domains import domain as domain_of
     from .errors import UserError
-    from .runs import RunFolder, write_text_atomic
+    from .atomic import write_text_atomic
+    from .runs import RunFolder
     from .runner import build_trainer, parse_phase
 
     folder = RunFolder.open(run_dir)
@@ -650,7 +651,7 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
             raise UserError(f"{folder.path} holds no pre-training phase with meta-parameters"
                             + (f" named {phase!r}" if phase else ""))
         phase = learned[-1]
-    from .runs import config_changes
+    from .config import config_changes
 
     made_with = (state if state is not None else recorded).get("config", "")
     changes = [k for k in config_changes(made_with, folder.config_file.read_text(encoding="utf-8"))

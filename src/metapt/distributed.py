@@ -30,7 +30,7 @@ One process per device; every process holds a full replica of θ, φ and the FT 
   trainer calls it every ``check_every`` steps in debug mode.
 * **Writes**: only rank 0 (``ctx.is_main``) writes metrics, reports and
   checkpoints; every process loads the same checkpoint into its trainer
-  (:class:`metapt.runs.Session` with ``dist=ctx`` does both, and keeps each
+  (:class:`metapt.session.Session` with ``dist=ctx`` does both, and keeps each
   process's RNG state in the file).
 
 Usage (what a job does; without torchrun's environment it is a one-process run)::

@@ -19,7 +19,8 @@ from typing import Any
 import markdown
 import yaml
 
-from .runs import RunFolder, write_text_atomic
+from .atomic import write_text_atomic
+from .runs import RunFolder
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222; }

@@ -7,7 +7,7 @@ Methods are data (:class:`Method`): pre-train or not, and φ learned, frozen at 
 initial value, or absent. This module does the rest, the same way for every domain:
 
 * every pre-training phase runs through :class:`metapt.MetaPretrainer` (a frozen φ is
-  a schedule with no meta-steps), inside a :class:`metapt.runs.Session`, so every phase
+  a schedule with no meta-steps), inside a :class:`metapt.session.Session`, so every phase
   resumes mid-phase after a kill, writes atomically and runs data-parallel under
   torchrun;
 * one evaluation protocol (:mod:`metapt.evaluation`): full fine-tuning and linear probe
@@ -41,7 +41,9 @@ from .metrics import progress_bar, read_jsonl
 from .optim import LazyAdam
 from .plots import plot_bars, plot_curves
 from .problem import MetaProblem, Params
-from .runs import RunFolder, Session, write_text_atomic
+from .atomic import write_text_atomic
+from .runs import RunFolder
+from .session import Session
 from .schema import jsonable
 from .strategy import ReusePTGraph, Strategy
 from .trainer import MetaPretrainer
@@ -223,7 +225,7 @@ def _check_lr_groups(domain: Domain, config: Any, data: Any, methods: Sequence[M
     exempt = getattr(getattr(type(config)(), "meta", None), "lr_groups", {})  # the job's defaults
     if all(key in exempt for key in config.meta.lr_groups):
         return
-    from .runs import capture_rng, restore_rng
+    from .rng import capture_rng, restore_rng
 
     rng = capture_rng()  # building may seed the global generators: leave them as they were
     try:
