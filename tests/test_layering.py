@@ -6,7 +6,7 @@
 * no import cycle among metapt modules. Imports under ``if TYPE_CHECKING:`` (annotations only) do
   not count; imports inside a function do: a cycle through a deferred import is still a cycle;
 * the configuration layer (``schema``, ``config``) imports no runtime module (trainer, runner,
-  runs, session, strategy, distributed, diagnostics), directly or through another module, not even
+  runs, session, devices, strategy, distributed, diagnostics), directly or through another module, not even
   inside a function.
 
 A package ``__init__`` counts as its package's module; ``from . import x`` counts as importing the
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "metapt"
-RUNTIME = ("trainer", "runner", "runs", "session", "strategy", "distributed", "diagnostics")
+RUNTIME = ("trainer", "runner", "runs", "session", "devices", "strategy", "distributed", "diagnostics")
 CONFIGURATION = ("metapt.schema", "metapt.config")
 
 

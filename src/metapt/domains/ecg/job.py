@@ -29,7 +29,7 @@ from rich.console import Console
 
 from ...errors import UserError
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig
-from ...runner import Method, Pretraining
+from ...domain import Method, Pretraining
 from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
 from .problem import ECGProblemConfig, ECGSimCLRProblem
 from .splits import DataConfig, carve_valid, data_summary, load_and_split, plot_magnitude, plot_warp_examples
