@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from metapt import MetaPretrainer, MetaSchedule
-from metapt.diagnostics import DiagnoseOptions, default_estimators, diagnose, format_table
+from metapt.diagnostics import DiagnoseOptions, default_estimators, diagnose
+from metapt.run_diagnosis import format_table
 from metapt.hypergrad import Estimator, sgd
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from metapt import MetaPretrainer
-from metapt.diagnostics import DiagnoseOptions, StateProbe, diagnose, format_table, lookahead_agreement
+from metapt.diagnostics import DiagnoseOptions, StateProbe, diagnose, lookahead_agreement
+from metapt.run_diagnosis import format_table
 from metapt.hypergrad import ConjugateGradient, Estimator, Identity, sgd
 
 N, D = 12, 4

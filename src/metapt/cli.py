@@ -500,7 +500,8 @@ def diagnose(
 
     def action():
         from .config import load_config
-        from .diagnostics import DiagnoseOptions, diagnose_run, format_table, format_text
+        from .diagnostics import DiagnoseOptions
+        from .run_diagnosis import diagnose_run, format_table, format_text
         from .runs import RunFolder
 
         if output_format not in ("text", "md", "json"):

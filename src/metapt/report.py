@@ -286,7 +286,7 @@ def compare_markdown(folders: Sequence[RunFolder]) -> str:
 
 def _hypergradient_health(path: Path) -> str:
     """The table of ``metapt diagnose`` (lookahead agreement, SNR, curvature, cost), from diagnostics.json."""
-    from .diagnostics import format_table
+    from .run_diagnosis import format_table
 
     try:
         result = json.loads(_read(path))
