@@ -8,7 +8,8 @@ import torch
 
 from metapt import MetaPretrainer, MetaSchedule
 from metapt.domains.ecg.data import load_ecg_folder
-from metapt.domains.ecg.problem import ECGProblemConfig, ECGSimCLRProblem, split_ecg
+from metapt.domains.ecg.problem import ECGProblemConfig, ECGSimCLRProblem
+from metapt.domains.ecg.splits import split_ecg
 from metapt.hypergrad import Neumann, sgd
 
 MITBIH = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mitbih"
