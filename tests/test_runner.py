@@ -175,7 +175,7 @@ def test_only_pretraining_steps_update_batch_norm_statistics():
     t = MetaPretrainer(problem, {"w": torch.eye(5)}, {"v": torch.zeros(5)}, {"s": torch.zeros(5)},
                        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
                        meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01),
-                       schedule=MetaSchedule(meta_interval=1, warmup_steps=1, head_steps=2))
+                       schedule=MetaSchedule(interval=1, warmup_steps=1, head_steps=2))
     t.run_until(1)  # a PT step and a warm-up head step
     after_pt = problem.state_dict()
     assert int(after_pt["num_batches_tracked"]) == 1

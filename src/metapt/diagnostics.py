@@ -111,7 +111,7 @@ class StateProbe:
         self.inner = trainer.inner
         self.schedule = trainer.schedule
         self.step = int(trainer.step)
-        self.meta_index = int(trainer.meta_step_count) * self.schedule.meta_batches
+        self.meta_step = int(trainer.meta_step_count)
         self.val_pairs = val_pairs
         self.seed = seed
         self.pt_lr = float(self.pt_opt.param_groups[0]["lr"])
@@ -149,10 +149,10 @@ class StateProbe:
 
     def meta_loss(self, sample: int = 0) -> Callable[[Params], Tensor]:
         """θ ↦ mean over the pairs of L_V(θ, ψ_K(θ)), as the meta-step computes it."""
-        sched, first = self.schedule, self.meta_index + sample * self.val_pairs
-        pairs = []
-        for i in range(first, first + self.val_pairs):
-            fts = [self.problem.finetune_batch(i * max(sched.unroll_steps, 1) + k) for k in range(sched.unroll_steps)]
+        sched, pairs = self.schedule, []
+        for j in range(sample * self.val_pairs, (sample + 1) * self.val_pairs):  # as the meta-step's sample j
+            i = sched.sample_index(self.meta_step, j)
+            fts = [self.problem.finetune_batch(sched.finetune_index(i, k)) for k in range(sched.unroll_steps)]
             pairs.append((fts, self.problem.metaval_batch(i)))
 
         def meta_loss(theta: Params) -> Tensor:

@@ -50,14 +50,14 @@ class MetaProblem(Protocol):
       (``n + t + j * T`` for ``t < T`` with ``horizon`` T; ``n + t + j * P`` for ``t < P`` with
       ``upcoming`` and ``pt_batches`` P). The paper's estimator (``upcoming: false``) uses
       ``pretrain_batch(n - 1)`` again (the batch that step just used) for H and the mixed
-      term, and, for its extra samples ``j = 1 .. meta_batches - 1``,
+      term, and, for its extra samples ``j = 1 .. batches - 1``,
       ``pretrain_batch(max(n - 1 - j, 0))`` (``n - 1 - t - j * P`` with ``pt_batches`` P).
     * ``finetune_batch`` serves three streams, which may ask for the same indices:
       the warm-up head step after PT step ``n`` asks for ``n`` (so 1 .. ``warmup_steps``);
       the ``head_steps`` catch-up steps of meta-step ``m`` ask for
       ``m * head_steps + c``; the unrolled step ``k`` of sample ``j`` of meta-step ``m``
-      asks for ``(m * meta_batches + j) * max(unroll_steps, 1) + k``.
-    * ``metaval_batch(m * meta_batches + j)`` for sample ``j`` of meta-step ``m``.
+      asks for ``(m * batches + j) * max(unroll_steps, 1) + k``.
+    * ``metaval_batch(m * batches + j)`` for sample ``j`` of meta-step ``m``.
 
     Optional: ``state_dict()`` / ``load_state_dict(state)`` for state the problem keeps
     outside θ (batch-norm running statistics). The trainer restores it after warm-up and
