@@ -385,7 +385,8 @@ class DataParallel(Strategy):
         return loss.detach()
 
     def reduce_hypergrad(self, hypergrad: Params) -> Params:
-        return self.ctx.all_reduce_mean(hypergrad)
+        """The mean over processes (collectives take dense tensors: row-sparse entries are densified)."""
+        return self.ctx.all_reduce_mean({k: v.to_dense() if v.is_sparse else v for k, v in hypergrad.items()})
 
     def reduce_head(self, head: Params) -> Params:
         return self.ctx.all_reduce_mean(head)
