@@ -341,9 +341,9 @@ def evaluate(
     holder: dict = {}
 
     def action():
+        from .atomic import write_text_atomic
         from .config import apply_override, load_config, to_yaml, validate
         from .jobs import execute
-        from .atomic import write_text_atomic
         from .runs import RunFolder
 
         folder = holder["folder"] = RunFolder.open(run_dir)
