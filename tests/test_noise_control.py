@@ -61,12 +61,18 @@ def test_each_meta_step_averages_the_pt_steps_draws_and_draws_afresh_only_when_n
     trainer = _trainer(problem, MetaSchedule(interval=4, warmup_steps=4), Estimator(accumulate=2),
                        meta_opt=lambda ps: torch.optim.SGD(ps, lr=1.0), strategy=_NotPlain())
     calls, values = [], [100.0, 8.0, 10.0, 300.0, 7.0]
+    alpha = trainer.estimator.solver.alpha  # a draw is −α · the mixed term
 
-    def fake_draw(view, batch, direction):
+    def fake_mixed_term(pretrain_loss, theta, phi, direction, **kwargs):
         calls.append(trainer.step)
-        return {k: torch.full_like(v, values[len(calls) - 1]) for k, v in trainer.metaparams.items()}
+        return {k: torch.full_like(v, -values[len(calls) - 1] / alpha) for k, v in phi.items()}
 
-    monkeypatch.setattr(trainer, "_mixed_draw", fake_draw)
+    # the PT steps' draws (the trainer) and the meta-step's own (metapt.hypergrad.accumulate)
+    import metapt.hypergrad.accumulate
+    import metapt.trainer
+
+    monkeypatch.setattr(metapt.trainer, "directional_mixed_term", fake_mixed_term)
+    monkeypatch.setattr(metapt.hypergrad.accumulate, "directional_mixed_term", fake_mixed_term)
     phi0 = trainer.metaparams["task_logits"].detach().clone()
     trainer.run_until(8)  # meta-step after PT step 8: no direction before it, so only its fresh draw
     assert calls == [8]

@@ -41,7 +41,7 @@ from .hypergrad.estimators import (
     pretrain_lookahead,
     unrolled_pretraining_hypergradient,
 )
-from .problem import MetaProblem, Params
+from .problem import MetaProblem, Params, gauss_newton_at, pretrain_loss_at
 from .schedule import pt_batch_index
 
 __all__ = [
@@ -124,28 +124,12 @@ class StateProbe:
         return pt_batch_index(self.step, t, sample, stride)
 
     def pretrain_loss_at(self, sample: int = 0, stride: int = 1) -> Callable[[Params, Mapping[str, Tensor], int], Tensor]:
-        cache: dict[int, Any] = {}
-
-        def loss(theta, phi, t):
-            i = self.pt_batch_index(t, sample, stride)
-            if i not in cache:
-                cache[i] = self.problem.pretrain_batch(i)
-            return self.problem.pretrain_loss(theta, phi, cache[i])
-
-        return loss
+        """(θ, φ, t) ↦ L_PT on the batches the trainer's meta-step would read (:func:`metapt.problem.pretrain_loss_at`)."""
+        return pretrain_loss_at(self.problem, self.step, sample, stride)
 
     def gauss_newton_at(self, sample: int = 0, stride: int = 1):
         """t ↦ (θ ↦ PT outputs, outputs ↦ PT loss) on the batches of :meth:`pretrain_loss_at`, φ fixed."""
-        if not isinstance(self.problem, GaussNewtonProblem):
-            raise ValueError(f"{type(self.problem).__name__} does not expose pretrain_outputs/pretrain_output_loss")
-        phi = {k: v.detach() for k, v in self.phi.items()}
-
-        def at(t: int):
-            batch = self.problem.pretrain_batch(self.pt_batch_index(t, sample, stride))
-            return (lambda th: self.problem.pretrain_outputs(th, phi, batch),
-                    lambda out: self.problem.pretrain_output_loss(out, phi, batch))
-
-        return at
+        return gauss_newton_at(self.problem, self.step, sample, stride, self.phi)
 
     def meta_loss(self, sample: int = 0) -> Callable[[Params], Tensor]:
         """θ ↦ mean over the pairs of L_V(θ, ψ_K(θ)), as the meta-step computes it."""
