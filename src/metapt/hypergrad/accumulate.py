@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._tree import Params
-from .core import HypergradInfo
+from .core import HypergradInfo, differentiable
 from .solvers import SolverInfo
 
 __all__ = ["accumulated_hypergradient", "directional_mixed_term", "pretrain_backward_with_mixed_term"]
@@ -190,7 +190,7 @@ def accumulated_hypergradient(
     """
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
     keys_t, keys_p = list(leaves), list(phi)
-    with torch.enable_grad():
+    with differentiable(phi), torch.enable_grad():  # φ may come detached (the diagnostics' copies)
         lv = meta_loss(leaves)
         grads = torch.autograd.grad(lv, [leaves[k] for k in keys_t] + [phi[k] for k in keys_p], allow_unused=True)
     direction = {k: torch.zeros_like(leaves[k]) if g is None else g.detach() for k, g in zip(keys_t, grads)}
