@@ -201,18 +201,3 @@ def test_report_section_renders_the_diagnostics_table(tmp_path):
     path.write_text(json.dumps(jsonable(result)))
     page = _hypergradient_health(path)
     assert "<table>" in page and "identity_next" in page
-
-
-def test_directional_estimator_equals_identity_on_a_loss_quadratic_in_theta():
-    """The central difference along P ⊙ v is exact when L_PT is quadratic in θ (the ridge's is)."""
-    from metapt.config import load_config
-
-    problem = Ridge()
-    logits = torch.linspace(-1, 1, N, dtype=torch.float64)
-    probe = StateProbe(_trainer(problem, logits), val_pairs=1)
-    exact, _, _ = probe.estimate(Estimator(solver=Identity(0.2), upcoming=True))
-    directional, info, _ = probe.estimate(Estimator(solver=Identity(0.2), upcoming=True, directional=True))
-    torch.testing.assert_close(directional["logits"], exact["logits"], rtol=1e-7, atol=1e-12)
-    assert info.usable
-    built = load_config("synthetic", ["meta.solver=directional"]).meta.solver.estimator(0.01)
-    assert built.directional and built.upcoming and built.solver == Identity(0.01) and built.adam_preconditioner

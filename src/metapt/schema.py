@@ -95,7 +95,6 @@ SOLVER_KEYS: dict[str, tuple[str, ...]] = {
            "gauss_newton"),
     "unrolled": ("horizon",),
     "accumulated": ("alpha", "every", "adam_preconditioner"),
-    "directional": ("alpha", "adam_preconditioner"),
 }
 #: Defaults of the kind-specific keys; kind ``unrolled`` with ``horizon`` 1, and ``upcoming`` and
 #: ``adam_preconditioner`` for the implicit kinds, were chosen by measurement
@@ -126,9 +125,8 @@ class SolverConfig:
             batches: the exact T-step lookahead derivative) or ``accumulated`` (every
             ``every``-th PT batch adds its one-step mixed term against the validation direction
             of the last meta-step, and each meta-step averages them: ``interval / every`` times
-            the PT draws per update; :mod:`metapt.hypergrad.accumulate`) or ``directional`` (α g
-            on the upcoming batch, its mixed term by a central difference: no double backward).
-        alpha: neumann, identity, accumulated, directional: the step α; unset: the PT learning rate (the paper's choice).
+            the PT draws per update; :mod:`metapt.hypergrad.accumulate`).
+        alpha: neumann, identity, accumulated: the step α; unset: the PT learning rate (the paper's choice).
         terms: neumann: M, Hessian-vector products after the first term [1].
         max_iter: cg: the most Hessian-vector products [20].
         tol: cg: stop when ‖r‖ ≤ tol·‖g‖ [1e-6].
@@ -141,13 +139,13 @@ class SolverConfig:
         upcoming: neumann, identity, cg: take those batches among the ones pre-training takes
             next instead of the one(s) just taken (the paper's) [true].
         every: accumulated: PT steps between two draws (1: every PT batch) [1].
-        adam_preconditioner: neumann, identity, cg, accumulated, directional: solve in Adam's geometry P = 1/(√v̂ + ε) of
+        adam_preconditioner: neumann, identity, cg, accumulated: solve in Adam's geometry P = 1/(√v̂ + ε) of
             the PT optimiser (the paper's formula assumes SGD) [true].
         gauss_newton: neumann, cg: solve with the Gauss–Newton matrix JᵀH_ℓJ instead of H (the
             problem must expose ``pretrain_outputs``/``pretrain_output_loss``) [false].
     """
 
-    kind: Literal["neumann", "cg", "identity", "unrolled", "accumulated", "directional"] = "unrolled"
+    kind: Literal["neumann", "cg", "identity", "unrolled", "accumulated"] = "unrolled"
     alpha: float | None = Field(default=None, gt=0)
     terms: int | None = Field(default=None, ge=0)
     max_iter: int | None = Field(default=None, ge=1)
@@ -187,7 +185,7 @@ class SolverConfig:
         if self.kind == "cg":
             return ConjugateGradient(max_iter=self.get("max_iter"), tol=self.get("tol"), damping=self.get("damping"),
                                      spectrum_steps=self.get("spectrum_steps"))
-        if self.kind in ("identity", "accumulated", "directional"):
+        if self.kind in ("identity", "accumulated"):
             return Identity(alpha=alpha)
         return None
 
@@ -197,9 +195,6 @@ class SolverConfig:
             return Estimator(horizon=self.get("horizon"))
         if self.kind == "accumulated":
             return Estimator(solver=self.build(pt_lr), accumulate=self.get("every"),
-                             adam_preconditioner=self.get("adam_preconditioner"))
-        if self.kind == "directional":
-            return Estimator(solver=self.build(pt_lr), upcoming=True, directional=True,
                              adam_preconditioner=self.get("adam_preconditioner"))
         return Estimator(solver=self.build(pt_lr), pt_batches=self.get("pt_batches"), upcoming=self.get("upcoming"),
                          adam_preconditioner=self.get("adam_preconditioner"),

@@ -60,9 +60,6 @@ class Estimator:
             validation direction v, and each meta-step averages them with one fresh draw; the
             solver must be None or :class:`Identity` (its α; None: the PT learning rate), and
             ``adam_preconditioner`` sets P. 0: one draw per meta-step (every other estimator).
-        directional: the one-step (Identity) hypergradient on the upcoming batch with its mixed
-            term taken by a central difference along P ⊙ v (:func:`directional_mixed_term`: two PT
-            forwards, no second-order graph) instead of a double backward.
     """
 
     solver: Solver | None = None
@@ -72,7 +69,6 @@ class Estimator:
     horizon: int = 0
     gauss_newton: bool = False
     accumulate: int = 0
-    directional: bool = False
 
     def __post_init__(self):
         if self.pt_batches < 1:
@@ -85,10 +81,6 @@ class Estimator:
                              "batches; leave solver, pt_batches, upcoming and adam_preconditioner at their defaults")
         if self.accumulate < 0:
             raise ValueError(f"Estimator: accumulate must be >= 0, got {self.accumulate}")
-        if self.directional and not (self.upcoming and self.pt_batches == 1 and not self.horizon and not self.accumulate
-                                     and not self.gauss_newton and isinstance(self.solver, (Identity, type(None)))):
-            raise ValueError("Estimator: directional is the one-step hypergradient on the upcoming batch: it needs "
-                             "upcoming=True, solver=Identity(alpha) (or None) and no horizon, accumulate or gauss_newton")
         if self.accumulate and (self.horizon or self.pt_batches != 1 or self.upcoming or self.gauss_newton
                                 or not (self.solver is None or isinstance(self.solver, Identity))):
             raise ValueError("Estimator: accumulate > 0 takes the one-step mixed term of every k-th PT batch; "
@@ -320,10 +312,10 @@ def estimate_hypergradient(
             batch (:func:`metapt.hypergrad.accumulated_hypergradient`; its h may then hold None
             for entries of φ that nothing reached, and ``info.direction`` is v).
     """
-    if estimator.accumulate or estimator.directional:  # directional: one fresh draw, nothing accumulated
+    if estimator.accumulate:
         alpha, precond = draw_scale(estimator, pt_opt, opt_params)
         return accumulated_hypergradient(pretrain_loss_at, meta_loss, theta, phi, alpha=alpha,
-                                         preconditioner=precond, fresh=fresh or estimator.directional)
+                                         preconditioner=precond, fresh=fresh)
     if estimator.horizon:
         optimizer, state = differentiable_pt_optimizer(pt_opt, opt_params)
         return unrolled_pretraining_hypergradient(pretrain_loss_at, meta_loss, theta, phi, optimizer, state,
