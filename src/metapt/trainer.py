@@ -34,6 +34,7 @@ from torch import Tensor
 from .errors import NonFiniteLossError
 from .hypergrad import (
     Estimator,
+    HypergradInfo,
     Identity,
     InnerOptimizer,
     Neumann,
@@ -333,18 +334,7 @@ class MetaPretrainer:
         if applied:
             self._update_phi_average()
         else:
-            self.skipped += 1
-            if head_diverged:
-                self.last_skip_reason = (f"the fine-tuned head diverged (meta-loss {meta_loss:.3g}, against "
-                                         f"{self._meta_loss_floor:.3g} at best so far)" if self._meta_loss_floor
-                                         is not None else "the fine-tuned head diverged (meta-loss not finite)")
-            elif any(i.solver.diverged for i in infos):
-                self.last_skip_reason = "the inverse-HVP solve diverged"
-            else:
-                self.last_skip_reason = "the hypergradient is not finite"
-            _log_doubling(self.skipped, "meta-step %d (after PT step %d) skipped: %s; %d skipped so far. If it "
-                          "keeps happening, %s", self.meta_step_count, self.step, self.last_skip_reason,
-                          self.skipped, self.skip_advice())
+            self._count_skip(meta_loss, head_diverged, infos)
         new_head = self.strategy.reduce_head(_mean(heads))
         if not head_diverged and all(bool(torch.isfinite(v).all()) for v in new_head.values()):
             self.head = new_head  # a NaN or exploded head would poison later steps
@@ -354,7 +344,25 @@ class MetaPretrainer:
                           "or diverged and was not kept; %d rejected so far. Lower the fine-tuning (inner) learning "
                           "rate (meta.inner_lr, or the inner_optimizer's)", self.meta_step_count, self.step,
                           self.rejected_heads)
+        return self._meta_metrics(infos, norm, catch_up)
 
+    def _count_skip(self, meta_loss: float, head_diverged: bool, infos: Sequence[HypergradInfo]) -> None:
+        """Count a skipped meta-step, say why, and log it (on doubling counts)."""
+        self.skipped += 1
+        if head_diverged:
+            self.last_skip_reason = (f"the fine-tuned head diverged (meta-loss {meta_loss:.3g}, against "
+                                     f"{self._meta_loss_floor:.3g} at best so far)" if self._meta_loss_floor
+                                     is not None else "the fine-tuned head diverged (meta-loss not finite)")
+        elif any(i.solver.diverged for i in infos):
+            self.last_skip_reason = "the inverse-HVP solve diverged"
+        else:
+            self.last_skip_reason = "the hypergradient is not finite"
+        _log_doubling(self.skipped, "meta-step %d (after PT step %d) skipped: %s; %d skipped so far. If it "
+                      "keeps happening, %s", self.meta_step_count, self.step, self.last_skip_reason,
+                      self.skipped, self.skip_advice())
+
+    def _meta_metrics(self, infos: Sequence[HypergradInfo], norm: float, catch_up: Mapping[str, float]) -> dict[str, float]:
+        """What a meta-step logs: its samples' diagnostics, the counters and φ as the problem describes it."""
         residuals = [i.solver.residual_norm for i in infos if i.solver.residual_norm is not None]
         metrics = {
             "meta_loss": sum(i.meta_loss for i in infos) / len(infos),
