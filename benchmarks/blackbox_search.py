@@ -64,8 +64,8 @@ from metapt.domains.molecules.data import target_name
 from metapt.domains.molecules.job import DOMAIN
 from metapt.evaluation import finetune_and_score, mean_ci95
 from metapt.metaparams import weights_from_logits
+from metapt.rng import capture_rng, restore_rng
 from metapt.runner import build_trainer
-from metapt.runs import capture_rng, restore_rng
 
 #: The search's compute, in multiples of W (the meta-learned run's CPU time); the picks are read at each.
 BUDGETS = (1, 2, 5, 10)

@@ -18,7 +18,8 @@ import torch
 from _results import provenance, write
 
 from metapt.config import load_config
-from metapt.diagnostics import DiagnoseOptions, diagnose_run, format_table
+from metapt.diagnostics import DiagnoseOptions
+from metapt.run_diagnosis import diagnose_run, format_table
 from metapt.runs import RunFolder
 
 

@@ -72,7 +72,7 @@ def worker(args) -> None:
             pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3),
             meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
             inner_optimizer=sgd(0.1), solver=Neumann(steps=1, alpha=1e-3),
-            schedule=MetaSchedule(meta_interval=meta_interval), strategy=ctx.strategy(),
+            schedule=MetaSchedule(interval=meta_interval), strategy=ctx.strategy(),
         )
 
     def rate(t: MetaPretrainer, steps: int) -> float:

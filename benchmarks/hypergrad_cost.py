@@ -125,7 +125,7 @@ def _trainer(kind, num_meta, m, k, variant="lazy"):
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3),
         meta_optimizer=lambda ps: (LazyAdam if variant == "lazy" else torch.optim.Adam)(ps, lr=1e-2),
         inner_optimizer=sgd(0.1), solver=Neumann(steps=m, alpha=1e-3),
-        schedule=MetaSchedule(meta_interval=1, unroll_steps=k),
+        schedule=MetaSchedule(interval=1, unroll_steps=k),
     )
 
 

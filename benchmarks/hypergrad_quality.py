@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from metapt import MetaPretrainer, MetaSchedule
-from metapt.diagnostics import DiagnoseOptions, default_estimators, diagnose, format_table
+from metapt.diagnostics import DiagnoseOptions, default_estimators, diagnose
+from metapt.run_diagnosis import format_table
 from metapt.hypergrad import Estimator, sgd
 
 
@@ -66,7 +67,7 @@ def molecules_setting(args, example_weights: bool):
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3),
         meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
         inner_optimizer=sgd(0.1),
-        schedule=MetaSchedule(meta_interval=10, unroll_steps=1, warmup_steps=args.warmup),
+        schedule=MetaSchedule(interval=10, unroll_steps=1, warmup_steps=args.warmup),
     )
     size = {"pretrain_molecules": len(data.pretrain_positions), "tasks": len(data.pretrain_task_names),
             "ft_train": len(data.split["ft_train"]), "metaval": len(data.split["metaval"]),
@@ -89,7 +90,7 @@ def ecg_setting(args):
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.pretrain.lr),
         meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.meta.lr),
         inner_optimizer=sgd(config.meta.inner_lr),
-        schedule=MetaSchedule(meta_interval=10, unroll_steps=1, warmup_steps=args.warmup),
+        schedule=MetaSchedule(interval=10, unroll_steps=1, warmup_steps=args.warmup),
     )
     size = {"pretrain_beats": int(len(split.pretrain)), "ft_train": int(len(split.ft_train)),
             "metaval": int(len(split.metaval)), "model": "preset ecg (1-D ResNet widths 8-16-32-32, warp)",
@@ -135,7 +136,7 @@ def overhead(args, log) -> dict:
         for name in ("plain", *OVERHEAD_CANDIDATES):
             torch.manual_seed(0)
             problem = MoleculesProblem(data, GINEncoder(**kw), WeightingConfig(), pt_batch_size=64, seed=0)
-            schedule = MetaSchedule(meta_interval=10, unroll_steps=1, warmup_steps=0, learn_phi=name != "plain")
+            schedule = MetaSchedule(interval=10, unroll_steps=1, warmup_steps=0, learn_phi=name != "plain")
             trainers[name] = MetaPretrainer(
                 problem, problem.initial_params(), problem.initial_head(), problem.initial_metaparams(),
                 pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3),

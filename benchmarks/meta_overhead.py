@@ -16,7 +16,7 @@ and the graph of ∇θ L_PT must exist: the cheapest way is to build it in the P
 differentiate L_PT anyway, which costs only cg = (forward + backward with create_graph) − (forward
 + backward). Each primitive is timed alone on the same batch, in the same process, as a plain PT
 step (forward + backward + Adam); floor (PT steps per meta-step) = (g + hvp + mix + max(cg, 0)) / pt,
-and the floor of the ratio is 1 + floor / meta_interval.
+and the floor of the ratio is 1 + floor / interval.
 
 Peak memory (in a fresh subprocess with a fixed MALLOC_MMAP_THRESHOLD_, so RSS tracks live
 tensors) is the RSS high-water mark over a chunk minus the RSS before it, for plain PT and for
@@ -46,7 +46,7 @@ from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, 
 from metapt.hypergrad import Neumann, pretraining_hypergradient, sgd, unrolled_finetune
 from metapt.metaparams import weight_logits
 
-INTERVAL = 10  # the paper's meta_interval
+INTERVAL = 10  # the paper's interval (meta.interval)
 PT_LR = 1e-3
 #: "hu2020": Hu et al.'s GIN, batch norm as in their code (GINEncoder.hu2020()); "small": the CPU
 #: default of `metapt run molecules` (3 × 64, layer norm).
@@ -70,7 +70,7 @@ def make_trainer(data, size: str, *, meta: bool, reuse: bool = True, phi_kind: s
         meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
         inner_optimizer=sgd(0.1),
         solver=Neumann(steps=1, alpha=PT_LR),
-        schedule=MetaSchedule(meta_interval=INTERVAL if meta else 10**9, unroll_steps=1),
+        schedule=MetaSchedule(interval=INTERVAL if meta else 10**9, unroll_steps=1),
         strategy=ReusePTGraph() if reuse else None,
     )
     return trainer

@@ -26,7 +26,7 @@ through its own public API:
 
 Two units are timed. A *meta-step alone* (the rows above: ``meta_step()`` with no PT step before
 it, the like-for-like cost of one hypergradient) and a *cycle*, one PT step then one meta-step,
-what Algorithm 1 runs every ``meta_interval`` PT steps (``--cycle-methods``): ``metapt`` is
+what Algorithm 1 runs every ``interval`` PT steps (``--cycle-methods``): ``metapt`` is
 ``pretrain_step(); meta_step()`` with ``reuse_pt_graph=True`` (opt-in: the PT step keeps its
 gradient graph and the meta-step takes H and ∂²L_PT/∂φ∂θ from it; the reference of the cycle
 ratios), ``metapt-noreuse`` the same with ``reuse_pt_graph=False``, ``betty`` ``Engine.train_step()``
@@ -227,7 +227,7 @@ def _metapt_solver(s: Setting):
 class MetaptTrainer:
     """metapt's user-facing meta-step: ``MetaPretrainer.meta_step``.
 
-    ``cycle()`` is what Algorithm 1 runs every ``meta_interval`` PT steps: ``pretrain_step()``
+    ``cycle()`` is what Algorithm 1 runs every ``interval`` PT steps: ``pretrain_step()``
     then ``meta_step()``; with ``reuse_pt_graph=True`` that PT step keeps its
     gradient graph and the meta-step takes H and the mixed term from it. ``step()`` alone has
     no such PT step before it, so it always runs its own PT forward/backward.
@@ -240,7 +240,7 @@ class MetaptTrainer:
             pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=s.pt_lr),
             meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=s.meta_lr),
             inner_optimizer=sgd(s.ft_lr), solver=_metapt_solver(s),
-            schedule=MetaSchedule(meta_interval=1, unroll_steps=s.K),
+            schedule=MetaSchedule(interval=1, unroll_steps=s.K),
             strategy=ReusePTGraph() if reuse_pt_graph else None,
         )
         self.reuse = reuse_pt_graph
@@ -256,7 +256,7 @@ class MetaptTrainer:
         return self.step()
 
     def pt_step(self):
-        """A plain PT step (no graph kept: with meta_interval = 1 every step would keep one)."""
+        """A plain PT step (no graph kept: with interval = 1 every step would keep one)."""
         reuse, self.t.strategy = self.t.strategy, Strategy()
         try:
             self.t.pretrain_step()
@@ -717,7 +717,7 @@ def markdown(result) -> str:
     ]
     if result.get("cycle_rows"):
         lines += ["", "## One cycle: a PT step, then a meta-step", "",
-                  ("What Algorithm 1 runs every `meta_interval` PT steps, timed and measured as above "
+                  ("What Algorithm 1 runs every `interval` PT steps, timed and measured as above "
                    "(per cycle; peak: one cycle in a fresh process). `metapt`: `MetaPretrainer.pretrain_step()` "
                    "then `meta_step()` with `reuse_pt_graph=True` (opt-in: the PT step keeps its gradient "
                    "graph and the meta-step takes H and the mixed term from it), the reference of the ratios; "

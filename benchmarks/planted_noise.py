@@ -120,7 +120,7 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
         estimator={"paper": Estimator(solver=Neumann(steps=1, alpha=args.pt_lr)),
                    "accumulated": Estimator(accumulate=1, adam_preconditioner=True)}.get(
                        args.estimator, default_estimator(args.pt_lr)),
-        schedule=MetaSchedule(meta_interval=args.interval, warmup_steps=args.warmup, learn_phi=meta is not None,
+        schedule=MetaSchedule(interval=args.interval, warmup_steps=args.warmup, learn_phi=meta is not None,
                               average=args.average),
     )
     n = len(data.pretrain_positions)

@@ -109,7 +109,7 @@ trainer = metapt.MetaPretrainer(
     pt_optimizer=lambda θ: torch.optim.Adam(θ, lr=1e-2),
     meta_optimizer=lambda φ: torch.optim.Adam(φ, lr=0.05),
     inner_optimizer=metapt.sgd(0.05),  # the unrolled fine-tuning step of the head
-    schedule=metapt.MetaSchedule(meta_interval=5, head_steps=5),
+    schedule=metapt.MetaSchedule(interval=5, head_steps=5),
 )
 trainer.run_until(600)
 

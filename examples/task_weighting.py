@@ -92,7 +92,7 @@ trainer = metapt.MetaPretrainer(
     metaparams=tasks.init(),  # φ: every weight 1 at the start
     pt_optimizer=lambda θ: torch.optim.Adam(θ, lr=1e-2),
     meta_optimizer=lambda φ: torch.optim.Adam(φ, lr=0.05),
-    schedule=metapt.MetaSchedule(meta_interval=5),
+    schedule=metapt.MetaSchedule(interval=5),
 )
 trainer.run_until(600)  # pre-train until step 600, with a meta-step every 5 steps
 

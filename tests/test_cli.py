@@ -153,7 +153,7 @@ def test_diverging_neumann_series_is_skipped_counted_and_explained(tmp_path):
     assert res.exit_code == 0, res.output
     # the preset's meta-learning settings but α (an override used to reset the whole meta section)
     from metapt.config import load_config, to_yaml
-    from metapt.runs import _flatten
+    from metapt.config import flatten as _flatten
 
     ran = _flatten(yaml.safe_load((out / "config.yaml").read_text()))
     preset = _flatten(yaml.safe_load(to_yaml(load_config("synthetic"))))

@@ -99,7 +99,7 @@ def test_configs_execute_no_code(tmp_path):
 def _flat(config) -> dict:
     import yaml
 
-    from metapt.runs import _flatten
+    from metapt.config import flatten as _flatten
 
     return _flatten(yaml.safe_load(to_yaml(config)))
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from metapt import MetaPretrainer
-from metapt.diagnostics import DiagnoseOptions, StateProbe, diagnose, format_table, lookahead_agreement
+from metapt.diagnostics import DiagnoseOptions, StateProbe, diagnose, lookahead_agreement
+from metapt.run_diagnosis import format_table
 from metapt.hypergrad import ConjugateGradient, Estimator, Identity, sgd
 
 N, D = 12, 4
@@ -64,7 +65,7 @@ def _trainer(problem, logits, lr=0.2):
     trainer = MetaPretrainer(problem, {"theta": theta}, {"h": torch.zeros(1, dtype=torch.float64)},
                              {"logits": logits}, pt_optimizer=lambda ps: torch.optim.SGD(ps, lr=lr),
                              meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1), inner_optimizer=sgd(0.1))
-    trainer.schedule = type(trainer.schedule)(meta_interval=10, unroll_steps=0, warmup_steps=0)
+    trainer.schedule = type(trainer.schedule)(interval=10, unroll_steps=0, warmup_steps=0)
     return trainer
 
 

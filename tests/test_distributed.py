@@ -24,14 +24,15 @@ from metapt.distributed import (
 )
 from metapt.domains.synthetic.problem import SyntheticConfig, SyntheticTaskWeighting
 from metapt.hypergrad import Neumann, sgd
-from metapt.runs import RunFolder, Session
+from metapt.runs import RunFolder
+from metapt.session import Session
 from metapt.schema import CheckpointConfig
 from metapt.strategy import MeanOverViews, Strategy
 from metapt.trainer import MetaPretrainer, MetaSchedule
 
 WORLD = 2
 STEPS, SAVE_AT = 12, 8
-SCHEDULE = MetaSchedule(meta_interval=2, warmup_steps=2, unroll_steps=1, head_steps=1)  # meta-steps at 4, 6, ..., 12
+SCHEDULE = MetaSchedule(interval=2, warmup_steps=2, unroll_steps=1, head_steps=1)  # meta-steps at 4, 6, ..., 12
 CONFIG = SyntheticConfig(pretrain_examples=96, finetune_examples=32, metaval_examples=32, batch_size=16, seed=3)
 
 
@@ -279,7 +280,7 @@ def test_torchrun_runs_the_molecules_job_data_parallel(tmp_path):
 # ---- the ECG domain: SimCLR under torchrun equals its one-process reference ---------------------
 
 ECG_STEPS = 8
-ECG_SCHEDULE = MetaSchedule(meta_interval=2, warmup_steps=2, unroll_steps=1)  # meta-steps at 4, 6, 8
+ECG_SCHEDULE = MetaSchedule(interval=2, warmup_steps=2, unroll_steps=1)  # meta-steps at 4, 6, 8
 
 
 def _ecg_problem():

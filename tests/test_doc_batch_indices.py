@@ -48,23 +48,23 @@ def _meta_step_requests(schedule, **kw):
         pt_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), meta_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
         inner_optimizer=sgd(0.1), schedule=schedule, **kw)
     out = {}
-    for n in range(1, 3 * schedule.meta_interval + 1):
+    for n in range(1, 3 * schedule.interval + 1):
         problem.calls.clear()
         trainer.run_until(n)
         calls = list(problem.calls)
         calls.remove(("pretrain", n - 1))  # the PT step itself: pretrain_batch(s)
-        if n % schedule.meta_interval == 0:
+        if n % schedule.interval == 0:
             out[n] = sorted(set(calls))
         else:
             assert not calls, (n, calls)
     return out
 
 
-SCHEDULE = metapt.MetaSchedule(meta_interval=3, meta_batches=2, unroll_steps=2, head_steps=1)
+SCHEDULE = metapt.MetaSchedule(interval=3, batches=2, unroll_steps=2, head_steps=1)
 
 
 def _expected(n, m, pretrain):
-    b, k_max, c_max = SCHEDULE.meta_batches, SCHEDULE.unroll_steps, SCHEDULE.head_steps
+    b, k_max, c_max = SCHEDULE.batches, SCHEDULE.unroll_steps, SCHEDULE.head_steps
     calls = {("pretrain", i) for i in pretrain}
     calls |= {("finetune", m * c_max + c) for c in range(c_max)}
     calls |= {("finetune", (m * b + j) * max(k_max, 1) + k) for j in range(b) for k in range(k_max)}
@@ -75,14 +75,14 @@ def _expected(n, m, pretrain):
 def test_default_estimator_asks_for_the_upcoming_pt_batches():
     requests = _meta_step_requests(SCHEDULE)
     for m, (n, calls) in enumerate(sorted(requests.items())):
-        # pretrain_batch(n + j), j = 0 .. meta_batches - 1: the batches the next PT steps take
-        assert calls == _expected(n, m, [n + j for j in range(SCHEDULE.meta_batches)]), (n, calls)
+        # pretrain_batch(n + j), j = 0 .. batches - 1: the batches the next PT steps take
+        assert calls == _expected(n, m, [n + j for j in range(SCHEDULE.batches)]), (n, calls)
 
 
 def test_papers_estimator_asks_for_the_pt_batch_just_taken():
     requests = _meta_step_requests(SCHEDULE, solver=Neumann(1, alpha=1e-2))
     for m, (n, calls) in enumerate(sorted(requests.items())):
-        expected = [n - 1] + [max(n - 1 - j, 0) for j in range(1, SCHEDULE.meta_batches)]
+        expected = [n - 1] + [max(n - 1 - j, 0) for j in range(1, SCHEDULE.batches)]
         assert calls == _expected(n, m, expected), (n, calls)
 
 
@@ -90,6 +90,6 @@ def test_the_guide_documents_both():
     guide = html.unescape((ROOT / "docs" / "guide.md").read_text())
     for row in ("`pretrain_batch(n + j)`", "`pretrain_batch(n - 1)`", "`pretrain_batch(max(n - 1 - j, 0))`",
                 "`finetune_batch(m * head_steps + c)`",
-                "`finetune_batch((m * meta_batches + j) * max(unroll_steps, 1) + k)`",
-                "`metaval_batch(m * meta_batches + j)`"):
+                "`finetune_batch((m * batches + j) * max(unroll_steps, 1) + k)`",
+                "`metaval_batch(m * batches + j)`"):
         assert row in guide, row

@@ -87,8 +87,8 @@ def test_api_reference_documents_every_public_name(site):
 def test_the_guide_states_the_batch_index_contract(site):
     page = html.unescape(_page(site, "guide"))
     for stream in ("pretrain_batch(s)", "finetune_batch(m * head_steps + c)",
-                   "finetune_batch((m * meta_batches + j) * max(unroll_steps, 1) + k)",
-                   "metaval_batch(m * meta_batches + j)"):
+                   "finetune_batch((m * batches + j) * max(unroll_steps, 1) + k)",
+                   "metaval_batch(m * batches + j)"):
         assert stream in page, stream
 
 

@@ -51,7 +51,7 @@ def _sci(x: float) -> str:
 
 def test_task_weighting_down_weights_the_coin_flip(capsys):
     source = (EXAMPLES / "task_weighting.py").read_text()
-    schedule = "schedule=metapt.MetaSchedule(meta_interval=5),"
+    schedule = "schedule=metapt.MetaSchedule(interval=5),"
     assert source.count(schedule) == 1
     norms = []
 

@@ -77,7 +77,7 @@ def _toy(seed, **trainer_kw):
         Toy(), params=dict(net.named_parameters()), head=dict(finetune_head.named_parameters()),
         metaparams=tasks.init(), pt_optimizer=lambda θ: torch.optim.Adam(θ, lr=1e-2),
         meta_optimizer=lambda φ: torch.optim.Adam(φ, lr=0.05),
-        schedule=trainer_kw.pop("schedule", metapt.MetaSchedule(meta_interval=5)), **trainer_kw)
+        schedule=trainer_kw.pop("schedule", metapt.MetaSchedule(interval=5)), **trainer_kw)
     return trainer, tasks
 
 
@@ -115,7 +115,7 @@ def test_the_curvature_estimate_is_the_closed_form_top_eigenvalue_of_a_least_squ
 
 def test_the_trainer_caps_at_one_over_the_exact_curvature_of_the_batch():
     # a linear regression head on fixed features: the cap is 1/λ of 2·F̃ᵀF̃/n of the meta-step's FT batch
-    trainer, _ = _toy(0, schedule=metapt.MetaSchedule(meta_interval=1), loggers=[rec := Recorder()])
+    trainer, _ = _toy(0, schedule=metapt.MetaSchedule(interval=1), loggers=[rec := Recorder()])
     trainer.run_until(40)
     step, metrics = rec.rows[-1]
     theta = {k: v.detach() for k, v in trainer.params.items()}
@@ -164,7 +164,7 @@ def test_the_cap_holds_under_every_estimator(estimator):
     kw = {"accumulated": {"estimator": Estimator(accumulate=1)},
           "neumann": {"solver": Neumann(1, alpha=1e-2)},
           "cg": {"solver": ConjugateGradient(3, damping=1.0)},
-          "unroll_encoder": {"schedule": metapt.MetaSchedule(meta_interval=5, unroll_encoder=True)}}[estimator]
+          "unroll_encoder": {"schedule": metapt.MetaSchedule(interval=5, unroll_encoder=True)}}[estimator]
     capped, _ = _toy(0, **kw)
     capped.run_until(300)
     assert capped.rejected_heads == 0 and capped.inner_lr_capped > 0, capped.last_skip_reason
@@ -207,7 +207,7 @@ def test_a_stable_rate_is_used_as_given_bit_for_bit():
         t = metapt.MetaPretrainer(
             problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
             pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
-            inner_optimizer=sgd(0.1), schedule=metapt.MetaSchedule(meta_interval=5, warmup_steps=20),
+            inner_optimizer=sgd(0.1), schedule=metapt.MetaSchedule(interval=5, warmup_steps=20),
             loggers=[rec], inner_lr_cap=cap)
         t.run_until(150)
         return t, rec

@@ -6,8 +6,8 @@
 * no import cycle among metapt modules. Imports under ``if TYPE_CHECKING:`` (annotations only) do
   not count; imports inside a function do: a cycle through a deferred import is still a cycle;
 * the configuration layer (``schema``, ``config``) imports no runtime module (trainer, runner,
-  runs, strategy, distributed, diagnostics), directly or through another module, not even
-  inside a function.
+  runs, session, devices, strategy, distributed, diagnostics, run_diagnosis), directly or through
+  another module, not even inside a function.
 
 A package ``__init__`` counts as its package's module; ``from . import x`` counts as importing the
 submodule ``x`` when ``x`` is one. Imports through ``importlib`` (the domain registry) are not seen.
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "metapt"
-RUNTIME = ("trainer", "runner", "runs", "strategy", "distributed", "diagnostics")
+RUNTIME = ("trainer", "runner", "runs", "session", "devices", "strategy", "distributed", "diagnostics",
+           "run_diagnosis")
 CONFIGURATION = ("metapt.schema", "metapt.config")
 
 

@@ -162,7 +162,7 @@ def _trainer(problem, opt):
                           {"scale": torch.ones((), dtype=torch.float64)}, problem.weights.init(torch.float64),
                           pt_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05), meta_optimizer=opt,
                           inner_optimizer=sgd(0.01), solver=Neumann(steps=2, alpha=0.05),
-                          schedule=MetaSchedule(meta_interval=1))
+                          schedule=MetaSchedule(interval=1))
 
 
 @pytest.mark.parametrize("opt", [lambda ps: LazyAdam(ps, lr=0.05), lambda ps: LazySGD(ps, lr=0.05)],

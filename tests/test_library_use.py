@@ -12,7 +12,7 @@ from metapt.strategy import Strategy
 from metapt.trainer import MetaPretrainer, MetaSchedule, NonFiniteLossError
 
 
-def _trainer(problem, schedule=MetaSchedule(meta_interval=2), meta_optimizer=None, **kw):
+def _trainer(problem, schedule=MetaSchedule(interval=2), meta_optimizer=None, **kw):
     return MetaPretrainer(
         problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
@@ -111,7 +111,7 @@ def test_skipped_meta_steps_are_logged_at_warning_on_doubling_counts(caplog):
         def reduce_hypergrad(self, h):
             return {k: v * float("nan") for k, v in h.items()}
 
-    t = _trainer(SyntheticTaskWeighting(SyntheticConfig(seed=1)), schedule=MetaSchedule(meta_interval=1),
+    t = _trainer(SyntheticTaskWeighting(SyntheticConfig(seed=1)), schedule=MetaSchedule(interval=1),
                  strategy=_NaN())
     records = _skips_logged(caplog, t, 5)
     assert t.skipped == 5 and len(records) == 5
@@ -121,7 +121,7 @@ def test_skipped_meta_steps_are_logged_at_warning_on_doubling_counts(caplog):
 
 
 def test_diverged_solve_is_logged_with_its_reason(caplog):
-    t = _trainer(SyntheticTaskWeighting(SyntheticConfig(seed=1)), schedule=MetaSchedule(meta_interval=1),
+    t = _trainer(SyntheticTaskWeighting(SyntheticConfig(seed=1)), schedule=MetaSchedule(interval=1),
                  solver=Neumann(steps=5, alpha=1e4))
     records = _skips_logged(caplog, t, 1)
     assert t.skipped == 1 and "solve diverged" in records[0][1] and records[0][0] == logging.WARNING
@@ -129,7 +129,7 @@ def test_diverged_solve_is_logged_with_its_reason(caplog):
 
 def test_rejected_head_is_logged(caplog):
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
-    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1))
+    t = _trainer(problem, schedule=MetaSchedule(interval=1))
     clean = problem.finetune_loss
     problem.finetune_loss = lambda params, head, batch: clean(params, head, batch) * float("nan")
     records = _skips_logged(caplog, t, 1)
@@ -198,7 +198,7 @@ def test_batch_indices_are_the_documented_ones(cap):
             return base.metaval_batch(index)
 
     W, I, B, K, C, steps = 2, 3, 2, 2, 2, 9
-    schedule = MetaSchedule(meta_interval=I, warmup_steps=W, meta_batches=B, unroll_steps=K, head_steps=C)
+    schedule = MetaSchedule(interval=I, warmup_steps=W, batches=B, unroll_steps=K, head_steps=C)
     t = MetaPretrainer(Recording(), base.initial_params(0), base.initial_head(), base.initial_metaparams(),
                        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
                        meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1), schedule=schedule,

@@ -28,7 +28,7 @@ def test_fused_draw_in_the_pt_step_matches_the_central_difference():
     # the plain strategy draws inside the PT step's own forward (one forward more, O(h) error);
     # other strategies take two forwards (O(h²)): both estimate the same mixed term
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
-    sched = MetaSchedule(meta_interval=5, warmup_steps=20)
+    sched = MetaSchedule(interval=5, warmup_steps=20)
     sgd_phi = lambda ps: torch.optim.SGD(ps, lr=1e3)  # noqa: E731
     fused = _trainer(problem, sched, Estimator(accumulate=1), meta_opt=sgd_phi)
     central = _trainer(problem, sched, Estimator(accumulate=1), meta_opt=sgd_phi, strategy=_NotPlain())
@@ -47,7 +47,7 @@ def test_fused_draw_in_the_pt_step_matches_the_central_difference():
 def test_accumulated_estimator_finds_the_noise_tasks(seed):
     # the synthetic problem's known answer: helpful tasks up, pure-noise tasks down
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=seed))
-    trainer = _trainer(problem, MetaSchedule(meta_interval=5, warmup_steps=100), Estimator(accumulate=1))
+    trainer = _trainer(problem, MetaSchedule(interval=5, warmup_steps=100), Estimator(accumulate=1))
     trainer.run_until(800)
     w = problem.describe_metaparams(trainer.metaparams)
     assert w["noise_weight"] < 0.8 and w["helpful_weight"] > 1.0, w
@@ -58,15 +58,21 @@ def test_each_meta_step_averages_the_pt_steps_draws_and_draws_afresh_only_when_n
     # the pooling arithmetic, with the draws replaced by known numbers (the n-th draw is
     # values[n]·1); SGD(lr=1) on φ exposes the hypergradient each meta-step used
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
-    trainer = _trainer(problem, MetaSchedule(meta_interval=4, warmup_steps=4), Estimator(accumulate=2),
+    trainer = _trainer(problem, MetaSchedule(interval=4, warmup_steps=4), Estimator(accumulate=2),
                        meta_opt=lambda ps: torch.optim.SGD(ps, lr=1.0), strategy=_NotPlain())
     calls, values = [], [100.0, 8.0, 10.0, 300.0, 7.0]
+    alpha = trainer.estimator.solver.alpha  # a draw is −α · the mixed term
 
-    def fake_draw(view, batch, direction):
+    def fake_mixed_term(pretrain_loss, theta, phi, direction, **kwargs):
         calls.append(trainer.step)
-        return {k: torch.full_like(v, values[len(calls) - 1]) for k, v in trainer.metaparams.items()}
+        return {k: torch.full_like(v, -values[len(calls) - 1] / alpha) for k, v in phi.items()}
 
-    monkeypatch.setattr(trainer, "_mixed_draw", fake_draw)
+    # the PT steps' draws (the trainer) and the meta-step's own (metapt.hypergrad.accumulate)
+    import metapt.hypergrad.accumulate
+    import metapt.trainer
+
+    monkeypatch.setattr(metapt.trainer, "directional_mixed_term", fake_mixed_term)
+    monkeypatch.setattr(metapt.hypergrad.accumulate, "directional_mixed_term", fake_mixed_term)
     phi0 = trainer.metaparams["task_logits"].detach().clone()
     trainer.run_until(8)  # meta-step after PT step 8: no direction before it, so only its fresh draw
     assert calls == [8]
@@ -86,7 +92,7 @@ def test_each_meta_step_averages_the_pt_steps_draws_and_draws_afresh_only_when_n
 @pytest.mark.parametrize("kind", ["polyak", "ema"])
 def test_averaged_phi_is_the_average_of_the_meta_steps_phi(kind):
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
-    sched = MetaSchedule(meta_interval=5, warmup_steps=10, average=kind, average_decay=0.5)
+    sched = MetaSchedule(interval=5, warmup_steps=10, average=kind, average_decay=0.5)
     trainer = _trainer(problem, sched, Estimator(accumulate=1))
     seen = []
     for step in range(15, 80, 5):
@@ -107,7 +113,7 @@ def test_averaged_phi_is_the_average_of_the_meta_steps_phi(kind):
 
 def test_accumulated_and_averaged_run_resumes_exactly():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
-    sched = MetaSchedule(meta_interval=5, warmup_steps=10, average="ema")
+    sched = MetaSchedule(interval=5, warmup_steps=10, average="ema")
     straight = _trainer(problem, sched, Estimator(accumulate=1))
     straight.run_until(43)
     first = _trainer(problem, sched, Estimator(accumulate=1))
@@ -306,7 +312,7 @@ def _flip_auroc(estimator):
         problem, {"w": torch.zeros(10), "b": torch.zeros(())}, {"s": torch.ones(()), "c": torch.zeros(())},
         problem.weights.init(), pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
         meta_optimizer=lambda ps: LazySGD(ps, lr=1.0), inner_optimizer=sgd(0.1), estimator=estimator,
-        schedule=MetaSchedule(meta_interval=10, warmup_steps=20))
+        schedule=MetaSchedule(interval=10, warmup_steps=20))
     trainer.run_until(3000)
     w = problem.weights.weights(trainer.metaparams, torch.arange(problem.n)).detach()
     return roc_auc_score(problem.flipped.numpy(), -w.numpy())

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from metapt.runs import RunFolder, RunFolderError, Session, atomic_path, capture_rng, restore_rng
+from metapt.atomic import atomic_path
+from metapt.rng import capture_rng, restore_rng
+from metapt.runs import RunFolder, RunFolderError
+from metapt.session import Session
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -205,7 +208,7 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
     from metapt.domains.synthetic.job import SyntheticJob
     from metapt.jobs import execute
     from metapt.schema import PretrainConfig
-    from metapt.runs import Session as _Session
+    from metapt.session import Session as _Session
 
     folder = RunFolder.create(tmp_path / "run", "job: synthetic\n")
     job = SyntheticJob(pretrain=PretrainConfig(steps=30, lr=0.01, batch_size=32), meta={"warmup_steps": 5},

@@ -11,7 +11,8 @@ from torch import nn
 from metapt.config import load_config
 from metapt.evaluation import Downstream, FinetuneConfig, finetune_and_score, label_subset
 from metapt.jobs import execute
-from metapt.runner import Method, _aggregate, write_summary
+from metapt.domain import Method
+from metapt.summary import aggregate, write_summary
 from metapt.runs import RunFolder
 from metapt.trainer import MetaPretrainer, MetaSchedule
 
@@ -114,7 +115,7 @@ def test_nonfinite_scores_are_counted_not_dropped_silently(tmp_path):
     ev = EvalConfig(seeds=3, linear_probe=FinetuneConfig(linear_probe=True))
     rows = [{"method": "m", "pt_seed": None, "mode": "linear probe", "fraction": 1.0, "seed": s, "test": t,
              "valid": 0.5, "best_epoch": 0} for s, t in enumerate([0.7, math.nan, 0.9])]
-    cell = _aggregate(rows, [Method("m", "m")], ev, [0])["m"]["linear probe"]["1"]
+    cell = aggregate(rows, [Method("m", "m")], ev, [0])["m"]["linear probe"]["1"]
     assert cell["nonfinite"] == 1 and cell["mean"] == pytest.approx(0.8)
     folder = RunFolder.create(tmp_path / "r", "job: synthetic\n")
     summary = {"job": "x", "config": {"pretrain": {"seed": 0}}, "pretraining": {},
@@ -125,7 +126,7 @@ def test_nonfinite_scores_are_counted_not_dropped_silently(tmp_path):
     assert "NaN" not in text and json.loads(text)["settings"]["s"]["scores"]["m"]["linear probe"]["1"]["test"][1] is None
     assert "(1 non-finite)" in (folder.path / "summary.md").read_text()
     assert "Every score" not in (folder.path / "summary.md").read_text()
-    nan_cell = _aggregate([{**r, "test": math.nan} for r in rows], [Method("m", "m")], ev, [0])["m"]["linear probe"]["1"]
+    nan_cell = aggregate([{**r, "test": math.nan} for r in rows], [Method("m", "m")], ev, [0])["m"]["linear probe"]["1"]
     summary["settings"]["s"]["scores"]["m"]["linear probe"]["1"] = nan_cell
     write_summary(folder, summary)
     assert "**Every score of s is NaN**" in (folder.path / "summary.md").read_text()
@@ -174,7 +175,7 @@ def test_only_pretraining_steps_update_batch_norm_statistics():
     t = MetaPretrainer(problem, {"w": torch.eye(5)}, {"v": torch.zeros(5)}, {"s": torch.zeros(5)},
                        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
                        meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01),
-                       schedule=MetaSchedule(meta_interval=1, warmup_steps=1, head_steps=2))
+                       schedule=MetaSchedule(interval=1, warmup_steps=1, head_steps=2))
     t.run_until(1)  # a PT step and a warm-up head step
     after_pt = problem.state_dict()
     assert int(after_pt["num_batches_tracked"]) == 1
@@ -228,7 +229,7 @@ def test_a_config_loads_only_its_own_domain():
 
 def test_device_check_names_every_tensor_that_is_elsewhere():
     from metapt.domains.synthetic.problem import SyntheticConfig, SyntheticTaskWeighting
-    from metapt.runner import check_device
+    from metapt.devices import check_device
 
     problem = SyntheticTaskWeighting(SyntheticConfig())
     t = MetaPretrainer(problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
@@ -242,7 +243,7 @@ def test_device_check_names_every_tensor_that_is_elsewhere():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path):
     from metapt.config import ConfigError
-    from metapt.runner import resolve_device
+    from metapt.devices import resolve_device
 
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ConfigError, match="CUDA is not available"):

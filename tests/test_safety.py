@@ -26,7 +26,9 @@ from metapt.config import ConfigError, load_config
 from metapt.errors import RunFolderError, UserError
 from run_folders import copy_run as _copy
 from metapt.metrics import JsonlLogger, read_jsonl
-from metapt.runs import MARKER, RunFolder, Session, write_json_atomic
+from metapt.atomic import write_json_atomic
+from metapt.runs import MARKER, RunFolder
+from metapt.session import Session
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -268,7 +270,7 @@ def test_the_checkpoint_left_after_a_non_finite_loss_can_go_on(tmp_path):
     res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.lr=1e30",
                               "--set", "checkpoint.every=1", "--set", "checkpoint.keep=1000", "--threads", "1"])
     assert res.exit_code == 3, res.output
-    from metapt.runs import _finite
+    from metapt.session import _finite
 
     assert all(_finite(torch.load(p, weights_only=True)["trainer"]) for p in RunFolder(out).checkpoints())
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -347,12 +349,12 @@ def test_debug_keeps_the_type_of_a_user_error(tmp_path):
 def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
     import errno
 
-    import metapt.runs
+    import metapt.session
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "results" / "x.pt"))
 
-    monkeypatch.setattr(metapt.runs, "_save_bytes", full)
+    monkeypatch.setattr(metapt.session, "save_bytes", full)
     text = _one_line_error(_run(tmp_path / "run"))
     assert "No space left on device" in text
 
@@ -566,11 +568,11 @@ def test_a_stop_signal_whose_exception_was_swallowed_still_stops_the_run(tmp_pat
 
 
 def test_two_runs_racing_for_one_out_folder_cannot_both_start(tmp_path):
-    from metapt.runs import _lock_file, _unlock_file
+    from metapt.runs import lock_folder, unlock_folder
 
     out = tmp_path / "run"
     out.mkdir()  # the other run has made the folder and holds its lock, but written nothing yet
-    key = _lock_file(out)
+    key = lock_folder(out)
     try:
         lock = out / ".metapt-lock"
         other = subprocess.run([sys.executable, "-c", "import sys; from metapt.runs import RunFolder; "
@@ -579,7 +581,7 @@ def test_two_runs_racing_for_one_out_folder_cannot_both_start(tmp_path):
         assert other.returncode != 0 and "in use by another metapt process" in other.stderr
         assert sorted(p.name for p in out.iterdir()) == [lock.name]  # the loser wrote and deleted nothing
     finally:
-        _unlock_file(key)
+        unlock_folder(key)
 
 
 def test_inside_a_run_a_stop_signal_waits_for_the_next_step_boundary():

@@ -21,7 +21,7 @@ class _Mapped(Strategy):
         return self.fn(h)
 
 
-def _trainer(problem, meta_lr=0.1, schedule=MetaSchedule(meta_interval=5, warmup_steps=100), **kw):
+def _trainer(problem, meta_lr=0.1, schedule=MetaSchedule(interval=5, warmup_steps=100), **kw):
     return MetaPretrainer(
         problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
@@ -64,7 +64,7 @@ def test_flipped_hypergradient_sign_learns_the_opposite():
 def test_schedule_and_metrics():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
     rec = Recorder()
-    t = _trainer(problem, schedule=MetaSchedule(meta_interval=4, warmup_steps=8, meta_batches=2), loggers=[rec])
+    t = _trainer(problem, schedule=MetaSchedule(interval=4, warmup_steps=8, batches=2), loggers=[rec])
     t.run_until(24)
     assert [s for s, _ in rec.rows] == list(range(1, 25))
     meta_steps = [s for s, m in rec.rows if "meta_loss" in m]
@@ -96,7 +96,7 @@ def test_unrolling_the_encoder_differentiates_through_the_joint_fine_tuning_step
                        pt_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01),
                        meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0), inner_optimizer=sgd(0.1),
                        estimator=Estimator(solver=solver),
-                       schedule=MetaSchedule(meta_interval=1, unroll_steps=1, unroll_encoder=True),
+                       schedule=MetaSchedule(interval=1, unroll_steps=1, unroll_encoder=True),
                        strategy=Recording(), inner_lr_cap="off")  # the formula's η as given (the cap would bind)
     theta0 = {k: v.detach().clone() for k, v in t.params.items()}
     head0 = {k: v.clone() for k, v in t.head.items()}
@@ -116,7 +116,7 @@ def test_unrolling_the_encoder_differentiates_through_the_joint_fine_tuning_step
     pt_loss = lambda th, ph: problem.pretrain_loss(th, ph, problem.pretrain_batch(0))  # noqa: E731
     expected, _ = pretraining_hypergradient(pt_loss, meta_loss, theta1, problem.initial_metaparams(), solver)
     torch.testing.assert_close(record[0]["task_logits"], expected["task_logits"], rtol=1e-10, atol=1e-14)
-    head_only = MetaSchedule(meta_interval=1, unroll_steps=1)
+    head_only = MetaSchedule(interval=1, unroll_steps=1)
     t2 = MetaPretrainer(problem, theta0, head0, problem.initial_metaparams(),
                         pt_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01),
                         meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0), inner_optimizer=sgd(0.1),
@@ -129,7 +129,7 @@ def test_unrolling_the_encoder_differentiates_through_the_joint_fine_tuning_step
 def test_unroll_encoder_and_other_solvers_run():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
     for solver in (Identity(0.01), ConjugateGradient(5, damping=1.0)):
-        t = _trainer(problem, solver=solver, schedule=MetaSchedule(meta_interval=2, unroll_steps=2, unroll_encoder=True))
+        t = _trainer(problem, solver=solver, schedule=MetaSchedule(interval=2, unroll_steps=2, unroll_encoder=True))
         before = t.metaparams["task_logits"].clone()
         t.run_until(6)
         assert t.skipped == 0, solver
@@ -138,7 +138,7 @@ def test_unroll_encoder_and_other_solvers_run():
 
 def test_unusable_hypergradient_skips_the_update():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
-    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1), strategy=_Mapped(lambda h: {k: v * float("nan") for k, v in h.items()}))
+    t = _trainer(problem, schedule=MetaSchedule(interval=1), strategy=_Mapped(lambda h: {k: v * float("nan") for k, v in h.items()}))
     before = t.metaparams["task_logits"].clone()
     t.run_until(3)
     assert t.skipped == 3 and torch.equal(before, t.metaparams["task_logits"])
@@ -155,7 +155,7 @@ def test_non_finite_pretraining_loss_stops_the_run():
 
 def test_state_dict_round_trip_continues_identically():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
-    sched = MetaSchedule(meta_interval=3, warmup_steps=2)
+    sched = MetaSchedule(interval=3, warmup_steps=2)
     a = _trainer(problem, schedule=sched)
     a.run_until(7)
     b = _trainer(problem, schedule=sched)
@@ -171,7 +171,7 @@ def test_head_catch_up_steps_then_unroll_give_the_persisted_head():
     # head_steps plain SGD steps on FT-train batches 0..H-1, then the K unrolled steps:
     # the head kept for the next meta-step is exactly that sequence of SGD steps.
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
-    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1, unroll_steps=1, head_steps=2))
+    t = _trainer(problem, schedule=MetaSchedule(interval=1, unroll_steps=1, head_steps=2))
     head0 = {k: v.clone() for k, v in t.head.items()}
     t.run_until(1)
     theta = {k: v.detach() for k, v in t.params.items()}
@@ -187,7 +187,7 @@ def test_head_catch_up_steps_then_unroll_give_the_persisted_head():
 
 def test_non_finite_unrolled_head_is_not_kept():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=1))
-    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1))
+    t = _trainer(problem, schedule=MetaSchedule(interval=1))
     head0 = {k: v.clone() for k, v in t.head.items()}
     clean = problem.finetune_loss
     problem.finetune_loss = lambda params, head, batch: clean(params, head, batch) * float("nan")
@@ -205,7 +205,7 @@ def test_a_non_finite_unrolled_head_is_rejected_and_counted():
             return {k: v * float("nan") for k, v in head.items()}
 
     rec = Recorder()
-    t = _trainer(problem, schedule=MetaSchedule(meta_interval=1), strategy=NanHead(), loggers=[rec])
+    t = _trainer(problem, schedule=MetaSchedule(interval=1), strategy=NanHead(), loggers=[rec])
     head0 = {k: v.clone() for k, v in t.head.items()}
     t.run_until(3)
     assert t.rejected_heads == 3 and t.skipped == 0  # the hypergradient was fine; only the head was refused
@@ -221,7 +221,7 @@ def test_a_diverging_fine_tuning_head_is_named_and_the_advice_fits(caplog):
     diverging = MetaPretrainer(
         problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
-        inner_optimizer=sgd(3.0), schedule=MetaSchedule(meta_interval=5, warmup_steps=20), inner_lr_cap="off")
+        inner_optimizer=sgd(3.0), schedule=MetaSchedule(interval=5, warmup_steps=20), inner_lr_cap="off")
     with caplog.at_level("WARNING", logger="metapt"):
         diverging.run_until(120)
     assert diverging.skipped > 0 and diverging.rejected_heads > 0
@@ -232,7 +232,7 @@ def test_a_diverging_fine_tuning_head_is_named_and_the_advice_fits(caplog):
     fine = MetaPretrainer(
         problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
-        inner_optimizer=sgd(0.1), schedule=MetaSchedule(meta_interval=5, warmup_steps=20))
+        inner_optimizer=sgd(0.1), schedule=MetaSchedule(interval=5, warmup_steps=20))
     fine.run_until(120)
     assert fine.skipped == 0 and fine.rejected_heads == 0
     # a Neumann estimator whose hypergradient is unusable gets the solver's advice

@@ -341,9 +341,10 @@ def evaluate(
     holder: dict = {}
 
     def action():
+        from .atomic import write_text_atomic
         from .config import apply_override, load_config, to_yaml, validate
         from .jobs import execute
-        from .runs import RunFolder, write_text_atomic
+        from .runs import RunFolder
 
         folder = holder["folder"] = RunFolder.open(run_dir)
         _finished_summary(folder)
@@ -370,7 +371,7 @@ def evaluate(
 def _finished_summary(folder, config=None) -> dict:
     """The run's summary.json, checked: it exists (the run finished), is JSON, is a mapping, and
     belongs to the run's job."""
-    from .runs import read_json
+    from .atomic import read_json
 
     path = folder.path / "summary.json"
     if not path.is_file():
@@ -443,7 +444,7 @@ def compare(
         if out is not None:
             if out.is_dir():
                 raise _UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'compare.md'}")
-            from .runs import write_text_atomic
+            from .atomic import write_text_atomic
 
             write_text_atomic(out, compare_markdown(folders))
             console.print(f"written: {out}")
@@ -499,7 +500,8 @@ def diagnose(
 
     def action():
         from .config import load_config
-        from .diagnostics import DiagnoseOptions, diagnose_run, format_table, format_text
+        from .diagnostics import DiagnoseOptions
+        from .run_diagnosis import diagnose_run, format_table, format_text
         from .runs import RunFolder
 
         if output_format not in ("text", "md", "json"):

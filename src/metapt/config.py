@@ -334,6 +334,27 @@ def to_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(jsonable(asdict(config)), sort_keys=False, allow_unicode=True)
 
 
+# ---- comparing configurations -------------------------------------------------------------
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys: ``{"meta": {"lr": 1}}`` -> ``{"meta.lr": 1}``."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def config_changes(old_yaml: str, new_yaml: str) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two config YAML texts: key -> (old, new)."""
+    old, new = flatten(yaml.safe_load(old_yaml) or {}), flatten(yaml.safe_load(new_yaml) or {})
+    missing = object()
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, missing) != new.get(k, missing)}
+
+
 # ---- error messages -------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ One process per device; every process holds a full replica of θ, φ and the FT 
   trainer calls it every ``check_every`` steps in debug mode.
 * **Writes**: only rank 0 (``ctx.is_main``) writes metrics, reports and
   checkpoints; every process loads the same checkpoint into its trainer
-  (:class:`metapt.runs.Session` with ``dist=ctx`` does both, and keeps each
+  (:class:`metapt.session.Session` with ``dist=ctx`` does both, and keeps each
   process's RNG state in the file).
 
 Usage (what a job does; without torchrun's environment it is a one-process run)::
@@ -385,7 +385,8 @@ class DataParallel(Strategy):
         return loss.detach()
 
     def reduce_hypergrad(self, hypergrad: Params) -> Params:
-        return self.ctx.all_reduce_mean(hypergrad)
+        """The mean over processes (collectives take dense tensors: row-sparse entries are densified)."""
+        return self.ctx.all_reduce_mean({k: v.to_dense() if v.is_sparse else v for k, v in hypergrad.items()})
 
     def reduce_head(self, head: Params) -> Params:
         return self.ctx.all_reduce_mean(head)

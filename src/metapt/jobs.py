@@ -10,8 +10,8 @@ from rich.console import Console
 from .config import to_yaml
 from .domains import domain
 from .runner import run_experiment
-from .runner import write_plots as _write_plots
 from .runs import RunFolder
+from .summary import write_plots as _write_plots
 
 
 def start(config: Any, out: str | Path, *, overwrite: bool = False) -> RunFolder:

@@ -9,11 +9,14 @@ integers, and lets a meta-step look at exactly the batch the PT step before it u
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from .hypergrad.estimators import GaussNewtonProblem
+from .schedule import pt_batch_index
 
 Params = dict[str, Tensor]
 """A flat dict of named tensors: θ, φ or ψ (e.g. ``dict(model.named_parameters())``)."""
@@ -50,14 +53,14 @@ class MetaProblem(Protocol):
       (``n + t + j * T`` for ``t < T`` with ``horizon`` T; ``n + t + j * P`` for ``t < P`` with
       ``upcoming`` and ``pt_batches`` P). The paper's estimator (``upcoming: false``) uses
       ``pretrain_batch(n - 1)`` again (the batch that step just used) for H and the mixed
-      term, and, for its extra samples ``j = 1 .. meta_batches - 1``,
+      term, and, for its extra samples ``j = 1 .. batches - 1``,
       ``pretrain_batch(max(n - 1 - j, 0))`` (``n - 1 - t - j * P`` with ``pt_batches`` P).
     * ``finetune_batch`` serves three streams, which may ask for the same indices:
       the warm-up head step after PT step ``n`` asks for ``n`` (so 1 .. ``warmup_steps``);
       the ``head_steps`` catch-up steps of meta-step ``m`` ask for
       ``m * head_steps + c``; the unrolled step ``k`` of sample ``j`` of meta-step ``m``
-      asks for ``(m * meta_batches + j) * max(unroll_steps, 1) + k``.
-    * ``metaval_batch(m * meta_batches + j)`` for sample ``j`` of meta-step ``m``.
+      asks for ``(m * batches + j) * max(unroll_steps, 1) + k``.
+    * ``metaval_batch(m * batches + j)`` for sample ``j`` of meta-step ``m``.
 
     Optional: ``state_dict()`` / ``load_state_dict(state)`` for state the problem keeps
     outside θ (batch-norm running statistics). The trainer restores it after warm-up and
@@ -176,3 +179,54 @@ class LabelledBatches:
     def metaval_batch(self, index: int) -> tuple[Tensor, Tensor]:
         i = self._val_order.indices(index)
         return self.metaval[0][i], self.metaval[1][i]
+
+
+# ---- a problem's PT loss as the estimators read it ------------------------------------------
+
+
+def pretrain_loss_at(problem: MetaProblem, step: int, sample: int = 0, stride: int = 1, *,
+                     batches: Any = None) -> Callable[[Params, Mapping[str, Tensor], int], Tensor]:
+    """``(θ, φ, t) ↦ L_PT`` on the PT batch that an estimate taken after ``step`` PT steps reads at
+    offset ``t`` for its sample ``sample`` (:func:`metapt.schedule.pt_batch_index`: t ≥ 0 upcoming,
+    t < 0 just taken); each batch is fetched once. The trainer's meta-step and the diagnostics
+    hand this to :func:`metapt.hypergrad.estimate_hypergradient`.
+
+    Args:
+        problem: whose ``pretrain_loss`` is taken.
+        step: PT steps taken.
+        sample: the meta-step's sample j.
+        stride: how far apart the samples' batches are (the estimator's batches per sample).
+        batches: whose ``pretrain_batch`` is read (a process's shard); default ``problem``.
+    """
+    source = problem if batches is None else batches
+    cache: dict[int, Any] = {}
+
+    def loss(theta: Params, phi: Mapping[str, Tensor], t: int) -> Tensor:
+        i = pt_batch_index(step, t, sample, stride)
+        if i not in cache:
+            cache[i] = source.pretrain_batch(i)
+        return problem.pretrain_loss(theta, phi, cache[i])
+
+    return loss
+
+
+def gauss_newton_at(problem: Any, step: int, sample: int, stride: int, phi: Mapping[str, Tensor], *,
+                    batches: Any = None) -> Callable[[int], tuple[Callable[[Params], Tensor], Callable[[Tensor], Tensor]]]:
+    """``t ↦ (θ ↦ PT outputs, outputs ↦ PT loss)`` on the batches of :func:`pretrain_loss_at`, φ fixed:
+    what an estimator with ``gauss_newton`` needs.
+
+    Raises:
+        ValueError: ``problem`` is not a :class:`metapt.hypergrad.GaussNewtonProblem`.
+    """
+    if not isinstance(problem, GaussNewtonProblem):
+        raise ValueError(f"{type(problem).__name__} has no pretrain_outputs/pretrain_output_loss: Gauss-Newton "
+                         "products need the PT loss as outputs + a loss convex in them; use gauss_newton=False")
+    source = problem if batches is None else batches
+    fixed = {k: v.detach() for k, v in phi.items()}
+
+    def at(t: int):
+        batch = source.pretrain_batch(pt_batch_index(step, t, sample, stride))
+        return (lambda theta: problem.pretrain_outputs(theta, fixed, batch),
+                lambda outputs: problem.pretrain_output_loss(outputs, fixed, batch))
+
+    return at

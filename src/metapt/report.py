@@ -19,7 +19,8 @@ from typing import Any
 import markdown
 import yaml
 
-from .runs import RunFolder, write_text_atomic
+from .atomic import write_text_atomic
+from .runs import RunFolder
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -288,7 +289,7 @@ def compare_markdown(folders: Sequence[RunFolder]) -> str:
 
 def _hypergradient_health(path: Path) -> str:
     """The table of ``metapt diagnose`` (lookahead agreement, SNR, curvature, cost), from diagnostics.json."""
-    from .diagnostics import format_table
+    from .run_diagnosis import format_table
 
     try:
         result = json.loads(_read(path))

@@ -1,21 +1,21 @@
 """One experiment runner for every domain: pre-train each method, evaluate it downstream, summarise.
 
-A domain (molecules, ECG, synthetic, or your own) declares a small :class:`Domain`:
+A domain (molecules, ECG, synthetic, or your own) declares a small :class:`metapt.domain.Domain`:
 how to load its data for a setting, how to build one method's pre-training
 (problem, θ₀, ψ₀, φ₀ and the encoder used downstream), and its downstream splits.
-Methods are data (:class:`Method`): pre-train or not, and φ learned, frozen at its
+Methods are data (:class:`metapt.domain.Method`): pre-train or not, and φ learned, frozen at its
 initial value, or absent. This module does the rest, the same way for every domain:
 
 * every pre-training phase runs through :class:`metapt.MetaPretrainer` (a frozen φ is
-  a schedule with no meta-steps), inside a :class:`metapt.runs.Session`, so every phase
+  a schedule with no meta-steps), inside a :class:`metapt.session.Session`, so every phase
   resumes mid-phase after a kill, writes atomically and runs data-parallel under
   torchrun;
 * one evaluation protocol (:mod:`metapt.evaluation`): full fine-tuning and linear probe
   × label fractions × fine-tuning seeds, the epoch picked on the downstream 'valid'
   split, test scores as mean ± 95 % CI and per-seed paired gains; non-finite scores
   are counted, not dropped silently;
-* one summary layout (``summary.json``/``summary.md``) and the shared plots; a domain
-  may add plots of its own.
+* one summary layout (``summary.json``/``summary.md``) and the shared plots
+  (:mod:`metapt.summary`); a domain may add plots of its own.
 
 Run-folder steps: phase ``SETTING/METHOD`` per pre-trained method, then one
 evaluation unit ``eval/SETTING/METHOD/MODE/FRACTION/SEED`` each.
@@ -23,119 +23,30 @@ evaluation unit ``eval/SETTING/METHOD/MODE/FRACTION/SEED`` each.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from dataclasses import asdict, replace
+from typing import Any
 
 import torch
 from rich.console import Console
 from torch import nn
 
-from .errors import ConfigError, deferred_stop, immediate_stop
-from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset, mean_ci95, nonfinite, seed_agreement, to_device
+from .devices import OnDevice, check_device, place, resolve_device
+from .domain import Domain, Method, Pretraining
+from .errors import deferred_stop, immediate_stop
+from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset
 from .hypergrad import sgd
-from .metrics import progress_bar, read_jsonl
+from .metrics import progress_bar
 from .optim import LazyAdam
-from .plots import plot_bars, plot_curves
 from .problem import MetaProblem, Params
-from .runs import RunFolder, Session, write_text_atomic
+from .runs import RunFolder
 from .schema import jsonable
+from .session import Session
 from .strategy import ReusePTGraph, Strategy
+from .summary import aggregate, agreement, gains, write_plots, write_summary
 from .trainer import MetaPretrainer
 
-
-@dataclass(frozen=True)
-class Method:
-    """One way of producing the encoder that is fine-tuned downstream.
-
-    Attributes:
-        name: the key in configs and run folders (``meta_task_weights``).
-        label: what tables and plots call it (``meta task weights``).
-        pretrain: False: a randomly initialised encoder (no pre-training).
-        phi: ``learned`` (meta-learned online), ``frozen`` (held at φ₀: plain
-            pre-training with the same φ₀, the control for meta-learning), ``random`` (φ₀ plus
-            standard normal noise drawn from the pre-training seed, held there: a random
-            weighting, one draw per pre-training seed) or ``none``.
-        variant: the domain's own selector of what φ is (``task_weights``, ``warp``).
-    """
-
-    name: str
-    label: str
-    pretrain: bool = True
-    phi: Literal["learned", "frozen", "random", "none"] = "learned"
-    variant: str = ""
-
-
-@dataclass
-class Pretraining:
-    """What a domain builds for one method's pre-training.
-
-    Attributes:
-        problem: the :class:`metapt.MetaProblem` (losses and batches).
-        params, head, metaparams: θ₀, ψ₀, φ₀ (φ₀ may be empty for φ ``none``).
-        encoder: pre-trained θ → the ``nn.Module`` fine-tuned downstream.
-        emb_dim: the encoder's output width.
-        buffers: a module whose buffers (batch norm) data-parallel runs keep in sync.
-    """
-
-    problem: MetaProblem
-    params: Params
-    head: Params
-    metaparams: Params
-    encoder: Callable[[Params], nn.Module]
-    emb_dim: int
-    buffers: nn.Module | None = None
-
-
-class Domain(Protocol):
-    """What a domain declares to be run by :func:`run_experiment`.
-
-    ``config`` is the job's configuration, an instance of the domain's pydantic class
-    with the shared sections ``pretrain``, ``meta``, ``evaluation``, ``checkpoint``,
-    ``methods`` and ``device``.
-    """
-
-    name: str
-    methods: Mapping[str, Method]
-    #: paired differences reported, (better, baseline) method names
-    gains: Sequence[tuple[str, str]]
-
-    def settings(self, config: Any) -> Sequence[str]:
-        """Downstream settings run one after the other (``("b3db", "heldout")``; one name if just one)."""
-        ...
-
-    def load(self, config: Any, setting: str, console: Console) -> Any:
-        """The data of one setting (printed briefly on ``console``)."""
-        ...
-
-    def pretraining(self, config: Any, data: Any, method: Method, seed: int, device: torch.device) -> Pretraining:
-        """One method's problem and initial values; ``seed`` is the pre-training seed. The problem's
-        own tensors and modules go on ``device`` (the runner moves θ₀, ψ₀, φ₀ and every batch)."""
-        ...
-
-    def downstream(self, config: Any, data: Any) -> Downstream:
-        """The labelled downstream splits 'train', 'valid', 'test'."""
-        ...
-
-    def data_summary(self, config: Any, data: Any) -> dict[str, Any]:
-        """What the data of a setting is (sizes, groups, records), JSON-able, for the summary."""
-        ...
-
-    def describe(self, config: Any, data: Any, method: Method, metaparams: Params) -> dict[str, Any]:
-        """A readable, JSON-able summary of a learned φ (task names → weights, warp size)."""
-        ...
-
-    def plots(self, folder: Path, summary: dict[str, Any]) -> None:
-        """Extra plots from the run folder (may do nothing)."""
-        ...
-
-    # Optional: ``check(config)``, called before a run folder is made, raises
-    # :class:`metapt.errors.UserError` for what the configuration cannot express but the run
-    # cannot do without (the ECG job: a data folder that exists). A domain without it accepts
-    # every configuration its schema accepts.
+__all__ = ["build_trainer", "parse_phase", "run_experiment", "trainer_from_config"]
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -170,7 +81,7 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                 for method, seed in ((m, s) for m in methods for s in pt_seeds):
                     name = _run_name(method.name, seed, pt_seeds)
                     phase = f"{setting}/{name}"
-                    built = _placed(domain.pretraining(config, data, method, seed, device), device)
+                    built = place(domain.pretraining(config, data, method, seed, device), device)
                     if method.phi == "random":
                         built = replace(built, metaparams=_random_phi(built.metaparams, seed))
                     emb_dims[name] = built.emb_dim
@@ -201,10 +112,10 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                     "metric": downstream.metric,
                     "sizes": {k: len(v) for k, v in downstream.labels.items()},
                     "ci_over": "pretraining seeds" if len(pt_seeds) > 1 else "fine-tuning seeds",
-                    "scores": _aggregate(rows, methods, config.evaluation, pt_seeds),
-                    "gains": _gains(rows, domain, methods, config.evaluation, pt_seeds),
+                    "scores": aggregate(rows, methods, config.evaluation, pt_seeds),
+                    "gains": gains(rows, domain, methods, config.evaluation, pt_seeds),
                     "learned": learned,
-                    "agreement": _agreement(phis),
+                    "agreement": agreement(phis),
                     "data": domain.data_summary(config, data),
                 }
     finally:
@@ -223,7 +134,7 @@ def _check_lr_groups(domain: Domain, config: Any, data: Any, methods: Sequence[M
     exempt = getattr(getattr(type(config)(), "meta", None), "lr_groups", {})  # the job's defaults
     if all(key in exempt for key in config.meta.lr_groups):
         return
-    from .runs import capture_rng, restore_rng
+    from .rng import capture_rng, restore_rng
 
     rng = capture_rng()  # building may seed the global generators: leave them as they were
     try:
@@ -233,19 +144,6 @@ def _check_lr_groups(domain: Domain, config: Any, data: Any, methods: Sequence[M
         restore_rng(rng)
     config.meta.check_lr_groups(keys, exempt)
 
-
-def _agreement(phis: Mapping[str, list[Params]]) -> dict[str, Any]:
-    """Per learned method and φ entry, the Spearman agreement of the pre-training seeds' φ
-    (:func:`metapt.evaluation.seed_agreement`); empty with one pre-training seed."""
-    out: dict[str, Any] = {}
-    for label, runs in phis.items():
-        if len(runs) < 2:
-            continue
-        for key in runs[0]:
-            if runs[0][key].numel() >= 2:
-                vectors = [r[key].detach().double().cpu().reshape(-1).numpy() for r in runs]
-                out.setdefault(label, {})[key] = seed_agreement(vectors)
-    return out
 
 
 def _run_name(method: str, seed: int, pt_seeds: Sequence[int]) -> str:
@@ -336,80 +234,6 @@ def _meta_optimizer(meta: Any, phi: Params) -> torch.optim.Optimizer:
     return LazyAdam(meta.param_groups(phi), lr=meta.lr, betas=(meta.momentum, 0.999))
 
 
-# ---- devices ----------------------------------------------------------------------------------
-
-
-def resolve_device(setting: str, dist: Any = None) -> torch.device:
-    """``auto``: CUDA when available, else CPU. Under torchrun with CUDA, process r takes
-    ``cuda:LOCAL_RANK`` (the distributed context's device), whatever index was named."""
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {setting!r}: CUDA is not available on this machine; use device=cpu or auto")
-        if dist is not None and dist.distributed:
-            if dist.device.type != "cuda":
-                raise ConfigError(f"device {setting!r} under torchrun needs the NCCL backend; launch with "
-                                  "`metapt run` (which picks it from the config) or use device=cpu")
-            return dist.device
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {setting!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-class OnDevice:
-    """A problem whose batches (of every stream) are moved to ``device``; everything else is the problem's."""
-
-    def __init__(self, problem: MetaProblem, device: torch.device):
-        self.base, self.device = problem, device
-
-    def pretrain_batch(self, index: int) -> Any:
-        return to_device(self.base.pretrain_batch(index), self.device)
-
-    def finetune_batch(self, index: int) -> Any:
-        return to_device(self.base.finetune_batch(index), self.device)
-
-    def metaval_batch(self, index: int) -> Any:
-        return to_device(self.base.metaval_batch(index), self.device)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.base, name)
-
-
-def _placed(built: Pretraining, device: torch.device) -> Pretraining:
-    move = lambda tree: {k: v.to(device) for k, v in tree.items()}  # noqa: E731
-    return replace(built, params=move(built.params), head=move(built.head), metaparams=move(built.metaparams))
-
-
-def check_device(trainer: MetaPretrainer, device: torch.device) -> None:
-    """Raise unless θ, ψ, φ, their optimisers' states and a batch of every stream are on ``device``."""
-    off = []
-
-    def visit(name: str, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.device.type != device.type or (device.index is not None and value.device.index != device.index):
-                off.append(f"{name} ({value.device})")
-        elif isinstance(value, Mapping):
-            for k, v in value.items():
-                visit(f"{name}.{k}", v)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                visit(f"{name}[{i}]", v)
-        elif hasattr(value, "to_dict"):  # a PyG batch
-            visit(name, value.to_dict())
-
-    for group in ("params", "head", "metaparams"):
-        visit(group, getattr(trainer, group))
-    for name, opt in (("pt optimiser", trainer.pt_opt), ("meta optimiser", trainer.meta_opt)):
-        visit(name, {str(i): st for i, st in enumerate(opt.state.values())})
-    problem = trainer.problem
-    visit("pretrain batch", problem.pretrain_batch(0))
-    visit("finetune batch", problem.finetune_batch(0))
-    visit("metaval batch", problem.metaval_batch(0))
-    if off:
-        raise RuntimeError(f"not on {device}: " + ", ".join(off[:8]) + (f" and {len(off) - 8} more" if len(off) > 8 else ""))
-
 
 # ---- evaluation -------------------------------------------------------------------------------
 
@@ -440,146 +264,3 @@ def _evaluate(session: Session, setting: str, encoders: Mapping[str, nn.Module],
                     rows.append({"method": method, "pt_seed": int(seed_part) if seed_part else None, "mode": mode,
                                  "fraction": fraction, "seed": seed, **session[key]})
     return rows
-
-
-def _aggregate(rows: list[dict[str, Any]], methods: Sequence[Method], ev: EvalConfig,
-               pt_seeds: Sequence[int]) -> dict[str, Any]:
-    """Mean ± 95 % CI per method, mode and label fraction: over fine-tuning seeds with one
-    pre-training seed; over pre-training seeds (of each one's mean over fine-tuning seeds) with several."""
-    out: dict[str, Any] = {}
-    for method in methods:
-        for mode in ev.modes():
-            for fraction in ev.label_fractions:
-                mine = [r for r in rows if (r["method"], r["mode"], r["fraction"]) == (method.name, mode, fraction)]
-                tests = [r["test"] for r in mine]
-                cell = {"test": tests, "valid": [r["valid"] for r in mine],
-                        "best_epoch": [r["best_epoch"] for r in mine], "nonfinite": nonfinite(tests)}
-                if len(pt_seeds) > 1:
-                    per_seed = [mean_ci95([r["test"] for r in mine if r["pt_seed"] == s])[0] for s in pt_seeds]
-                    cell["per_pretrain_seed"] = per_seed
-                    cell["mean"], cell["ci95"] = mean_ci95(per_seed)
-                else:
-                    cell["mean"], cell["ci95"] = mean_ci95(tests)
-                out.setdefault(method.label, {}).setdefault(mode, {})[f"{fraction:g}"] = cell
-    return out
-
-
-def _gains(rows: list[dict[str, Any]], domain: Domain, methods: Sequence[Method], ev: EvalConfig,
-           pt_seeds: Sequence[int]) -> dict[str, Any]:
-    """Paired differences: per fine-tuning seed (same label subset, head init and batch order) with
-    one pre-training seed; per pre-training seed (of the per-seed means) with several."""
-    names = {m.name for m in methods}
-    table = {(r["method"], r["pt_seed"], r["mode"], r["fraction"], r["seed"]): r["test"] for r in rows}
-    seeds = pt_seeds if len(pt_seeds) > 1 else [None]
-    out: dict[str, Any] = {}
-    for better, base in domain.gains:
-        if better not in names or base not in names:
-            continue
-        label = f"{domain.methods[better].label} − {domain.methods[base].label}"
-        for mode in ev.modes():
-            for fraction in ev.label_fractions:
-                per_ft = {p: [table[(better, p, mode, fraction, s)] - table[(base, p, mode, fraction, s)]
-                              for s in range(ev.seeds)] for p in seeds}
-                diffs = per_ft[None] if len(seeds) == 1 else [mean_ci95(per_ft[p])[0] for p in seeds]
-                mean, ci = mean_ci95(diffs)
-                out.setdefault(label, {}).setdefault(mode, {})[f"{fraction:g}"] = {
-                    "mean": mean, "ci95": ci, "diff": diffs, "nonfinite": nonfinite(diffs)}
-    return out
-
-
-# ---- summary and plots ------------------------------------------------------------------------
-
-
-def write_summary(folder: RunFolder, summary: dict[str, Any]) -> None:
-    """``summary.json`` (strict JSON: non-finite numbers become null) and ``summary.md``."""
-    write_text_atomic(folder.path / "summary.json", json.dumps(jsonable(summary), indent=2, allow_nan=False))
-    write_text_atomic(folder.path / "summary.md", summary_markdown(summary))
-
-
-def _cell(v: Mapping[str, Any]) -> str:
-    mean, ci, bad = v.get("mean"), v.get("ci95"), v.get("nonfinite", 0)
-    if mean is None or not math.isfinite(mean):
-        text = "n/a"
-    else:
-        text = f"{mean:.3f}" + (f" ± {ci:.3f}" if ci is not None and math.isfinite(ci) else "")
-    return text + (f" ({bad} non-finite)" if bad else "")
-
-
-def _rho(a: Mapping[str, Any]) -> str:
-    mean, loo, ci = a.get("pairwise_mean"), a.get("leave_one_out_mean"), a.get("leave_one_out_ci95")
-    if mean is None or not math.isfinite(mean):
-        return "undefined (a seed's φ did not move)"
-    text = f"{mean:.2f} over pairs; each seed against the others' mean {loo:.2f}"
-    return text + (f" ± {ci:.2f} (95 % CI)" if ci is not None and math.isfinite(ci) else "")
-
-
-def summary_markdown(summary: Mapping[str, Any]) -> str:
-    over = "pre-training seeds" if summary["config"]["pretrain"].get("seeds", 1) > 1 else "fine-tuning seeds"
-    lines = [f"# {summary.get('job', 'run')}: downstream test scores, mean ± 95 % CI over {over}", ""]
-    for setting, res in summary["settings"].items():
-        metric = "AUROC" if res["metric"] == "auroc" else "MSE (lower is better)"
-        columns = [(mode, fr) for by_mode in list(res["scores"].values())[:1] for mode, by_fr in by_mode.items()
-                   for fr in by_fr]
-        head = ["method"] + [f"{mode}, {float(fr):.0%} labels" if len({f for _, f in columns}) > 1 else mode
-                             for mode, fr in columns]
-        lines += [f"## {setting}: test {metric}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        for method, by_mode in res["scores"].items():
-            lines.append(f"| {method} | " + " | ".join(_cell(by_mode[m][f]) for m, f in columns) + " |")
-        for label, by_mode in res.get("gains", {}).items():
-            lines.append(f"| *{label}* (paired) | " + " | ".join(_cell(by_mode[m][f]) for m, f in columns) + " |")
-        cells = [c for by_mode in res["scores"].values() for by_fr in by_mode.values() for c in by_fr.values()]
-        if cells and all(c.get("nonfinite", 0) == len(c["test"]) for c in cells):
-            lines += ["", f"**Every score of {setting} is NaN**: no fine-tuning run could be scored (e.g. a "
-                      "split with only one class); see summary.json for the counts."]
-        for label, by_key in res.get("agreement", {}).items():
-            for key, a in by_key.items():
-                lines += ["", f"Seed agreement, {label} ({key}): Spearman ρ of the learned φ across "
-                          f"{a['seeds']} pre-training seeds {_rho(a)}."]
-        sizes = ", ".join(f"{k} {v}" for k, v in res["sizes"].items())
-        lines += ["", f"Downstream examples: {sizes}. The epoch is chosen on 'valid'; test is read at that epoch.", ""]
-    health = summary.get("pretraining", {})
-    skipped = sum(int(h.get("skipped_meta_steps", 0)) for h in health.values())
-    rejected = sum(int(h.get("rejected_heads", 0)) for h in health.values())
-    meta_steps = sum(int(h.get("meta_steps", 0)) for h in health.values())
-    pt = summary["config"]["pretrain"]
-    n_pt = pt.get("seeds", 1)
-    if n_pt > 1:
-        seeds = f"Each method is pre-trained with {n_pt} seeds ({pt['seed']}–{pt['seed'] + n_pt - 1}): the CIs " \
-                "and paired gains are over pre-training seeds, of each seed's mean over fine-tuning seeds."
-    else:
-        seeds = f"Each method is pre-trained once (seed {pt['seed']}): the CIs cover fine-tuning seeds only."
-    capped = sum(int(h.get("inner_lr_capped", 0)) for h in health.values())
-    lines.append(f"Meta-steps: {meta_steps}, skipped (unusable hypergradient): {skipped}, "
-                 f"non-finite heads rejected: {rejected}. {seeds}")
-    if capped:
-        lines.append(f"Fine-tuning steps run below meta.inner_lr, at 1/λ of the head's curvature "
-                     f"(meta.inner_lr_cap: auto): {capped}.")
-    lines.append(f"Wall time: {summary.get('wall_seconds', float('nan'))} s.")
-    return "\n".join(lines) + "\n"
-
-
-def write_plots(domain: Domain, folder: RunFolder, summary: Mapping[str, Any]) -> None:
-    """(Re)draw the run's plots from ``metrics.jsonl`` and the summary."""
-    out = folder.path
-    rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
-    keys = ["pt_loss", "meta_loss", "hypergrad_norm", "solver_residual"]
-    keys += sorted({k for r in rows for k in r if k.startswith("phi/")})
-    plot_curves(rows, keys, out / "losses.png", title="Pre-training and meta-learning")
-    for setting, res in summary["settings"].items():
-        methods = list(res["scores"])
-        columns = [(mode, fr) for mode, by_fr in res["scores"][methods[0]].items() for fr in by_fr]
-        metric = "test AUROC" if res["metric"] == "auroc" else "test MSE"
-        series = {f"{mode} {float(fr):.0%}" if len(columns) > len({m for m, _ in columns}) else mode:
-                  [(res["scores"][k][mode][fr]["mean"] if res["scores"][k][mode][fr]["mean"] is not None else math.nan,
-                    res["scores"][k][mode][fr]["ci95"] if res["scores"][k][mode][fr]["ci95"] is not None else math.nan)
-                   for k in methods] for mode, fr in columns}
-        auroc = res["metric"] == "auroc"
-        plot_bars(methods, series, out / f"scores_{_slug(setting)}.png",
-                  ylabel=f"{metric}, {'higher' if auroc else 'lower'} is better\n(mean ± 95 % CI over seeds)",
-                  title=f"{setting}: downstream {metric} per method", reference=(0.5, "chance (AUROC 0.5)") if auroc else None,
-                  bounds=(0.0, 1.0) if auroc else None)
-    domain.plots(out, summary)
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)

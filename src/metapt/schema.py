@@ -135,7 +135,7 @@ class SolverConfig:
             unset); cg: Lanczos steps that add 2·max(0, −λmin) to the damping [0: off].
         horizon: unrolled: T, PT steps differentiated through (memory and time grow with T) [1].
         pt_batches: neumann, identity, cg: PT batches whose mean loss gives H and the mixed
-            term [1].
+            term, within one hypergradient sample (``meta.batches`` counts the samples) [1].
         upcoming: neumann, identity, cg: take those batches among the ones pre-training takes
             next instead of the one(s) just taken (the paper's) [true].
         every: accumulated: PT steps between two draws (1: every PT batch) [1].
@@ -233,7 +233,7 @@ class MetaConfig:
     """Algorithm 1's meta-learning knobs (the paper's values where it gives one, as noted).
 
     Attributes:
-        interval: PT steps between meta-steps (paper: 10).
+        interval: PT steps between meta-steps (paper: 10); ``MetaSchedule.interval``.
         unroll_steps: K, differentiable fine-tuning steps per meta-step (paper: 1).
         unroll_encoder: unroll θ together with the head instead of the head only.
         inner_lr: SGD learning rate of the fine-tuning head steps (warm-up, catch-up and unrolled).
@@ -243,7 +243,9 @@ class MetaConfig:
             the metrics and the summary, a warning the first time). A stable rate is used as
             given, so such runs do not change. ``off``: ``inner_lr`` as given, always.
         lr: Adam learning rate of φ.
-        batches: hypergradients averaged per meta-step (paper: 1).
+        batches: hypergradient samples averaged per meta-step, each on its own FT/validation
+            batches (paper: 1); ``MetaSchedule.batches``. Not ``solver.pt_batches``, the PT
+            batches within one sample.
         warmup_steps: PT steps, the head trained alongside, before the first meta-step.
         head_steps: plain head steps before each meta-step's unroll (paper: 0).
         lr_groups: Adam learning rates for the φ entries whose key starts with a given prefix
@@ -331,8 +333,8 @@ class MetaConfig:
         return [{"params": tensors, "lr": lr} for lr, tensors in groups.items()]
 
     def schedule(self, **overrides) -> MetaSchedule:
-        values = {"meta_interval": self.interval, "unroll_steps": self.unroll_steps,
-                  "unroll_encoder": self.unroll_encoder, "meta_batches": self.batches,
+        values = {"interval": self.interval, "unroll_steps": self.unroll_steps,
+                  "unroll_encoder": self.unroll_encoder, "batches": self.batches,
                   "warmup_steps": self.warmup_steps, "head_steps": self.head_steps,
                   "average": self.average, "average_decay": self.average_decay}
         return MetaSchedule(**(values | overrides))

@@ -15,7 +15,8 @@ The hooks, all called by the trainer:
 * ``pt_graph(trainer)`` the kept gradient graph of the PT step just taken, or None
   (the meta-step then runs a PT forward/backward of its own);
 * ``meta_views(trainer)`` the problems whose batches one meta-step averages over;
-* ``reduce_hypergrad`` / ``reduce_head`` what every process must agree on;
+* ``reduce_hypergrad`` / ``reduce_head`` what every process must agree on (the hypergradient
+  may hold row-sparse entries: a reduction that runs collectives densifies them first);
 * ``end_step(trainer, metrics)`` after every step (metrics as logged);
 * ``reset()`` when the trainer's state is replaced (``load_state_dict``).
 
@@ -62,6 +63,7 @@ class Strategy:
         return [trainer.problem]
 
     def reduce_hypergrad(self, hypergrad: Params) -> Params:
+        """The hypergradient every process applies (row-sparse entries may come in and go out)."""
         return hypergrad
 
     def reduce_head(self, head: Params) -> Params:

@@ -1,15 +1,15 @@
 """Algorithm 1 of Raghu et al. (NeurIPS 2021): online meta-learning of pre-training hyperparameters.
 
 Read top to bottom: :meth:`MetaPretrainer.run_until` pre-trains θ with the current φ
-and, every ``meta_interval`` steps, takes one meta-step on φ:
+and, every ``interval`` steps (``schedule.interval``), takes one meta-step on φ:
 
 1. unroll K fine-tuning steps of the head ψ (or of ψ and θ) on FT-train batches,
    starting from the current θ and the persisted, warm-started ψ;
 2. evaluate the meta-loss L_V on a MetaFT-validation batch;
-3. dL_V/dφ by implicit differentiation through pre-training (``hypergrad``),
-   averaged over ``meta_batches`` PT/validation batch pairs if asked;
-4. update φ with its own optimiser, unless the hypergradient is unusable
-   (non-finite, or the inverse-HVP solve diverged), which is skipped and counted;
+3. dL_V/dφ as the estimator describes it (:func:`metapt.hypergrad.estimate_hypergradient`, the
+   one entry point for every kind), averaged over ``schedule.batches`` samples if asked;
+4. update φ with its own optimiser behind :class:`metapt.meta_optimizer.ApplyIfFinite`, unless the
+   hypergradient is unusable (non-finite, or the inverse-HVP solve diverged), which is skipped and counted;
 5. keep ψ_K, detached, as the head for the next meta-step.
 
 This module knows the order of things and nothing about any domain: the domain
@@ -31,29 +31,26 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteLossError
 from .hypergrad import (
     Estimator,
     HypergradInfo,
     Identity,
-    SolverInfo,
-    directional_mixed_term,
-    pretrain_backward_with_mixed_term,
     InnerOptimizer,
     Neumann,
     Solver,
-    adam_preconditioner,
     default_estimator,
+    directional_mixed_term,
+    draw_scale,
     estimate_hypergradient,
     hessian_spectrum,
-    pretraining_hypergradient,
+    pretrain_backward_with_mixed_term,
     sgd,
     unrolled_finetune,
 )
-from .optim import accepts_sparse_grad
-from .errors import NonFiniteLossError
-from .hypergrad.estimators import GaussNewtonProblem
-from .problem import MetaProblem, Params
-from .schedule import MetaSchedule, pt_batch_index
+from .meta_optimizer import ApplyIfFinite
+from .problem import MetaProblem, Params, gauss_newton_at, pretrain_loss_at
+from .schedule import MetaSchedule
 from .strategy import Strategy
 
 log = logging.getLogger(__name__)  # "metapt.trainer": configure "metapt" to route or silence it
@@ -74,7 +71,7 @@ class MetaPretrainer:
 
     ``run_until(n)`` pre-trains until ``step == n``; after PT step number ``s`` (counted
     from 1) it takes a warm-up head step if ``s <= warmup_steps``, else a meta-step when
-    ``s % meta_interval == 0``. Which batch index each step asks the problem for is stated
+    ``s % interval == 0``. Which batch index each step asks the problem for is stated
     in :class:`metapt.MetaProblem`.
 
     **What is copied.** θ, ψ and φ are copied at construction: the trainer owns its copies
@@ -195,6 +192,8 @@ class MetaPretrainer:
             _check_metaparams_reach_loss(problem, self.params, self.metaparams)
         self.pt_opt = pt_optimizer(list(self.params.values()))
         self.meta_opt = meta_optimizer(list(self.metaparams.values()))
+        # φ's optimiser behind the skip / densify / reduce policy (the strategy's cross-process mean)
+        self.phi_update = ApplyIfFinite(self.meta_opt, self.metaparams, reduce=self.strategy.reduce_hypergrad)
         self.inner = inner_optimizer if inner_optimizer is not None else sgd(0.1)
         if inner_lr_cap not in ("auto", "off"):
             raise ValueError(f"MetaPretrainer: inner_lr_cap must be 'auto' or 'off', got {inner_lr_cap!r}")
@@ -249,7 +248,7 @@ class MetaPretrainer:
     def meta_step_due(self, step: int) -> bool:
         """Whether a meta-step follows PT step number ``step`` (counted from 1)."""
         sched = self.schedule
-        return sched.learn_phi and step > sched.warmup_steps and step % sched.meta_interval == 0
+        return sched.learn_phi and step > sched.warmup_steps and step % sched.interval == 0
 
     def pretrain_step(self) -> dict[str, float]:
         """θ ← PT optimiser step on L_PT(θ, φ) with φ held fixed."""
@@ -310,23 +309,23 @@ class MetaPretrainer:
         catch_up = {}
         if sched.head_steps:
             theta = {k: v.detach() for k, v in self.params.items()}
-            first = self.meta_step_count * sched.head_steps
-            inner, capped = self._inner_for(theta, lambda: [self.problem.finetune_batch(first)], joint=False)
-            head, loss = self._finetune(self.head, theta, lambda k: self.problem.finetune_batch(first + k),
+            m = self.meta_step_count
+            inner, capped = self._inner_for(theta, lambda: [self.problem.finetune_batch(sched.head_index(m, 0))],
+                                            joint=False)
+            head, loss = self._finetune(self.head, theta, lambda k: self.problem.finetune_batch(sched.head_index(m, k)),
                                         sched.head_steps, inner)
             self.head = self.strategy.reduce_head({k: v.detach() for k, v in head.items()})
             catch_up = {"head_ft_loss": loss, **{f"head_{k}": v for k, v in capped.items()}}
         inner, capped = self.meta_step_inner(count=True)
         total: Params | None = None
-        infos, heads, directions = [], [], []
+        infos, heads = [], []
         kept = self.strategy.pt_graph(self)  # H and the mixed term at the PT step just taken, if kept
-        for view, j in itertools.product(self.strategy.meta_views(self), range(sched.meta_batches)):
-            index = self.meta_step_count * sched.meta_batches + j
+        stride = len(self.estimator.batch_offsets())
+        for view, j in itertools.product(self.strategy.meta_views(self), range(sched.batches)):
+            index = sched.sample_index(self.meta_step_count, j)
             graph = kept if j == 0 and view is self.problem else None
-            past = self.estimator.uses_past_batch and graph is None  # other estimators fetch their own PT batches
-            pt_batch = view.pretrain_batch(self.step - 1 if j == 0 else _extra_index(self.step, j)) if past else None
             val_batch = view.metaval_batch(index)
-            ft_batches = lambda k, index=index, view=view: view.finetune_batch(index * max(sched.unroll_steps, 1) + k)
+            ft_batches = lambda k, index=index, view=view: view.finetune_batch(sched.finetune_index(index, k))
             outcome: dict[str, Params] = {}
 
             def meta_loss(theta: Params) -> Tensor:
@@ -334,29 +333,12 @@ class MetaPretrainer:
                 outcome["head"] = head
                 return self.problem.finetune_loss(theta_ft, head, val_batch)
 
-            if self.estimator.accumulate:  # v and the direct term here; mixed terms from every k-th PT batch
-                hyper, info, direction = self._accumulated_draw(view, meta_loss, j,
-                                                                fresh=not self._accumulated_count)
-                directions.append(direction)
-            elif self.estimator.uses_past_batch:  # the paper's: H and the mixed term on the PT batch just taken
-                hyper, info = pretraining_hypergradient(
-                    lambda th, ph: self.problem.pretrain_loss(th, ph, pt_batch),
-                    meta_loss,
-                    self.params,
-                    self.metaparams,
-                    self.solver,
-                    graph=graph,
-                    preconditioner=adam_preconditioner(self.pt_opt, self.params)
-                    if self.estimator.adam_preconditioner else None,
-                )
-            else:  # other PT batches (upcoming, several) or reverse-mode through T PT steps
-                stride = len(self.estimator.batch_offsets())
-                hyper, info = estimate_hypergradient(
-                    self.estimator, _pt_loss_at(self.problem, view, self.step, j, stride),
-                    meta_loss, self.params, self.metaparams, self.pt_opt, self.params,
-                    gauss_newton_at=_gauss_newton_at(self.problem, view, self.step, j, stride, self.metaparams)
-                    if self.estimator.gauss_newton else None,
-                )
+            hyper, info = estimate_hypergradient(
+                self.estimator, pretrain_loss_at(self.problem, self.step, j, stride, batches=view),
+                meta_loss, self.params, self.metaparams, self.pt_opt, self.params, graph=graph,
+                gauss_newton_at=gauss_newton_at(self.problem, self.step, j, stride, self.metaparams, batches=view)
+                if self.estimator.gauss_newton else None,
+                fresh=not self._accumulated_count)
             kept = graph = None  # free the PT graph before the next sample
             infos.append(info)
             if j == 0:
@@ -371,48 +353,20 @@ class MetaPretrainer:
             for v in total.values():
                 if v is not None:
                     v.div_(len(infos))
-        if self.estimator.accumulate:
-            total = self._with_accumulated(total, directions)
-        if not all(i.usable for i in infos):  # NaN survives the cross-process mean: every process skips alike
-            total = {k: torch.full(v.shape, math.nan, dtype=v.dtype) for k, v in total.items()}
-        if type(self.strategy).reduce_hypergrad is not Strategy.reduce_hypergrad:  # collectives take dense tensors
-            total = {k: v.to_dense() if v.is_sparse else v for k, v in total.items()}
-        hyper = self.strategy.reduce_hypergrad(total)
-        # a row-sparse hypergradient (example weights read by gather_rows) stays sparse: O(batch), not O(|φ|)
-        hyper = {k: v.coalesce() if v.is_sparse else v for k, v in hyper.items()}
-        # one pass over φ: the norm is non-finite exactly when some entry is (or it overflows)
-        norm = math.sqrt(sum(float(torch.dot(e, e)) for e in (
-            (v.values() if v.is_sparse else v).reshape(-1) for v in hyper.values())))
-        usable = all(i.usable for i in infos) and math.isfinite(norm)
+        if self.estimator.accumulate:  # the PT steps' draws since the last meta-step, and the next v
+            total = self._with_accumulated(total, [i.direction for i in infos])
         meta_loss = sum(i.meta_loss for i in infos) / len(infos)
         # a head that fine-tuning blew up (too high an inner rate): L_V orders of magnitude above its
         # lowest so far, or not finite; its hypergradient is about the explosion, not about φ
         head_diverged = self._diverged(meta_loss)
         if not head_diverged:
             self._meta_loss_floor = meta_loss if self._meta_loss_floor is None else min(self._meta_loss_floor, meta_loss)
-        usable = usable and not head_diverged
         self.meta_step_count += 1
-        if usable:
-            self.meta_opt.zero_grad(set_to_none=True)
-            sparse_ok = accepts_sparse_grad(self.meta_opt)  # LazyAdam, LazySGD: only the touched rows move
-            for k, v in self.metaparams.items():
-                g = hyper[k].to(v.dtype)
-                v.grad = g.to_dense() if g.is_sparse and not sparse_ok else g
-            self.meta_opt.step()
+        applied, norm = self.phi_update.step(total, usable=all(i.usable for i in infos), keep=not head_diverged)
+        if applied:
             self._update_phi_average()
         else:
-            self.skipped += 1
-            if head_diverged:
-                self.last_skip_reason = (f"the fine-tuned head diverged (meta-loss {meta_loss:.3g}, against "
-                                         f"{self._meta_loss_floor:.3g} at best so far)" if self._meta_loss_floor
-                                         is not None else "the fine-tuned head diverged (meta-loss not finite)")
-            elif any(i.solver.diverged for i in infos):
-                self.last_skip_reason = "the inverse-HVP solve diverged"
-            else:
-                self.last_skip_reason = "the hypergradient is not finite"
-            _log_doubling(self.skipped, "meta-step %d (after PT step %d) skipped: %s; %d skipped so far. If it "
-                          "keeps happening, %s", self.meta_step_count, self.step, self.last_skip_reason,
-                          self.skipped, self.skip_advice())
+            self._count_skip(meta_loss, head_diverged, infos)
         new_head = self.strategy.reduce_head(_mean(heads))
         if not head_diverged and all(bool(torch.isfinite(v).all()) for v in new_head.values()):
             self.head = new_head  # a NaN or exploded head would poison later steps
@@ -422,7 +376,25 @@ class MetaPretrainer:
                           "or diverged and was not kept; %d rejected so far. Lower the fine-tuning (inner) learning "
                           "rate (meta.inner_lr, or the inner_optimizer's)", self.meta_step_count, self.step,
                           self.rejected_heads)
+        return self._meta_metrics(infos, norm, {**catch_up, **capped})
 
+    def _count_skip(self, meta_loss: float, head_diverged: bool, infos: Sequence[HypergradInfo]) -> None:
+        """Count a skipped meta-step, say why, and log it (on doubling counts)."""
+        self.skipped += 1
+        if head_diverged:
+            self.last_skip_reason = (f"the fine-tuned head diverged (meta-loss {meta_loss:.3g}, against "
+                                     f"{self._meta_loss_floor:.3g} at best so far)" if self._meta_loss_floor
+                                     is not None else "the fine-tuned head diverged (meta-loss not finite)")
+        elif any(i.solver.diverged for i in infos):
+            self.last_skip_reason = "the inverse-HVP solve diverged"
+        else:
+            self.last_skip_reason = "the hypergradient is not finite"
+        _log_doubling(self.skipped, "meta-step %d (after PT step %d) skipped: %s; %d skipped so far. If it "
+                      "keeps happening, %s", self.meta_step_count, self.step, self.last_skip_reason,
+                      self.skipped, self.skip_advice())
+
+    def _meta_metrics(self, infos: Sequence[HypergradInfo], norm: float, extra: Mapping[str, float]) -> dict[str, float]:
+        """What a meta-step logs: its samples' diagnostics, the counters and φ as the problem describes it."""
         residuals = [i.solver.residual_norm for i in infos if i.solver.residual_norm is not None]
         metrics = {
             "meta_loss": sum(i.meta_loss for i in infos) / len(infos),
@@ -435,8 +407,7 @@ class MetaPretrainer:
             "solver_relative_residual": _mean_of([i.solver.relative_residual for i in infos]),
             "meta_skipped": float(self.skipped),
             "rejected_heads": float(self.rejected_heads),
-            **catch_up,
-            **capped,
+            **extra,  # the catch-up's loss and the inner-rate cap's figures
         }
         phi = {k: v.detach() for k, v in self.metaparams.items()}
         metrics.update({f"phi/{k}": v for k, v in self.problem.describe_metaparams(phi).items()})
@@ -463,7 +434,7 @@ class MetaPretrainer:
         itself, which counts and announces a cap."""
         if not self.schedule.unroll_steps:
             return self.inner, {}
-        first = self.meta_step_count * self.schedule.meta_batches * max(self.schedule.unroll_steps, 1)
+        first = self.schedule.finetune_index(self.schedule.sample_index(self.meta_step_count, 0), 0)
         theta = {k: v.detach() for k, v in self.params.items()}
         batches = lambda: [view.finetune_batch(first) for view in self.strategy.meta_views(self)]  # noqa: E731
         return self._inner_for(theta, batches, joint=self.schedule.unroll_encoder, count=count)
@@ -514,12 +485,8 @@ class MetaPretrainer:
 
     def _draw_scale(self, direction: Params) -> tuple[float, Params]:
         """α and u = P ⊙ v of the accumulated estimator's draws (P: Adam's scaling, if asked)."""
-        solver = self.estimator.solver
-        alpha = solver.alpha if isinstance(solver, Identity) else _first_lr(self.pt_opt)
-        if self.estimator.adam_preconditioner:
-            precond = adam_preconditioner(self.pt_opt, self.params)
-            direction = {k: v * precond[k] for k, v in direction.items()}
-        return alpha, direction
+        alpha, precond = draw_scale(self.estimator, self.pt_opt, self.params)
+        return alpha, direction if precond is None else {k: v * precond[k] for k, v in direction.items()}
 
     def _mixed_draw(self, view: MetaProblem, batch: Any, direction: Params) -> Params:
         """One draw of the accumulated estimator on a PT batch: −α ∂/∂φ⟨∇θ L_PT(θ, φ; batch), P v⟩."""
@@ -535,33 +502,6 @@ class MetaPretrainer:
         else:
             self._accumulated = {k: self._accumulated[k] + draw[k] for k in draw}
         self._accumulated_count += 1
-
-    def _accumulated_draw(self, view: MetaProblem, meta_loss: Callable[[Params], Tensor],
-                          j: int, *, fresh: bool) -> tuple[Params, HypergradInfo, Params]:
-        """v = ∇θ L_V and the direct term ∂L_V/∂φ, plus, if ``fresh``, one mixed draw on the upcoming
-        PT batch (only when no PT step has drawn since the last meta-step: its two forwards cost
-        about as much as the PT steps' draws of a whole interval)."""
-        theta = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
-        keys_t, keys_p = list(theta), list(self.metaparams)
-        with torch.enable_grad():
-            lv = meta_loss(theta)
-            grads = torch.autograd.grad(lv, [theta[k] for k in keys_t] + [self.metaparams[k] for k in keys_p],
-                                        allow_unused=True)
-        direction = {k: torch.zeros_like(theta[k]) if g is None else g.detach() for k, g in zip(keys_t, grads)}
-        direct = {k: d.detach() for k, d in zip(keys_p, grads[len(keys_t):]) if d is not None}
-        if fresh:
-            batch = view.pretrain_batch(self.step + j)  # the batch pre-training takes next (j: the j-th after)
-            hyper = self._mixed_draw(view, batch, direction)
-            hyper = {k: v + direct[k] if k in direct else v for k, v in hyper.items()}
-        else:  # the PT steps' draws are added in _with_accumulated; φ that L_V does not read stays sparse
-            hyper = {k: direct.get(k) for k in keys_p}
-        norm = math.sqrt(sum(float(torch.sum((v.coalesce().values() if v.is_sparse else v) ** 2))
-                             for v in hyper.values() if v is not None))
-        info = HypergradInfo(solver=SolverInfo(0, None, 0.0, False), meta_loss=float(lv.detach()),
-                             pretrain_loss=float("nan"), norm=norm,
-                             direct_norm=math.sqrt(sum(float(torch.sum(d ** 2)) for d in direct.values())),
-                             finite=math.isfinite(norm))
-        return hyper, info, direction
 
     def _with_accumulated(self, fresh: Params, directions: Sequence[Params]) -> Params:
         """The meta-step's hypergradient: the mean direct term of its validation batches
@@ -767,30 +707,6 @@ def _mean(trees: Sequence[Params]) -> Params:
     return trees[0] if len(trees) == 1 else {k: sum(t[k] for t in trees) / len(trees) for k in trees[0]}
 
 
-def _pt_loss_at(problem: MetaProblem, view: MetaProblem, step: int, sample: int, stride: int):
-    """(θ, φ, t) ↦ L_PT on PT batch step + t (t ≥ 0: upcoming; t < 0: just taken), sample j shifted by j·stride."""
-
-    def loss(theta, phi, t):
-        return problem.pretrain_loss(theta, phi, view.pretrain_batch(pt_batch_index(step, t, sample, stride)))
-
-    return loss
-
-
-def _gauss_newton_at(problem: Any, view: MetaProblem, step: int, sample: int, stride: int, phi: Params):
-    """t ↦ (θ ↦ PT outputs, outputs ↦ PT loss) on the batch :func:`_pt_loss_at` would take, φ fixed."""
-    if not isinstance(problem, GaussNewtonProblem):
-        raise ValueError(f"{type(problem).__name__} has no pretrain_outputs/pretrain_output_loss: Gauss-Newton "
-                         "products need the PT loss as outputs + a loss convex in them; use gauss_newton=False")
-    fixed = {k: v.detach() for k, v in phi.items()}
-
-    def at(t: int):
-        batch = view.pretrain_batch(pt_batch_index(step, t, sample, stride))
-        return (lambda theta: problem.pretrain_outputs(theta, fixed, batch),
-                lambda outputs: problem.pretrain_output_loss(outputs, fixed, batch))
-
-    return at
-
-
 #: L_V this many times its lowest so far marks a diverged fine-tuning head.
 _DIVERGED_FACTOR = 1e3
 
@@ -816,11 +732,6 @@ def _copy(tree: Mapping[str, Tensor] | None, like: Mapping[str, Tensor] | None =
 def _mean_of(values: Sequence[float | None]) -> float:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else float("nan")
-
-
-def _extra_index(step: int, j: int) -> int:
-    """PT batch index for the j-th extra hypergradient sample: past batches, newest first."""
-    return pt_batch_index(step, -1, j)
 
 
 def _first_lr(opt: torch.optim.Optimizer) -> float:

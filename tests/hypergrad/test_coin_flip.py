@@ -79,7 +79,7 @@ def learned_weights(seed: int, *, maximize: bool = False, meta_batches: int = 1,
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),
         meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05, maximize=maximize),
         inner_optimizer=sgd(0.5),
-        schedule=MetaSchedule(meta_interval=5, unroll_steps=1, warmup_steps=40, meta_batches=meta_batches),
+        schedule=MetaSchedule(interval=5, unroll_steps=1, warmup_steps=40, batches=meta_batches),
         **trainer_kwargs,
     )
     trainer.run_until(steps)
@@ -112,7 +112,7 @@ def test_cg_at_negative_curvature_is_used_not_skipped():
         {"task_logits": torch.zeros(N_REAL + N_COIN)},
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),
         meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05), inner_optimizer=sgd(0.5),
-        schedule=MetaSchedule(meta_interval=5, unroll_steps=1, warmup_steps=40),
+        schedule=MetaSchedule(interval=5, unroll_steps=1, warmup_steps=40),
         estimator=Estimator(solver=ConjugateGradient(max_iter=50, damping=0.0)), loggers=[Log()],
     )
     trainer.run_until(100)

@@ -259,7 +259,7 @@ def test_trainer_takes_gauss_newton_products_from_the_problem_or_says_why_not():
     make = lambda p: MetaPretrainer(  # noqa: E731
         p, prob.theta, {"w": torch.zeros(4, 1, dtype=torch.float64)}, prob.phi,
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01), meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.1),
-        inner_optimizer=sgd(0.1), schedule=MetaSchedule(meta_interval=2, warmup_steps=0), estimator=est)
+        inner_optimizer=sgd(0.1), schedule=MetaSchedule(interval=2, warmup_steps=0), estimator=est)
     trainer = make(prob)
     trainer.run_until(4)
     assert trainer.meta_step_count == 2 and trainer.skipped == 0

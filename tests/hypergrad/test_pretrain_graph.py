@@ -137,7 +137,7 @@ def _recording(base):
     return Recording()
 
 
-def _trainer(problem, *, reuse, pt_lr=0.01, schedule=MetaSchedule(meta_interval=3, warmup_steps=4)):
+def _trainer(problem, *, reuse, pt_lr=0.01, schedule=MetaSchedule(interval=3, warmup_steps=4)):
     return MetaPretrainer(
         problem, problem.initial_params(0), problem.initial_head(), problem.initial_metaparams(),
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=pt_lr),
@@ -168,7 +168,7 @@ def test_reusing_trainer_takes_second_derivatives_at_the_pt_step_theta():
     # One meta-step after one PT step: g = dL_V/dθ at θ₁ (after the step), H and the mixed term at
     # θ₀ on batch 0 (the step's own point and batch).
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=2), dtype=torch.float64)
-    t = _trainer(problem, reuse=True, schedule=MetaSchedule(meta_interval=1))
+    t = _trainer(problem, reuse=True, schedule=MetaSchedule(interval=1))
     rec = t.strategy.record
     theta0 = {k: v.detach().clone() for k, v in t.params.items()}
     head0 = {k: v.clone() for k, v in t.head.items()}
@@ -193,7 +193,7 @@ def test_graph_is_dropped_when_the_trainer_state_is_replaced():
     # load_state_dict between the PT step and the meta-step (θ replaced): the meta-step must not
     # use the kept graph, and its hypergradient equals a plain trainer's at the loaded state.
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=3), dtype=torch.float64)
-    sched = MetaSchedule(meta_interval=2)
+    sched = MetaSchedule(interval=2)
     a = _trainer(problem, reuse=True, schedule=sched)
     b = _trainer(problem, reuse=False, schedule=sched)
     for t in (a, b):
@@ -209,7 +209,7 @@ def test_graph_is_dropped_when_the_trainer_state_is_replaced():
 
 def test_graph_kept_only_before_a_meta_step():
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=4), dtype=torch.float64)
-    t = _trainer(problem, reuse=True, schedule=MetaSchedule(meta_interval=3))
+    t = _trainer(problem, reuse=True, schedule=MetaSchedule(interval=3))
     t.pretrain_step()
     assert t.strategy.pt_graph(t) is None  # step 1: no meta-step follows
     t.pretrain_step()

@@ -1,7 +1,7 @@
 """The domains that ship with metapt, found lazily by job name.
 
 Each domain lives in its own folder; its ``job`` module defines ``DOMAIN`` (a
-:class:`metapt.runner.Domain`) and ``CONFIG`` (its pydantic job-config class). Nothing
+:class:`metapt.domain.Domain`) and ``CONFIG`` (its pydantic job-config class). Nothing
 is imported until a job of that name is asked for, so ``metapt --help`` and
 ``metapt config --list`` stay fast, and adding a domain is one line here.
 """
@@ -24,7 +24,7 @@ def job_names() -> list[str]:
 
 
 def domain(job: str) -> Any:
-    """The :class:`metapt.runner.Domain` of a job name."""
+    """The :class:`metapt.domain.Domain` of a job name."""
     return import_module(REGISTRY[job]).DOMAIN
 
 

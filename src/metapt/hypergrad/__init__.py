@@ -1,7 +1,7 @@
 """The math of metapt: pure functions over dict[str, Tensor], no modules, data or I/O."""
 
 from ._tree import tree_dot, tree_norm
-from .accumulate import directional_mixed_term, pretrain_backward_with_mixed_term
+from .accumulate import accumulated_hypergradient, directional_mixed_term, pretrain_backward_with_mixed_term
 from .core import (
     HypergradInfo,
     PretrainGraph,
@@ -15,6 +15,7 @@ from .estimators import (
     adam_preconditioner,
     default_estimator,
     differentiable_pt_optimizer,
+    draw_scale,
     estimate_hypergradient,
     pretrain_lookahead,
     unrolled_pretraining_hypergradient,
@@ -37,12 +38,14 @@ __all__ = [
     "Solver",
     "SolverInfo",
     "Spectrum",
+    "accumulated_hypergradient",
     "adam",
     "adam_preconditioner",
     "default_estimator",
     "directional_mixed_term",
     "pretrain_backward_with_mixed_term",
     "differentiable_pt_optimizer",
+    "draw_scale",
     "estimate_hypergradient",
     "gauss_newton_product",
     "hessian_spectrum",

@@ -26,8 +26,10 @@ import torch
 from torch import Tensor
 
 from ._tree import Params
+from .core import HypergradInfo, differentiable
+from .solvers import SolverInfo
 
-__all__ = ["directional_mixed_term", "pretrain_backward_with_mixed_term"]
+__all__ = ["accumulated_hypergradient", "directional_mixed_term", "pretrain_backward_with_mixed_term"]
 
 
 def _step_size(theta: Mapping[str, Tensor], direction: Mapping[str, Tensor], relative_step: float) -> float:
@@ -152,3 +154,58 @@ def directional_mixed_term(
         for v in flipped:
             v.requires_grad_(False)
     return {k: torch.zeros_like(phi[k]) if g is None else g.detach() for k, g in zip(keys, grads)}
+
+
+def accumulated_hypergradient(
+    pretrain_loss_at: Callable[[Params, Mapping[str, Tensor], int], Tensor],
+    meta_loss: Callable[[Params], Tensor],
+    theta: Mapping[str, Tensor],
+    phi: Mapping[str, Tensor],
+    *,
+    alpha: float,
+    preconditioner: Mapping[str, Tensor] | None = None,
+    fresh: bool = True,
+) -> tuple[dict[str, Tensor | None], HypergradInfo]:
+    """A meta-step sample of the accumulated estimator: its validation direction, its direct term
+    and, if ``fresh``, one mixed-term draw of its own.
+
+        v = ∇θ L_V(θ),   h = ∂L_V/∂φ  [ − α ∂/∂φ ⟨∇θ L_PT(θ, φ; b₀), P ⊙ v⟩  if fresh ]
+
+    with b₀ the upcoming PT batch (``pretrain_loss_at(θ, φ, 0)``). The PT steps' draws against the
+    previous v are added by the caller, which keeps them between meta-steps; ``fresh`` is for a
+    meta-step that no PT step drew for (its two forwards cost about an interval's PT-step draws).
+
+    Args:
+        pretrain_loss_at: ``(θ, φ, t) -> scalar``, L_PT on the t-th upcoming PT batch.
+        meta_loss: ``θ -> scalar``, L_V (may read φ: the direct term).
+        theta: θ (read only).
+        phi: φ, leaf tensors.
+        alpha: α of the one-step hypergradient.
+        preconditioner: P, keyed like θ (Adam's 1/(√v̂ + ε)); None: the identity.
+        fresh: take the mixed-term draw on b₀.
+
+    Returns:
+        ``(h, info)``: h keyed like φ, None for an entry neither L_V nor a draw reaches (so a
+        row-sparse entry stays sparse when the caller adds the PT steps' draws); ``info.direction`` is v.
+    """
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in theta.items()}
+    keys_t, keys_p = list(leaves), list(phi)
+    with differentiable(phi), torch.enable_grad():  # φ may come detached (the diagnostics' copies)
+        lv = meta_loss(leaves)
+        grads = torch.autograd.grad(lv, [leaves[k] for k in keys_t] + [phi[k] for k in keys_p], allow_unused=True)
+    direction = {k: torch.zeros_like(leaves[k]) if g is None else g.detach() for k, g in zip(keys_t, grads)}
+    direct = {k: d.detach() for k, d in zip(keys_p, grads[len(keys_t):]) if d is not None}
+    if fresh:
+        u = direction if preconditioner is None else {k: v * preconditioner[k] for k, v in direction.items()}
+        mixed = directional_mixed_term(lambda th, ph: pretrain_loss_at(th, ph, 0), theta, phi, u)
+        hyper: dict[str, Tensor | None] = {k: -alpha * v for k, v in mixed.items()}
+        hyper = {k: v + direct[k] if k in direct else v for k, v in hyper.items()}
+    else:  # φ that L_V does not read stays None (sparse once the PT steps' draws are added)
+        hyper = {k: direct.get(k) for k in keys_p}
+    norm = math.sqrt(sum(float(torch.sum((v.coalesce().values() if v.is_sparse else v) ** 2))
+                         for v in hyper.values() if v is not None))
+    info = HypergradInfo(solver=SolverInfo(0, None, 0.0, False), meta_loss=float(lv.detach()),
+                         pretrain_loss=float("nan"), norm=norm,
+                         direct_norm=math.sqrt(sum(float(torch.sum(d ** 2)) for d in direct.values())),
+                         finite=math.isfinite(norm), direction=direction)
+    return hyper, info

@@ -37,6 +37,8 @@ class HypergradInfo:
         direct_norm: ‖∂L_V/∂φ‖, the part that does not go through θ.
         finite: every entry of the hypergradient is finite. When False the
             numbers must not be used (the trainer skips the update).
+        direction: v = ∇θ L_V, for the accumulated estimator's PT-step draws until the next
+            meta-step (:func:`metapt.hypergrad.accumulated_hypergradient`); None for the others.
     """
 
     solver: SolverInfo
@@ -45,6 +47,7 @@ class HypergradInfo:
     norm: float
     direct_norm: float
     finite: bool
+    direction: Params | None = None
 
     @property
     def usable(self) -> bool:

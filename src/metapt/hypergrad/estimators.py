@@ -9,9 +9,13 @@ Every estimator answers "how does L_V move if φ moves?" for some horizon of pre
   geometry (``adam_preconditioner``: Identity(α) is then the exact one-step derivative of Adam
   with its moments frozen);
 - truncated horizon (``horizon`` T > 0): reverse-mode through T unrolled PT optimiser steps on
-  the upcoming batches — the exact derivative of the T-step lookahead, memory O(T).
+  the upcoming batches — the exact derivative of the T-step lookahead, memory O(T);
+- accumulated (``accumulate`` k > 0): the one-step mixed term of every k-th PT batch against the
+  last validation direction, averaged by the meta-step (:mod:`metapt.hypergrad.accumulate`).
 
-:class:`Estimator` is the small frozen description the trainer takes (``estimator=``).
+:class:`Estimator` is the small frozen description the trainer takes (``estimator=``);
+:func:`estimate_hypergradient` is the one entry point that computes what it describes (the trainer
+and the diagnostics call it for every kind).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._tree import Params, tree_norm
+from .accumulate import accumulated_hypergradient
 from .core import HypergradInfo, PretrainGraph, check_inputs, check_scalar, differentiable, pretraining_hypergradient
 from .curvature import gauss_newton_product
 from .optim import AdamState, InnerOptimizer, SGDState, adam, sgd
@@ -88,9 +93,12 @@ class Estimator:
                 and not self.accumulate)
 
     def batch_offsets(self) -> list[int]:
-        """Which PT batches L_PT is taken on: t = 0, 1, … upcoming; t = −1, −2, … just taken."""
+        """Which PT batches L_PT is taken on: t = 0, 1, … upcoming; t = −1, −2, … just taken
+        (the accumulated estimator's own draw: the upcoming batch)."""
         if self.horizon:
             return list(range(self.horizon))
+        if self.accumulate:
+            return [0]
         return list(range(self.pt_batches)) if self.upcoming else [-1 - i for i in range(self.pt_batches)]
 
 
@@ -174,6 +182,15 @@ def adam_preconditioner(opt: torch.optim.Optimizer, params: Mapping[str, Tensor]
         c2 = 1 - beta2 ** int(st["step"])
         out[k] = 1.0 / ((st["exp_avg_sq"].detach() / c2).sqrt() + eps)
     return out
+
+
+def draw_scale(estimator: Estimator, pt_opt: torch.optim.Optimizer,
+               opt_params: Mapping[str, Tensor]) -> tuple[float, Params | None]:
+    """α and P of the accumulated estimator's draws −α ∂/∂φ⟨∇θ L_PT, P ⊙ v⟩: α of its Identity
+    solver (else the PT learning rate), P Adam's 1/(√v̂ + ε) if ``adam_preconditioner`` (else None)."""
+    solver = estimator.solver
+    alpha = solver.alpha if isinstance(solver, Identity) else float(pt_opt.param_groups[0]["lr"])
+    return alpha, adam_preconditioner(pt_opt, opt_params) if estimator.adam_preconditioner else None
 
 
 def pretrain_lookahead(
@@ -272,8 +289,10 @@ def estimate_hypergradient(
     opt_params: Mapping[str, Tensor],
     graph: PretrainGraph | None = None,
     gauss_newton_at: Callable[[int], tuple[Callable[[Params], Tensor], Callable[[Tensor], Tensor]]] | None = None,
+    *,
+    fresh: bool = True,
 ) -> tuple[Params, HypergradInfo]:
-    """dL_V/dφ as ``estimator`` describes it.
+    """dL_V/dφ as ``estimator`` describes it: the one entry point for every kind of estimator.
 
     Args:
         estimator: the :class:`Estimator`.
@@ -289,7 +308,14 @@ def estimate_hypergradient(
             estimator takes the past batch.
         gauss_newton_at: ``t ↦ (θ ↦ outputs, outputs ↦ loss)`` on batch t (φ fixed), for
             ``estimator.gauss_newton``; the product is averaged over the estimator's batches.
+        fresh: ``estimator.accumulate``: take the estimator's own mixed-term draw on the upcoming
+            batch (:func:`metapt.hypergrad.accumulated_hypergradient`; its h may then hold None
+            for entries of φ that nothing reached, and ``info.direction`` is v).
     """
+    if estimator.accumulate:
+        alpha, precond = draw_scale(estimator, pt_opt, opt_params)
+        return accumulated_hypergradient(pretrain_loss_at, meta_loss, theta, phi, alpha=alpha,
+                                         preconditioner=precond, fresh=fresh)
     if estimator.horizon:
         optimizer, state = differentiable_pt_optimizer(pt_opt, opt_params)
         return unrolled_pretraining_hypergradient(pretrain_loss_at, meta_loss, theta, phi, optimizer, state,

@@ -18,10 +18,8 @@ from metapt.domains.ecg.data import (
     load_ecg_folder,
     load_ptbxl,
     parse_scp_codes,
-    ptbxl_fold_indices,
-    split_dataset,
-    split_records,
 )
+from metapt.domains.ecg.splits import ptbxl_fold_indices, split_dataset, split_records
 
 FS = 360
 

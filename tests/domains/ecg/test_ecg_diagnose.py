@@ -9,10 +9,11 @@ import math
 
 import pytest
 
-from metapt import diagnostics
+from metapt import run_diagnosis
 from metapt.config import load_config
-from metapt.diagnostics import DiagnoseOptions, diagnose_run
+from metapt.diagnostics import DiagnoseOptions
 from metapt.jobs import execute, start
+from metapt.run_diagnosis import diagnose_run
 from metapt.runs import RunFolder
 
 from ecg_records import write_beat_folder
@@ -26,8 +27,8 @@ KEPT = ("unrolled_T1",)
 
 @pytest.fixture(autouse=True)
 def _own_estimator_only(monkeypatch):
-    every = diagnostics.default_estimators
-    monkeypatch.setattr(diagnostics, "default_estimators",
+    every = run_diagnosis.default_estimators
+    monkeypatch.setattr(run_diagnosis, "default_estimators",
                         lambda pt_lr, horizon: {k: v for k, v in every(pt_lr, horizon).items() if k in KEPT})
 
 

@@ -161,7 +161,7 @@ def test_cap_keeping_positives_leaves_both_classes():
     import numpy as np
     import torch
 
-    from metapt.domains.ecg.splits import _cap_labelled
+    from metapt.domains.ecg.splits import cap_labelled
 
     labels = torch.zeros(300, 1)
     positives = [17, 83, 117, 183, 217, 283]
@@ -175,10 +175,10 @@ def test_cap_keeping_positives_leaves_both_classes():
         test: np.ndarray
 
     split = Split(np.arange(0, 100), np.arange(100, 200), np.arange(200, 300))
-    capped = _cap_labelled(ds, split, cap=10, seed=0, keep_positives=True)
+    capped = cap_labelled(ds, split, cap=10, seed=0, keep_positives=True)
     for group, pos in zip((capped.ft_train, capped.metaval, capped.test), ([17, 83], [117, 183], [217, 283])):
         assert len(group) == 10 and set(pos) <= set(group.tolist())
-    uniform = _cap_labelled(ds, split, cap=10, seed=0)
+    uniform = cap_labelled(ds, split, cap=10, seed=0)
     assert all(len(g) == 10 for g in (uniform.ft_train, uniform.metaval, uniform.test))
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metapt.domains.ecg.data import ECGDataset, load_ecg_folder, split_dataset
+from metapt.domains.ecg.data import ECGDataset, load_ecg_folder
+from metapt.domains.ecg.splits import split_dataset
 
 MITBIH = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mitbih"
 RECORDS = ["100", "102", "104", "105", "106", "108", "114", "116", "121", "123", "200"]

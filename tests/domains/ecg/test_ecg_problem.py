@@ -10,17 +10,16 @@ import torch
 from metapt.domains.ecg.augment import BandNoiseConfig, WarpConfig, band_split
 from metapt.domains.ecg.data import ECGDataset
 from metapt.domains.ecg.models import EncoderConfig
-from metapt.domains.ecg.problem import (
-    ECGProblemConfig,
-    ECGSimCLRProblem,
+from metapt.domains.ecg.problem import ECGProblemConfig, ECGSimCLRProblem
+from metapt.domains.ecg.splits import (
     PTBXLFolds,
     RecordFractions,
     cross_validation_folds,
-    label_subset,
     split_beats_by_record,
     split_beats_cross_validation,
     split_ptbxl_by_fold,
 )
+from metapt.evaluation import label_subset
 from metapt.hypergrad import ConjugateGradient, pretraining_hypergradient, sgd, unrolled_finetune
 from metapt.problem import MetaProblem
 
@@ -260,7 +259,8 @@ def test_ptbxl_split_holds_out_the_test_and_metaval_folds():
         PTBXLFolds(pretrain=(1, 10))
 
 
-def test_label_subset_is_seeded_sized_and_has_both_classes():
+def test_label_subset_of_ecg_labels_is_seeded_sized_and_has_both_classes():
+    """The ECG job draws its label fractions with the runner's metapt.evaluation.label_subset."""
     y = torch.zeros(1000, 1)
     y[:20] = 1
     a, b = label_subset(y, 0.01, seed=3), label_subset(y, 0.01, seed=3)

@@ -8,7 +8,8 @@ import torch
 
 from metapt import MetaPretrainer, MetaSchedule
 from metapt.domains.ecg.data import load_ecg_folder
-from metapt.domains.ecg.problem import ECGProblemConfig, ECGSimCLRProblem, split_ecg
+from metapt.domains.ecg.problem import ECGProblemConfig, ECGSimCLRProblem
+from metapt.domains.ecg.splits import split_ecg
 from metapt.hypergrad import Neumann, sgd
 
 MITBIH = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mitbih"
@@ -47,7 +48,7 @@ def test_meta_steps_on_real_beats_are_finite_and_move_the_warp(mitbih):
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3),
         meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),
         inner_optimizer=sgd(0.1), solver=Neumann(1, alpha=1e-3),
-        schedule=MetaSchedule(meta_interval=2, warmup_steps=2),
+        schedule=MetaSchedule(interval=2, warmup_steps=2),
     )
     trainer.run_until(6)
     assert trainer.meta_step_count == 2 and trainer.skipped == 0

@@ -33,7 +33,7 @@ def _train(problem, steps=250, meta_lr=0.05, frozen=False):
         pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
         meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=meta_lr) if not frozen else torch.optim.SGD(ps, lr=0.0),
         inner_optimizer=sgd(0.1), solver=Neumann(steps=5, alpha=0.01),
-        schedule=MetaSchedule(meta_interval=5, warmup_steps=50),
+        schedule=MetaSchedule(interval=5, warmup_steps=50),
     )
     trainer.run_until(steps)
     return base.describe_metaparams(trainer.metaparams), trainer.params

@@ -11,16 +11,12 @@ from metapt.domains.ecg.data import (
     SUPERCLASSES,
     ECGDataError,
     ECGDataset,
-    RecordSplit,
     detect_layout,
     load_beat_folder,
     load_ecg_folder,
     load_ptbxl,
     parse_scp_codes,
-    ptbxl_fold_indices,
     read_wfdb_record,
-    split_dataset,
-    split_records,
     superclass_labels,
     superclass_map,
 )
@@ -33,6 +29,7 @@ from metapt.domains.ecg.models import (
     ResNet1dEncoder,
     count_parameters,
 )
+from metapt.domains.ecg.splits import RecordSplit, ptbxl_fold_indices, split_dataset, split_records
 
 __all__ = [
     "SUPERCLASSES", "BasicBlock1d", "ClassifierHead", "ECGDataError", "ECGDataset",

@@ -42,7 +42,6 @@ __all__ = [
     "ECGDataError",
     "ECGDataset",
     "SUPERCLASSES",
-    "RecordSplit",
     "detect_layout",
     "load_ecg_folder",
     "load_beat_folder",
@@ -51,9 +50,6 @@ __all__ = [
     "parse_scp_codes",
     "superclass_map",
     "superclass_labels",
-    "split_records",
-    "split_dataset",
-    "ptbxl_fold_indices",
 ]
 
 Layout = Literal["beats", "ptbxl"]
@@ -646,125 +642,3 @@ def load_ptbxl(
         _save_cache(cache, ds)
     ds.info["load_seconds"] = time.perf_counter() - start_time
     return ds
-
-
-def ptbxl_fold_indices(
-    ds: ECGDataset,
-    train_folds: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8),
-    valid_folds: Sequence[int] = (9,),
-    test_folds: Sequence[int] = (10,),
-) -> dict[str, np.ndarray]:
-    """The PTB-XL benchmark split by ``strat_fold``: 1-8 train, 9 validation, 10 test."""
-    if ds.folds is None:
-        raise ValueError("this dataset has no strat_fold (not PTB-XL); use split_dataset")
-    sets = {"train": set(train_folds), "valid": set(valid_folds), "test": set(test_folds)}
-    if (sets["train"] & sets["valid"]) or (sets["train"] & sets["test"]) or \
-            (sets["valid"] & sets["test"]):
-        raise ValueError(f"fold groups overlap: {sets}")
-    return {k: np.flatnonzero(np.isin(ds.folds, sorted(v))) for k, v in sets.items()}
-
-
-# --------------------------------------------------------------------------- splits
-
-
-@dataclass(frozen=True)
-class RecordSplit:
-    """Disjoint groups of patient (record) ids; examples follow their patient."""
-
-    pretrain: tuple[str, ...]
-    finetune: tuple[str, ...]
-    test: tuple[str, ...]
-
-    def groups(self) -> dict[str, tuple[str, ...]]:
-        return {"pretrain": self.pretrain, "finetune": self.finetune, "test": self.test}
-
-    def indices(self, ids: np.ndarray | ECGDataset) -> dict[str, np.ndarray]:
-        """Example indices of each group, given per-example patient ids or a dataset."""
-        ids = ids.patient_ids if isinstance(ids, ECGDataset) else np.asarray(ids)
-        return {k: np.flatnonzero(np.isin(ids, np.array(v, dtype=str)))
-                for k, v in self.groups().items()}
-
-
-def group_sizes(n: int, fractions: Sequence[float]) -> list[int]:
-    """Largest-remainder sizes summing to n; a group with fraction > 0 gets at least one id."""
-    total = float(sum(fractions))
-    raw = [f / total * n for f in fractions]
-    sizes = [int(math.floor(r)) for r in raw]
-    for i in sorted(range(len(raw)), key=lambda i: sizes[i] - raw[i])[: n - sum(sizes)]:
-        sizes[i] += 1
-    for i, f in enumerate(fractions):
-        if f > 0 and sizes[i] == 0:
-            sizes[max(range(len(sizes)), key=lambda j: sizes[j])] -= 1
-            sizes[i] = 1
-    return sizes
-
-
-def split_records(
-    ids: Iterable[str],
-    *,
-    fractions: tuple[float, float, float] = (0.5, 0.25, 0.25),
-    seed: int = 0,
-    positives: Mapping[str, float] | None = None,
-    min_positive_fraction: float = 0.1,
-    max_tries: int = 10_000,
-) -> RecordSplit:
-    """Split patient ids into pre-train / fine-tune / test groups, deterministically from ``seed``.
-
-    Without ``positives`` the split is one seeded permutation, cut by ``fractions`` (a fraction
-    of 0 gives an empty group, so ``(0, 0.7, 0.3)`` splits fine-tune records into FT-train and
-    MetaFT-validation). With ``positives`` (id -> number of positive examples, e.g. PVCs), it is
-    the first seeded permutation whose fine-tune and test groups each hold at least
-    ``min_positive_fraction`` of all positives, so both can train and score a PVC detector
-    (PVCs are concentrated in a few MIT-BIH records: 200, 106 and 116 hold 93 %).
-    """
-    unique = sorted({str(i) for i in ids})
-    if len(fractions) != 3 or any(not math.isfinite(f) or f < 0 for f in fractions) or \
-            sum(fractions) <= 0:
-        raise ValueError(f"fractions must be 3 non-negative numbers, not all 0; got {fractions}")
-    needed = sum(f > 0 for f in fractions)
-    if len(unique) < needed:
-        raise ValueError(f"{len(unique)} records cannot fill {needed} non-empty groups; "
-                         "add records or set some fractions to 0")
-    sizes = group_sizes(len(unique), fractions)
-    rng = np.random.default_rng(seed)
-
-    def cut(order: np.ndarray) -> RecordSplit:
-        a, b = sizes[0], sizes[0] + sizes[1]
-        return RecordSplit(*(tuple(sorted(str(i) for i in order[s:e]))
-                             for s, e in ((0, a), (a, b), (b, len(order)))))
-
-    if positives is None:
-        return cut(rng.permutation(unique))
-    if not 0 <= min_positive_fraction <= 1:
-        raise ValueError(f"min_positive_fraction must be in [0, 1], got {min_positive_fraction}")
-    pos = {i: float(positives.get(i, 0)) for i in unique}
-    total = sum(pos.values())
-    if total <= 0:
-        raise ValueError("no record has any positive example: the test set could not be scored")
-    need = min_positive_fraction * total
-    for _ in range(max_tries):
-        split = cut(rng.permutation(unique))
-        if all(sum(pos[i] for i in group) >= need
-               for group in (split.finetune, split.test) if group):
-            return split
-    raise ValueError(
-        f"no split in {max_tries} seeded draws gives the fine-tune and test groups "
-        f"{min_positive_fraction:.0%} of the {total:g} positives each; lower "
-        f"min_positive_fraction or change fractions"
-    )
-
-
-def split_dataset(
-    ds: ECGDataset,
-    *,
-    fractions: tuple[float, float, float] = (0.5, 0.25, 0.25),
-    seed: int = 0,
-    class_index: int | None = 0,
-    min_positive_fraction: float = 0.1,
-) -> RecordSplit:
-    """:func:`split_records` over the dataset's patients, requiring positives of class
-    ``class_index`` (PVC for the beat layout) in the fine-tune and test groups; ``None`` drops
-    that requirement."""
-    positives = None if class_index is None else ds.positives_per_patient(class_index)
-    return split_records(ds.patient_ids, fractions=fractions, seed=seed, positives=positives,
-                         min_positive_fraction=min_positive_fraction)

@@ -29,10 +29,11 @@ from rich.console import Console
 
 from ...errors import UserError
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig
-from ...runner import Method, Pretraining
+from ...domain import Method, Pretraining
 from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
 from .problem import ECGProblemConfig, ECGSimCLRProblem
-from .splits import DataConfig, carve_valid, data_summary, load_and_split, plot_magnitude, plot_warp_examples
+from .plots import plot_magnitude
+from .splits import DataConfig, carve_valid, data_summary, load_and_split
 
 METHODS = {m.name: m for m in (
     Method("no_pretrain", "no pre-training", pretrain=False, phi="none", variant="plain"),

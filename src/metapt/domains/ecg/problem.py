@@ -26,9 +26,8 @@ mode during fine-tuning" (the paper) holds by construction. ``norm="batch"`` is 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -37,252 +36,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ...errors import DataError  # a ValueError too
 from ...problem import EpochShuffler, LabelledBatches, Params
 from ...schema import schema
 from ...metaparams import AugmentationNetwork, GaussianNoiseScales
 from .augment import BandNoiseConfig, LearnedWarp, WarpConfig, band_split, default_augment
-from .data import ECGDataset, group_sizes, ptbxl_fold_indices
+from .data import ECGDataset
 from .losses import nt_xent
 from .models import EncoderConfig, ProjectionHead, ResNet1dEncoder
+from .splits import ECGSplit
 
 __all__ = [
     "ECGProblemConfig",
     "ECGSimCLRProblem",
-    "ECGSplit",
-    "PTBXLFolds",
     "PretrainBatch",
-    "RecordFractions",
     "SimCLRNet",
-    "label_subset",
-    "cross_validation_folds",
-    "split_beats_by_record",
-    "split_beats_cross_validation",
-    "split_ptbxl_by_fold",
-    "split_ecg",
 ]
 
 
 # --------------------------------------------------------------------------- splits
-
-
-@schema
-class RecordFractions:
-    """Shares of the records (patients) in each group of the beat layout.
-
-    Attributes:
-        pretrain: share of the records whose beats pre-train (SimCLR, no labels).
-        ft_train: share whose labelled beats fine-tune (and give the downstream 'valid' split).
-        metaval: share that makes the MetaFT-validation set of the meta-objective.
-        test: share held out for the test scores.
-    """
-
-    pretrain: float = 0.4
-    ft_train: float = 0.2
-    metaval: float = 0.15
-    test: float = 0.25
-
-    def __post_init__(self) -> None:
-        values = (self.pretrain, self.ft_train, self.metaval, self.test)
-        if any(not math.isfinite(v) or v <= 0 for v in values):
-            raise ValueError(f"RecordFractions: every share must be > 0 (each group needs a record), got {values}")
-
-    def as_tuple(self) -> tuple[float, float, float, float]:
-        return (self.pretrain, self.ft_train, self.metaval, self.test)
-
-
-@schema
-class PTBXLFolds:
-    """PTB-XL's strat_fold groups (already stratified by patient).
-
-    The default follows the paper and the PTB-XL benchmark: pre-train on the unlabelled
-    ECGs of folds 1-8, fine-tune on (a label fraction of) the same folds, MetaFT-validation on
-    fold 9, test on fold 10, which no pre-training, fine-tuning or meta-step ever sees.
-
-    Attributes:
-        pretrain: strat_folds whose ECGs pre-train.
-        ft_train: strat_folds whose labelled ECGs fine-tune.
-        metaval: strat_folds of the MetaFT-validation set.
-        test: strat_folds held out for the test scores.
-    """
-
-    pretrain: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
-    ft_train: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
-    metaval: tuple[int, ...] = (9,)
-    test: tuple[int, ...] = (10,)
-
-    def __post_init__(self) -> None:
-        held_out = set(self.test)
-        if held_out & (set(self.pretrain) | set(self.ft_train) | set(self.metaval)) or set(self.metaval) & (
-            set(self.pretrain) | set(self.ft_train)
-        ):
-            raise ValueError(
-                f"PTBXLFolds: the test folds {self.test} and MetaFT-validation folds {self.metaval} must not be "
-                "used by any other group; choose disjoint folds"
-            )
-
-
-@dataclass(frozen=True)
-class ECGSplit:
-    """Example indices of the four groups, and the records (patients) behind them."""
-
-    pretrain: np.ndarray
-    ft_train: np.ndarray
-    metaval: np.ndarray
-    test: np.ndarray
-    records: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-
-    def groups(self) -> dict[str, np.ndarray]:
-        return {"pretrain": self.pretrain, "ft_train": self.ft_train, "metaval": self.metaval, "test": self.test}
-
-
-def split_beats_by_record(
-    ds: ECGDataset,
-    fractions: RecordFractions = RecordFractions(),
-    *,
-    seed: int = 0,
-    min_positives: int = 20,
-    class_index: int = 0,
-    max_tries: int = 10_000,
-) -> ECGSplit:
-    """Four disjoint groups of records: pre-train, FT-train, MetaFT-validation, test.
-
-    The first seeded permutation of the records whose FT-train, MetaFT-validation and test
-    groups each hold at least ``min_positives`` positives of ``class_index`` (PVCs cluster
-    in a few MIT-BIH records, so an unconstrained split can leave a group without any).
-    """
-    unique = sorted({str(p) for p in ds.patient_ids})
-    if len(unique) < 4:
-        raise DataError(f"{len(unique)} records cannot fill 4 disjoint groups; the beat layout needs at least 4")
-    sizes = group_sizes(len(unique), fractions.as_tuple())
-    positives = ds.positives_per_patient(class_index)
-    rng = np.random.default_rng(seed)
-    for _ in range(max_tries):
-        order = [str(r) for r in rng.permutation(unique)]
-        bounds = np.cumsum([0, *sizes])
-        groups = [tuple(sorted(order[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
-        if all(sum(positives.get(r, 0) for r in g) >= min_positives for g in groups[1:]):
-            names = ("pretrain", "ft_train", "metaval", "test")
-            index = {n: np.flatnonzero(np.isin(ds.patient_ids, np.array(g, dtype=str))) for n, g in zip(names, groups)}
-            return ECGSplit(**index, records=dict(zip(names, groups)))
-    raise DataError(
-        f"no split of the {len(unique)} records in {max_tries} seeded draws gives FT-train, MetaFT-validation and "
-        f"test {min_positives} positives each (positives per record: {positives}); lower min_positives or "
-        "change the record fractions"
-    )
-
-
-def cross_validation_folds(ds: ECGDataset, folds: int, *, seed: int = 0, class_index: int = 0) -> list[tuple[str, ...]]:
-    """Every record in exactly one of ``folds`` test folds, the positives spread evenly.
-
-    Records are dealt in snake order (0…K−1, K−1…0, …) from most to fewest positives (a
-    seeded draw breaks ties), so each fold gets one of the records that hold most positives
-    and every fold can be scored. A fold without positives is an error: AUROC needs both classes.
-    """
-    unique = sorted({str(p) for p in ds.patient_ids})
-    if not 2 <= folds <= len(unique) - 2:
-        raise DataError(f"data.cv_folds must be between 2 and {len(unique) - 2} with {len(unique)} records "
-                         f"(the other folds must fill FT-train and MetaFT-validation), got {folds}")
-    positives = ds.positives_per_patient(class_index)
-    tiebreak = np.random.default_rng(seed).permutation(len(unique))
-    order = sorted(range(len(unique)), key=lambda i: (-positives.get(unique[i], 0), tiebreak[i]))
-    groups: list[list[str]] = [[] for _ in range(folds)]
-    for rank, i in enumerate(order):
-        lap, pos = divmod(rank, folds)
-        groups[pos if lap % 2 == 0 else folds - 1 - pos].append(unique[i])
-    empty = [k for k, g in enumerate(groups) if sum(positives.get(r, 0) for r in g) == 0]
-    if empty:
-        raise DataError(f"data.cv_folds={folds}: test fold(s) {empty} would hold no positives (positives per "
-                         f"record: {positives}); choose fewer folds")
-    return [tuple(sorted(g)) for g in groups]
-
-
-def split_beats_cross_validation(
-    ds: ECGDataset,
-    folds: int,
-    fold: int,
-    fractions: RecordFractions = RecordFractions(),
-    *,
-    seed: int = 0,
-    min_positives: int = 20,
-    class_index: int = 0,
-    max_tries: int = 10_000,
-) -> ECGSplit:
-    """Test on fold ``fold`` of :func:`cross_validation_folds`; pre-train on every other record.
-
-    Self-supervised pre-training reads no labels, so it takes every record not tested
-    (FT-train's and MetaFT-validation's too). The other records are split by record between
-    FT-train and MetaFT-validation in the ratio of ``fractions``, the first seeded
-    permutation that gives each ``min_positives`` positives.
-    """
-    groups = cross_validation_folds(ds, folds, seed=seed, class_index=class_index)
-    if not 0 <= fold < folds:
-        raise ValueError(f"data.cv_fold must be in [0, {folds}), got {fold}")
-    test = groups[fold]
-    rest = sorted(r for g in groups for r in g if r not in test)
-    n_meta = min(len(rest) - 1, max(1, round(len(rest) * fractions.metaval / (fractions.ft_train + fractions.metaval))))
-    positives = ds.positives_per_patient(class_index)
-    rng = np.random.default_rng(seed * 1009 + fold)
-    for _ in range(max_tries):
-        order = [str(r) for r in rng.permutation(rest)]
-        metaval, ft_train = tuple(sorted(order[:n_meta])), tuple(sorted(order[n_meta:]))
-        if all(sum(positives.get(r, 0) for r in g) >= min_positives for g in (ft_train, metaval)):
-            records = {"pretrain": tuple(rest), "ft_train": ft_train, "metaval": metaval, "test": test}
-            index = {n: np.flatnonzero(np.isin(ds.patient_ids, np.array(g, dtype=str))) for n, g in records.items()}
-            return ECGSplit(**index, records=records)
-    raise DataError(
-        f"cross-validation fold {fold}: no split of the other {len(rest)} records in {max_tries} seeded draws gives "
-        f"FT-train and MetaFT-validation {min_positives} positives each (positives per record: {positives}); lower "
-        "data.min_positives"
-    )
-
-
-def split_ptbxl_by_fold(ds: ECGDataset, folds: PTBXLFolds = PTBXLFolds()) -> ECGSplit:
-    """The four groups from PTB-XL's ``strat_fold`` (see :class:`PTBXLFolds`)."""
-    idx = ptbxl_fold_indices(ds, folds.ft_train, folds.metaval, folds.test)
-    pretrain = np.flatnonzero(np.isin(ds.folds, folds.pretrain))
-    groups = {"pretrain": pretrain, "ft_train": idx["train"], "metaval": idx["valid"], "test": idx["test"]}
-    records = {name: tuple(sorted({str(p) for p in ds.patient_ids[i]})) for name, i in groups.items()}
-    split = ECGSplit(**groups, records=records)
-    for name, i in split.groups().items():
-        if len(i) == 0:
-            raise DataError(f"PTB-XL group {name!r} is empty with folds {folds}; choose folds present in the data")
-    return split
-
-
-def split_ecg(
-    ds: ECGDataset,
-    fractions: RecordFractions = RecordFractions(),
-    folds: PTBXLFolds = PTBXLFolds(),
-    *,
-    seed: int = 0,
-    min_positives: int = 20,
-) -> ECGSplit:
-    """By record for the beat layout, by strat_fold for PTB-XL (the dataset's own ``layout``)."""
-    if ds.folds is not None:
-        return split_ptbxl_by_fold(ds, folds)
-    return split_beats_by_record(ds, fractions, seed=seed, min_positives=min_positives)
-
-
-def label_subset(labels: Tensor, fraction: float, seed: int, min_examples: int = 8) -> np.ndarray:
-    """A seeded ``fraction`` of the examples (at least ``min_examples``), sorted indices.
-
-    Uniform, then topped up with one positive and one negative of every class that has both
-    in the pool but not in the sample: BCE fine-tuning and AUROC model selection need both.
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
-    n = labels.shape[0]
-    k = min(n, max(min_examples, int(round(fraction * n))))
-    rng = np.random.default_rng(seed)
-    chosen = set(rng.choice(n, size=k, replace=False).tolist())
-    y = labels.reshape(n, -1).numpy() > 0.5
-    for c in range(y.shape[1]):
-        for value in (True, False):
-            pool = np.flatnonzero(y[:, c] == value)
-            if len(pool) and not any(y[i, c] == value for i in chosen):
-                chosen.add(int(rng.choice(pool)))
-    return np.array(sorted(chosen), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- the problem

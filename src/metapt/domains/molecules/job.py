@@ -25,7 +25,7 @@ from rich.console import Console
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig, mean_ci95
 from ...metaparams import GaussianNoiseScales, LabelFlipRates, TaskWeights, weights_from_logits
 from ...plots import plot_hbars
-from ...runner import Method, Pretraining
+from ...domain import Method, Pretraining
 from ...schema import MAX_SEED, CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
 from .data import target_name
 from .models import GINEncoder

@@ -18,7 +18,7 @@ from torch import nn
 
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig
 from ...plots import plot_bars
-from ...runner import Method, Pretraining
+from ...domain import Method, Pretraining
 from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, SolverConfig, check_device, check_job, schema
 from .problem import SyntheticConfig, SyntheticTaskWeighting
 
