@@ -57,7 +57,8 @@ class Estimator:
             in them (:class:`GaussNewtonProblem`).
         accumulate: k > 0: the accumulated estimator (:mod:`metapt.hypergrad.accumulate`): every
             k-th PT step adds its one-step mixed term −α ∂/∂φ⟨∇θ L_PT, P v⟩ against the latest
-            validation direction v, and each meta-step averages them with one fresh draw; the
+            validation direction v, and each meta-step averages them (a draw of its own only
+            when no PT step drew since the last meta-step); the
             solver must be None or :class:`Identity` (its α; None: the PT learning rate), and
             ``adam_preconditioner`` sets P. 0: one draw per meta-step (every other estimator).
     """
