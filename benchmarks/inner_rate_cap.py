@@ -43,6 +43,7 @@ class _Curvatures:
 
 def measure(preset: str, data_dir: str | None) -> list[dict]:
     overrides = [f"data_dir={data_dir}"] if preset.startswith("ecg") and data_dir else []
+    overrides.append("meta.inner_lr_cap=auto")  # measured where it binds, whatever the job's default
     config = load_config(preset, overrides)
     d = domain(config.job)
     setting = d.settings(config)[0]

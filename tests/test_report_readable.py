@@ -14,15 +14,18 @@ from typer.testing import CliRunner
 
 from metapt.cli import app
 
+from ecg_records import write_beat_folder
+
 runner = CliRunner()
 RAW_KEYS = re.compile(r"^(pt_loss|meta_loss|hypergrad_norm|solver_residual|phi/)")
 
 
-@pytest.fixture(scope="module", params=["synthetic", "molecules-test"])
+@pytest.fixture(scope="module", params=["synthetic", "molecules-test", "ecg-quick"])
 def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / request.param
     overrides = {"synthetic": ["--set", "pretrain.steps=150", "--set", "evaluation.seeds=2"],
-                 "molecules-test": ["--set", "methods=[no_pretrain, uniform, meta_task_weights]"]}[request.param]
+                 "molecules-test": ["--set", "methods=[no_pretrain, uniform, meta_task_weights]"],
+                 "ecg-quick": ["--data", str(write_beat_folder(tmp_path_factory.mktemp("beats")))]}[request.param]
     res = runner.invoke(app, ["run", request.param, "--out", str(out), "--threads", "1", *overrides])
     assert res.exit_code == 0, res.output
     return out
@@ -75,17 +78,24 @@ def test_learned_phi_is_a_named_table_not_a_json_dump(run):
     page = (run / "report.html").read_text()
     section = page.split("<h2>Learned meta-parameters</h2>", 1)[1].split("<h2>", 1)[0]
     assert "<table class='phi'>" in section and "<pre>" not in section
-    assert "meta_task_weights" in section
+    if run.name == "ecg-quick":
+        assert "simclr_meta_warp" in section and "magnitude" in section
+    else:
+        assert "meta_task_weights" in section
     if "molecules" in run.name:
         assert "CHEMBL" in section  # task weights by target name
-    else:
+    elif run.name == "synthetic":
         assert "helpful weight" in section and "noise weight" in section
 
 
 def test_each_section_opens_with_a_verdict_line(run):
     page = (run / "report.html").read_text()
     results = page.split("<h2>Results</h2>", 1)[1].split("<h2>", 1)[0]
-    assert re.search(r"<p class='verdict'>Verdict, \w+ \(paired 95 % CIs\): meta task weights − uniform weights: "
+    gain = "SimCLR \\+ meta warp − SimCLR" if run.name == "ecg-quick" else "meta task weights − uniform weights"
+    assert re.search(rf"<p class='verdict'>Verdict, \w+ \(paired 95 % CIs\): {gain}: "
                      r"(better|worse|indistinguishable)", results), results[:500]
     learned = page.split("<h2>Learned meta-parameters</h2>", 1)[1].split("<h2>", 1)[0]
-    assert re.search(r"<p class='verdict'>task weights span [\d.]+ to [\d.]+", learned)
+    if run.name == "ecg-quick":  # a few named scalars, no weights: the table says it all, and no weights note
+        assert "magnitude" in learned and "1 is uniform" not in learned
+    else:
+        assert re.search(r"<p class='verdict'>task weights span [\d.]+ to [\d.]+", learned)

@@ -82,7 +82,7 @@ def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], path: str | Path, 
         axes[-1, 0].annotate(notes, xy=(0.5, 0), xycoords="axes fraction", xytext=(0, -36), textcoords="offset points",
                              ha="center", va="top", fontsize=7, wrap=True)
     fig.tight_layout()
-    return _save(fig, path, constant={k: v for k, v in constant.items()})
+    return save_figure(fig, path, constant={k: v for k, v in constant.items()})
 
 
 def plot_bars(
@@ -139,7 +139,7 @@ def plot_bars(
     ax.grid(axis="y", alpha=0.3)
     if title:
         ax.set_title(title)
-    return _save(fig, path, means={name: [m for m, _ in values] for name, values in series.items()})
+    return save_figure(fig, path, means={name: [m for m, _ in values] for name, values in series.items()})
 
 
 def plot_hbars(
@@ -171,7 +171,7 @@ def plot_hbars(
     ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def axes_record(fig, **extra) -> dict:
@@ -190,7 +190,8 @@ def axes_record(fig, **extra) -> dict:
     return {"axes": axes, "suptitle": fig._suptitle.get_text() if fig._suptitle else "", **extra}
 
 
-def _save(fig, path: str | Path, **extra) -> Path:
+def save_figure(fig, path: str | Path, **extra) -> Path:
+    """Save and close ``fig`` with its :func:`axes_record` in the PNG (every figure a report shows)."""
     import json
 
     fig.tight_layout()

@@ -65,8 +65,10 @@ def write_report(folder: RunFolder) -> Path:
     learned = {setting: res["learned"] for setting, res in summary.get("settings", {}).items() if res.get("learned")}
     if learned:
         parts.append("<h2>Learned meta-parameters</h2>")
-        parts.append("<p class='muted'>φ at the end of pre-training, per setting and method (task weights: "
-                     "1 is uniform).</p>")
+        weights = any("weight" in k for by_method in learned.values() for v in by_method.values()
+                      if isinstance(v, dict) for k in v)
+        parts.append("<p class='muted'>φ at the end of pre-training, per setting and method"
+                     + (" (task weights: 1 is uniform)" if weights else "") + ".</p>")
         for setting, by_method in learned.items():
             for method, value in by_method.items():
                 parts.append(f"<h3>{html.escape(setting)} · {html.escape(method)}</h3>")

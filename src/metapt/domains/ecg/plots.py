@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ...metrics import read_jsonl
+from ...plots import save_figure
 from ...problem import Params
 from .problem import ECGSimCLRProblem
 
@@ -34,9 +35,7 @@ def plot_warp_examples(problem: ECGSimCLRProblem, phi: Params, path: Path) -> No
     for ax in axes[1]:
         ax.set_xlabel("sample")
     fig.suptitle(f"Beats and one draw of the learned warp (magnitude {float(phi['log_magnitude'].exp()):.4f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_magnitude(metrics: Path, path: Path) -> None:
@@ -56,6 +55,4 @@ def plot_magnitude(metrics: Path, path: Path) -> None:
     ax[1].set_ylabel("mean |displacement| (samples)")
     for a in ax:
         a.set_xlabel("pre-training step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

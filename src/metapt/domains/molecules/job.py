@@ -122,7 +122,10 @@ class MoleculesJob:
     data: MoleculesDataConfig = MoleculesDataConfig()
     model: GINConfig = GINConfig()
     pretrain: PretrainConfig = PretrainConfig()
-    meta: MetaConfig = MetaConfig()
+    # inner_lr_cap off: on this job the cap never bound (λ·inner_lr at most 1.58 against its 1.9;
+    # benchmarks/results/inner_rate_cap.md) and its λ estimates cost 0.13–0.18× of plain
+    # pre-training (noise_control_cost_inner_cap.md); a diverging head is still detected and named
+    meta: MetaConfig = MetaConfig(inner_lr_cap="off")
     #: starting values of the noise models of meta_label_noise / meta_feature_noise
     noise: NoiseModelConfig = NoiseModelConfig()
     evaluation: EvalConfig = EvalConfig(
