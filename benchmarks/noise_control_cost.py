@@ -52,7 +52,11 @@ def main() -> None:
     ap.add_argument("--allow-dirty", action="store_true")
     args = ap.parse_args()
     prov = provenance(args.allow_dirty) if args.out else None
-    options = {o: OPTIONS[o] for o in args.options.split(";") if o} if args.options else OPTIONS
+    chosen = [o.strip() for o in args.options.split(";") if o.strip()] or list(OPTIONS)
+    unknown = [o for o in chosen if o not in OPTIONS]
+    if unknown:
+        raise SystemExit(f"unknown options {unknown}; choose from {list(OPTIONS)}")
+    options = {o: OPTIONS[o] for o in chosen}
     torch.set_num_threads(1)
     started = time.perf_counter()
     base = ["device=cpu", "meta.warmup_steps=20", "pretrain.steps=100000"]
