@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from metapt.config import load_config, to_yaml
+from metapt.jobs import execute
+from metapt.runs import RunFolder
 from metapt.schema import jsonable  # strict JSON: NaN (a CI over one seed, a cost not measured) → null
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +34,45 @@ def provenance(allow_dirty: bool = False) -> dict[str, Any]:
         raise SystemExit("uncommitted changes: commit first, so the results record the code that made them "
                          "(or pass --allow-dirty for a development run, marked as such)")
     return {"command": " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
-            "commit": git("rev-parse", "HEAD"), "dirty": dirty,
+            "commit": git("rev-parse", "HEAD"), "dirty": dirty, **preregistration(git),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                         "threads": torch.get_num_threads()}}
+
+
+def preregistration(git) -> dict[str, Any]:
+    """For a run named ``--tag prereg_*``: the pre-registration's commit and what src/ changed since."""
+    args = sys.argv[1:]
+    tags = [b for a, b in zip(args, args[1:]) if a == "--tag"] + [a[6:] for a in args if a.startswith("--tag=")]
+    if not any(t.startswith("prereg") for t in tags):
+        return {}
+    commit = git("log", "-1", "--format=%H", "--", "benchmarks/preregistration.md")
+    return {"preregistration_commit": commit,
+            "src_changes_since_preregistration": git("diff", "--stat", f"{commit}..HEAD", "--", "src")}
+
+
+def run_or_reuse(path: Path, config: Any, commit: str) -> dict[str, Any]:
+    """The summary of ``config`` in ``path``: reused if finished with this config, resumed if interrupted.
+
+    A new run notes ``commit`` in the folder (``made_at_commit``), so a table built from reused runs
+    can say which code made each of them; a folder with another config is replaced."""
+    text = to_yaml(config)
+    if (path / "config.yaml").is_file() and (path / "config.yaml").read_text() == text:
+        if (path / "summary.json").is_file():
+            print(f"reusing the finished run in {path}", file=sys.stderr)
+            return json.loads((path / "summary.json").read_text())
+        folder = RunFolder.open(path)
+        if folder.checkpoints():
+            print(f"resuming the run in {path} from its newest checkpoint", file=sys.stderr)
+            return execute(folder, load_config(folder.config_file), resume=True)
+    folder = RunFolder.create(path, text, overwrite=True)
+    (folder.path / "made_at_commit").write_text(commit + "\n")
+    return execute(folder, config)
+
+
+def made_at(path: Path) -> str | None:
+    """The commit that made the run in ``path`` (None for runs made before the note existed)."""
+    note = path / "made_at_commit"
+    return note.read_text().strip() if note.is_file() else None
 
 
 def write(name: str, result: dict[str, Any], markdown: str) -> None:

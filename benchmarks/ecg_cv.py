@@ -27,12 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from _results import ROOT, provenance, write
+from _results import ROOT, made_at, provenance, run_or_reuse, write
 
-from metapt.config import load_config, to_yaml
+from metapt.config import load_config
 from metapt.evaluation import mean_ci95
-from metapt.jobs import execute
-from metapt.runs import RunFolder
 
 #: table rows: (key, label); "fixed_best" is the grid's pick by validation, per fold
 ROWS = (("no_pretrain", "no pre-training"), ("simclr", "SimCLR (default augmentations)"),
@@ -45,29 +43,6 @@ GAINS = (("simclr_meta_warp", "simclr"), ("simclr_meta_warp", "simclr_fixed_warp
 LABELS = {"no_pretrain": "no pre-training", "simclr": "SimCLR", "simclr_fixed_warp": "SimCLR + fixed warp",
           "simclr_meta_warp": "SimCLR + meta warp", "simclr_meta_noise": "SimCLR + meta noise",
           "simclr_fixed_noise": "SimCLR + fixed noise"}
-
-
-def run_or_reuse(path: Path, config: Any, commit: str) -> dict[str, Any]:
-    """The summary of ``config`` in ``path``: reused if finished with this config, resumed if interrupted.
-
-    A new run notes ``commit`` in the folder (``made_at_commit``), so a table built from reused folds
-    can say which code made each of them."""
-    text = to_yaml(config)
-    if (path / "config.yaml").is_file() and (path / "config.yaml").read_text() == text:
-        if (path / "summary.json").is_file():
-            return json.loads((path / "summary.json").read_text())
-        folder = RunFolder.open(path)
-        if folder.checkpoints():
-            return execute(folder, load_config(folder.config_file), resume=True)
-    folder = RunFolder.create(path, text, overwrite=True)
-    (folder.path / "made_at_commit").write_text(commit + "\n")
-    return execute(folder, config)
-
-
-def made_at(path: Path) -> str | None:
-    """The commit that made the run in ``path`` (None for runs made before the note existed)."""
-    note = path / "made_at_commit"
-    return note.read_text().strip() if note.is_file() else None
 
 
 def fold_scores(summary: dict[str, Any], method: str) -> dict[str, dict[str, dict[str, float]]]:

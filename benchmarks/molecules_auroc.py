@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/molecules_auroc.py --set meta.lr=0.1 --tag lr0.1
 
 Writes benchmarks/results/molecules_auroc[_TAG].json and .md (summary, command, commit,
-machine); the run folder goes to runs/ (git-ignored).
+machine); the run folder goes to runs/ (git-ignored). A re-run with the same config reuses a finished
+run and resumes an interrupted one from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import argparse
 
 import torch
 
-from _results import ROOT, provenance, write
+from _results import ROOT, provenance, run_or_reuse, write
 
 from metapt.config import load_config
-from metapt.jobs import execute
-from metapt.runs import RunFolder
 
 
 def main() -> None:
@@ -33,9 +32,9 @@ def main() -> None:
     source = provenance(args.allow_dirty)
     config = load_config(args.preset, [f"data.settings=[{args.settings}]", *args.set])
     name = "molecules_auroc" + (f"_{args.tag}" if args.tag else "")
-    folder = RunFolder.create(ROOT / "runs" / name, "job: molecules\n", overwrite=True)
-    summary = execute(folder, config)
-    md = (folder.path / "summary.md").read_text() + f"\nCommand: `{source['command']}` at commit {source['commit']}.\n"
+    path = ROOT / "runs" / name
+    summary = run_or_reuse(path, config, source["commit"])
+    md = (path / "summary.md").read_text() + f"\nCommand: `{source['command']}` at commit {source['commit']}.\n"
     write(name, {**source, **summary}, md)
 
 
