@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from metapt.evaluation import FinetuneConfig, finetune_and_score, masked_auroc, mean_ci95
+from metapt.evaluation import FinetuneConfig, finetune_and_score, holm, masked_auroc, mean_ci95, t_test
 from metapt.losses import masked_bce
 
 
@@ -32,6 +32,28 @@ def test_mean_ci95_is_the_t_interval():
     mean, half = mean_ci95(x)
     lo, hi = stats.t.interval(0.95, 4, loc=np.mean(x), scale=stats.sem(x))
     assert mean == pytest.approx(np.mean(x)) and half == pytest.approx((hi - lo) / 2)
+
+
+def test_t_test_matches_scipy_at_any_confidence():
+    d = [0.012, -0.004, 0.031, 0.008, 0.019, 0.002]
+    res = stats.ttest_1samp(d, 0.0)
+    for confidence in (0.95, 1 - 0.05 / 12):
+        got = t_test(d + [float("nan")], confidence)
+        lo, hi = stats.t.interval(confidence, 5, loc=np.mean(d), scale=stats.sem(d))
+        assert got["n"] == 6 and got["p"] == pytest.approx(res.pvalue)
+        assert got["mean"] == pytest.approx(np.mean(d)) and got["half_width"] == pytest.approx((hi - lo) / 2)
+    assert math.isnan(t_test([0.1])["p"])
+
+
+def test_holm_known_answers():
+    # sorted p 0.005, 0.01, 0.03, 0.04 -> 4p, 3p, 2p, 1p = 0.02, 0.03, 0.06, 0.04 -> running max
+    got = holm([0.01, 0.04, 0.03, 0.005])
+    assert [g["p_adjusted"] for g in got] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert [g["reject"] for g in got] == [True, False, False, True]
+    assert [g["level"] for g in got] == pytest.approx([0.05 / 3, 0.05, 0.05 / 2, 0.05 / 4])
+    # step-down: 0.04 is below its own step's level 0.05, but 0.03 failed at 0.025 first
+    assert [g["reject"] for g in holm([0.03, 0.04])] == [False, False]
+    assert holm([float("nan"), 0.001])[0]["p_adjusted"] == 1.0
 
 
 def test_masked_bce_ignores_missing_labels():

@@ -65,6 +65,34 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(half)
 
 
+def t_test(diffs: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Paired differences against 0: mean, SD, n, the half-width of the two-sided Student-t CI at
+    ``confidence`` and the two-sided p-value (NaN below 2 finite values)."""
+    x = np.asarray([v for v in diffs if v is not None and math.isfinite(v)], dtype=float)
+    out = {"mean": float(x.mean()) if x.size else math.nan, "sd": math.nan, "n": int(x.size),
+           "half_width": math.nan, "p": math.nan}
+    if x.size >= 2:
+        sd = float(x.std(ddof=1))
+        se = sd / math.sqrt(x.size)
+        out.update(sd=sd, half_width=float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * se),
+                   p=float(2 * stats.t.sf(abs(out["mean"]) / se, x.size - 1)) if se > 0 else float(out["mean"] == 0))
+    return out
+
+
+def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[dict[str, Any]]:
+    """Holm's step-down correction, per hypothesis in the given order: its step's level
+    (α / (m − rank)), the adjusted p-value (monotone in rank) and whether it is rejected
+    (adjusted p ≤ α: every smaller p was rejected at its own step). A NaN p counts as 1."""
+    p = [1.0 if v is None or not math.isfinite(v) else float(v) for v in pvalues]
+    m = len(p)
+    out: list[dict[str, Any]] = [{} for _ in p]
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p[j])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = {"rank": rank + 1, "level": alpha / (m - rank), "p_adjusted": running, "reject": running <= alpha}
+    return out
+
+
 def seed_agreement(vectors: Sequence[Sequence[float]]) -> dict[str, float]:
     """How far runs with different seeds learned the same φ: Spearman ρ of their entries.
 
