@@ -20,7 +20,6 @@ Writes benchmarks/results/ecg_cv[_TAG].json and .md (command, commit, machine).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any

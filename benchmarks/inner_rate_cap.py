@@ -25,7 +25,8 @@ from rich.console import Console
 from _results import provenance, write
 from metapt.config import load_config
 from metapt.domains import domain
-from metapt.runner import _placed, build_trainer
+from metapt.devices import place
+from metapt.runner import build_trainer
 from metapt.trainer import _INNER_RATE_BOUND, _INNER_RATE_CAP
 
 
@@ -54,7 +55,7 @@ def measure(preset: str, data_dir: str | None) -> list[dict]:
         if method.phi != "learned" or not method.pretrain:
             continue
         seed = config.pretrain.seed
-        built = _placed(d.pretraining(config, data, method, seed, torch.device("cpu")), torch.device("cpu"))
+        built = place(d.pretraining(config, data, method, seed, torch.device("cpu")), torch.device("cpu"))
         trainer = build_trainer(built, config, method, seed)
         record = _Curvatures()
         trainer.loggers.append(record)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch

@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
-import time
 
 from _results import provenance, write
 

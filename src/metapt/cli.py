@@ -44,9 +44,6 @@ ThreadsOption = Annotated[Optional[int], typer.Option(
                              "one thread is many times faster than oversubscribed cores.")]
 
 
-MAX_PEER_TIMEOUT = 10_000_000  # minutes; a timedelta holds up to 1.4e15
-
-
 class _UserError(UserError):
     """A failure of the command line itself whose message is the whole story."""
 
@@ -133,7 +130,9 @@ def _guarded_run(debug: bool, action, folder_of):
         where = f" ({err.filename})" if err.filename else ""
         _fail(_one_line(f"{err.strerror}{where}; {resume_hint()}"))
     except RuntimeError as err:  # torch.distributed's DistBackendError included
-        if debug or not _is_peer_timeout(err):
+        from .distributed import is_peer_timeout
+
+        if debug or not is_peer_timeout(err):
             raise
         _fail(_one_line(f"another process of this torchrun job stopped responding (no reply within --peer-timeout): "
                         f"{str(err)[:200]}; {resume_hint()}"), 4)
@@ -145,63 +144,9 @@ def _guarded_run(debug: bool, action, folder_of):
         _fail(f"interrupted; {resume_hint()}", 130)
 
 
-def _is_peer_timeout(err: BaseException) -> bool:
-    """A collective (gloo or NCCL) that gave up waiting for another process."""
-    text = str(err).lower()
-    return "timed out" in text or "timeout" in text and ("gloo" in text or "nccl" in text or "collective" in text)
-
-
 def _one_line(message: str, limit: int = 2000) -> str:
     message = " ".join(message.split())
     return message if len(message) <= limit else message[: limit - 30] + f" … ({len(message):,} characters)"
-
-
-def _distributed(debug: bool, device: str = "cpu", peer_timeout: float = 30.0):
-    """The torchrun process group when launched by torchrun, else a one-process context.
-
-    NCCL (process r on ``cuda:LOCAL_RANK``) when the config's ``device`` is CUDA (``auto`` on a
-    machine with CUDA), gloo on CPU; every process evaluates after pre-training, and the timeout
-    must cover the longest skew between processes (``--peer-timeout`` minutes; a stalled peer
-    then stops the run with a message instead of hanging for hours).
-    """
-    import datetime
-    import math
-
-    from .distributed import init_distributed
-
-    if not math.isfinite(peer_timeout) or peer_timeout > MAX_PEER_TIMEOUT:
-        raise _UserError(f"--peer-timeout must be a finite number of minutes, at most {MAX_PEER_TIMEOUT:,} "
-                         f"(about {MAX_PEER_TIMEOUT // 525_600} years), got {peer_timeout}")
-    cuda = device.startswith("cuda") or device == "auto" and _cuda_available()
-    return init_distributed("nccl" if cuda else "gloo", debug=debug, timeout=datetime.timedelta(minutes=peer_timeout))
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _on_main(ctx, fn):
-    """``fn()`` on rank 0 only; every process gets its result, or raises its error (rank 0 the
-    error itself; the others a :class:`UserError` with its message, or a RuntimeError for a crash)."""
-    if not ctx.distributed:
-        return fn()
-    import torch.distributed as torch_dist
-
-    box: list = [None, None, False]
-    error = None
-    if ctx.is_main:
-        try:
-            box = [fn(), None, False]
-        except Exception as err:  # noqa: BLE001 (re-raised on every process below)
-            error, box = err, [None, str(err), isinstance(err, UserError)]
-    torch_dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    if box[1] is not None:
-        raise (_UserError if box[2] else RuntimeError)(box[1] if box[2] else f"rank 0 failed: {box[1]}")
-    return box[0]
 
 
 def _threads(threads: int | None) -> None:
@@ -259,20 +204,21 @@ def run(
 
     def action():
         from .config import load_config
+        from .distributed import launch, on_main
         from .jobs import execute, start
         from .runs import RunFolder
 
         extra = [f"data_dir={data.expanduser().resolve()}"] if data is not None else []  # eval may run elsewhere
         resolved = load_config(config, [*overrides, *extra])
         _threads(threads)
-        with _distributed(debug, resolved.device, peer_timeout) as ctx:
+        with launch(resolved.device, peer_timeout, debug=debug) as ctx:
             default = Path("runs") / f"{resolved.job}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
 
             def create():
                 holder["folder"] = start(resolved, out or default, overwrite=overwrite)
                 return str(holder["folder"].path)
 
-            path = _on_main(ctx, create)
+            path = on_main(ctx, create)
             folder = holder.setdefault("folder", RunFolder(path))  # every rank: where its checkpoints are
             if ctx.is_main:
                 err_console.print(f"run folder: {folder.path}")
@@ -311,6 +257,7 @@ def resume(
 
     def action():
         from .config import load_config
+        from .distributed import launch
         from .jobs import execute
         from .runs import RunFolder
 
@@ -318,7 +265,7 @@ def resume(
         folder.allow_changes = tuple(allow_change)
         resolved = load_config(folder.config_file)
         _threads(threads)
-        with _distributed(debug, resolved.device, peer_timeout) as ctx:
+        with launch(resolved.device, peer_timeout, debug=debug) as ctx:
             execute(folder, resolved, resume=True, console=err_console, dist=ctx)
             _finish(folder, ctx.is_main)
 
@@ -342,7 +289,7 @@ def evaluate(
 
     def action():
         from .atomic import write_text_atomic
-        from .config import apply_override, load_config, to_yaml, validate
+        from .config import load_config, to_yaml, with_overrides
         from .jobs import execute
         from .runs import RunFolder
 
@@ -352,12 +299,7 @@ def evaluate(
         bad = [o for o in overrides if not o.startswith("evaluation.")]
         if bad:
             raise _UserError(f"eval only changes evaluation.* keys, got {bad}; start a new run for anything else")
-        import yaml
-
-        raw = yaml.safe_load(to_yaml(resolved))
-        for item in overrides:
-            apply_override(raw, item)
-        resolved = validate(raw, str(folder.config_file))
+        resolved = with_overrides(resolved, overrides, str(folder.config_file))
         folder.config_text = to_yaml(resolved)  # config.yaml changes only once the evaluation succeeded
         folder.allow_changes = ("evaluation",)
         _threads(threads)

@@ -14,14 +14,13 @@ import dataclasses
 import difflib
 import math
 import typing
-from dataclasses import asdict
-from importlib import resources
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from . import domains
 from ._presets import preset_text as _preset_text
@@ -270,6 +269,15 @@ def apply_override(raw: dict, item: str, cls: type | None = None) -> None:
             raise ConfigError(_bounded(f"override {item!r}: {'.'.join(parts[:depth + 1])!r} is a value, not a section"))
         node[part] = child
         node, section = child, child_type
+
+
+def with_overrides(config: RunConfig, overrides: typing.Sequence[str], where: str = "config") -> RunConfig:
+    """``config`` with ``key.path=value`` overrides laid over it (as :func:`load_config` lays them
+    over a file), validated anew."""
+    raw = yaml.safe_load(to_yaml(config))
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, where)
 
 
 def validate(raw: dict, where: str = "config") -> RunConfig:

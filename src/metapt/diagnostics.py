@@ -17,7 +17,8 @@ this module measures, for any estimator of dL_V/dφ (:class:`metapt.hypergrad.es
 :func:`diagnose` takes a trainer at the state; :func:`diagnose_state` builds one from a problem,
 a trainer state dict (a checkpoint's) and the run's configuration sections, independent of the job
 layer; :func:`metapt.run_diagnosis.diagnose_run` (``metapt diagnose``) at a run folder's state.
-Everything here is on demand: nothing runs during training.
+Everything here is on demand, except :func:`phase_signal`: the runner's one cheap figure at the
+end of every meta-learned phase (is there an expected direction for φ to follow here?).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "draws_for_cosine",
     "estimator_configs",
     "lookahead_agreement",
+    "phase_signal",
     "signal_to_noise",
 ]
 
@@ -338,6 +340,25 @@ def signal_to_noise(probe: StateProbe, estimator: Estimator, samples: int) -> di
             "draws_for_half": draws_for_cosine(c, 0.5), "split_half_cos": split}
 
 
+#: independent draws of the meta-step's own hypergradient that :func:`phase_signal` compares
+SIGNAL_DRAWS = 8
+
+
+def phase_signal(trainer: Any, draws: int = SIGNAL_DRAWS) -> dict[str, float]:
+    """:func:`signal_to_noise` of the trainer's own estimator at its state, over ``draws``
+    independent draws (other PT and FT/validation batches, as its next meta-steps would take):
+    the cheap "is there a signal to learn from" figure a run reports per meta-learned phase.
+    Costs about ``draws`` meta-steps; leaves the trainer and every random generator as they were."""
+    from .rng import capture_rng, restore_rng
+
+    rng = capture_rng()
+    try:
+        out = signal_to_noise(StateProbe(trainer, val_pairs=1), trainer.estimator, draws)
+    finally:
+        restore_rng(rng)
+    return {**out, "draws": draws}
+
+
 def draws_for_cosine(pair_cos: float, target: float = 0.5) -> float:
     """Draws to average so that two independent averages have cosine ``target``, given the pairwise
     cosine of single draws (signal + independent noise): N = (target/(1 − target)) · (1 − c)/c."""
@@ -434,7 +455,7 @@ def diagnose_state(problem: MetaProblem, state: Mapping[str, Any], *, pt_lr: flo
         pt_lr: the Adam learning rate of pre-training.
         meta: the run's :class:`metapt.schema.MetaConfig` (schedule and FT inner learning rate).
     """
-    from .runner import trainer_from_config
+    from .build import trainer_from_config
 
     trainer = trainer_from_config(problem, state["params"], state["head"], state["metaparams"], pt_lr=pt_lr, meta=meta)
     trainer.load_state_dict(state)

@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import LaunchError
+from .errors import LaunchError, UserError
 from .problem import MetaProblem, Params
 from .strategy import Strategy
 
@@ -249,6 +249,54 @@ class DistributedContext:
             self.close()
         elif self.distributed and dist.is_initialized():  # no barrier: the others may be gone
             dist.destroy_process_group()
+
+
+#: the longest --peer-timeout, in minutes (a timedelta holds up to 1.4e15)
+MAX_PEER_TIMEOUT = 10_000_000
+
+
+def launch(device: str = "cpu", peer_timeout: float = 30.0, *, debug: bool = False) -> DistributedContext:
+    """The process group of a torchrun launch, else a one-process context, for a run on ``device``.
+
+    NCCL (process r on ``cuda:LOCAL_RANK``) when ``device`` is CUDA (``auto`` on a machine with
+    CUDA), gloo on CPU. ``peer_timeout`` (minutes) bounds every wait at a synchronisation point: it
+    must cover the longest skew between processes, and a stalled peer then stops the run with a
+    message (:func:`is_peer_timeout`) instead of hanging for hours.
+    """
+    import math
+
+    if not math.isfinite(peer_timeout) or peer_timeout > MAX_PEER_TIMEOUT:
+        raise LaunchError(f"--peer-timeout must be a finite number of minutes, at most {MAX_PEER_TIMEOUT:,} "
+                          f"(about {MAX_PEER_TIMEOUT // 525_600} years), got {peer_timeout}")
+    cuda = device.startswith("cuda") or device == "auto" and torch.cuda.is_available()
+    return init_distributed("nccl" if cuda else "gloo", debug=debug, timeout=datetime.timedelta(minutes=peer_timeout))
+
+
+def is_peer_timeout(err: BaseException) -> bool:
+    """A collective (gloo or NCCL) that gave up waiting for another process."""
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text and ("gloo" in text or "nccl" in text or "collective" in text)
+
+
+def on_main(ctx: DistributedContext, fn: Any) -> Any:
+    """``fn()`` on rank 0 only; every process gets its result, or raises its error (rank 0 the
+    error itself; the others a :class:`metapt.errors.UserError` with its message, or a
+    RuntimeError for a crash)."""
+    if not ctx.distributed:
+        return fn()
+    box: list = [None, None, False]
+    error = None
+    if ctx.is_main:
+        try:
+            box = [fn(), None, False]
+        except Exception as err:  # noqa: BLE001 (re-raised on every process below)
+            error, box = err, [None, str(err), isinstance(err, UserError)]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise (UserError if box[2] else RuntimeError)(box[1] if box[2] else f"rank 0 failed: {box[1]}")
+    return box[0]
 
 
 def init_distributed(

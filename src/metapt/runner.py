@@ -31,22 +31,20 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .devices import OnDevice, check_device, place, resolve_device
+from .build import build_trainer, trainer_from_config
+from .devices import place, resolve_device
+from .diagnostics import phase_signal
 from .domain import Domain, Method, Pretraining
 from .errors import deferred_stop, immediate_stop
 from .evaluation import Downstream, EvalConfig, finetune_and_score, label_subset
-from .hypergrad import sgd
 from .metrics import progress_bar
-from .optim import LazyAdam
-from .problem import MetaProblem, Params
+from .problem import Params
 from .runs import RunFolder
 from .schema import jsonable
 from .session import Session
-from .strategy import ReusePTGraph, Strategy
-from .summary import aggregate, agreement, gains, write_plots, write_summary
-from .trainer import MetaPretrainer
+from .summary import aggregate, agreement, gains, signal, write_plots, write_summary
 
-__all__ = ["build_trainer", "parse_phase", "run_experiment", "trainer_from_config"]
+__all__ = ["build_trainer", "parse_phase", "run_experiment", "trainer_from_config"]  # the builders live in .build
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -77,7 +75,7 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                 with immediate_stop():  # loading holds nothing a cleanup needs: Ctrl-C stops it at once
                     data = domain.load(config, setting, console)
                 _check_lr_groups(domain, config, data, methods, pt_seeds[0], device)
-                encoders, emb_dims, learned, phis = {}, {}, {}, {}
+                encoders, emb_dims, learned, phis, signals = {}, {}, {}, {}, {}
                 for method, seed in ((m, s) for m in methods for s in pt_seeds):
                     name = _run_name(method.name, seed, pt_seeds)
                     phase = f"{setting}/{name}"
@@ -100,6 +98,8 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                     summary["pretraining"][phase] = result["health"]
                     if method.phi == "learned":
                         phis.setdefault(method.label, []).append(result["metaparams"])
+                        if result.get("signal") is not None:
+                            signals.setdefault(method.label, []).append(result["signal"])
                         described = domain.describe(config, data, method, result["metaparams"])
                         if len(pt_seeds) == 1:
                             learned[method.name] = described
@@ -116,6 +116,7 @@ def run_experiment(domain: Domain, folder: RunFolder, config: Any, *, resume: bo
                     "gains": gains(rows, domain, methods, config.evaluation, pt_seeds),
                     "learned": learned,
                     "agreement": agreement(phis),
+                    "signal": signal(signals),
                     "data": domain.data_summary(config, data),
                 }
     finally:
@@ -167,72 +168,21 @@ def _random_phi(phi: Params, seed: int) -> Params:
 
 def _pretrain(session: Session, phase: str, built: Pretraining, config: Any, method: Method, seed: int, dist: Any,
               device: torch.device, progress: Callable[[int], None]) -> None:
-    """One pre-training phase through MetaPretrainer, checkpointed by the session; records its result."""
+    """One pre-training phase through MetaPretrainer, checkpointed by the session; records its result
+    and, for a meta-learned φ, :func:`metapt.diagnostics.phase_signal` at its end (not under
+    torchrun, where each process holds a shard of the batches)."""
     trainer = build_trainer(built, config, method, seed, dist, device)
     session.train(phase, trainer, config.pretrain.steps, built.problem, progress=progress)
+    measured = (method.phi == "learned" and trainer.metaparams and trainer.meta_step_count > 0
+                and (dist is None or not dist.distributed))
     session.record(phase, {
+        "signal": phase_signal(trainer) if measured else None,
         "params": {k: v.detach() for k, v in trainer.params.items()},
         "metaparams": trainer.averaged_metaparams,  # the live φ unless meta.average says otherwise
         "problem": built.problem.state_dict() if hasattr(built.problem, "state_dict") else None,
         "health": {"meta_steps": trainer.meta_step_count, "skipped_meta_steps": trainer.skipped,
                    "rejected_heads": trainer.rejected_heads, "inner_lr_capped": trainer.inner_lr_capped},
     })
-
-
-def build_trainer(built: Pretraining, config: Any, method: Method, seed: int, dist: Any = None,
-                  device: torch.device = torch.device("cpu")) -> MetaPretrainer:
-    """The :class:`MetaPretrainer` of one phase, as the runner configures it from ``config``
-    (seeds this process's dropout and other draws from ``seed``; checks the device placement).
-    Benchmarks that drive phases themselves (e.g. a black-box search over φ) start here."""
-    meta = config.meta
-    rank = dist.rank if dist is not None else 0
-    torch.manual_seed(seed * 1_000_003 + 1 + rank)  # dropout and other draws; per process
-    learn = method.phi == "learned" and bool(built.metaparams)
-    phi = built.metaparams if built.metaparams else {}
-    problem = OnDevice(built.problem, device) if device.type != "cpu" else built.problem
-    problem = dist.shard(problem) if dist is not None else problem
-    strategy: Strategy | None
-    if dist is not None and dist.distributed:
-        strategy = dist.strategy(sync_buffers_of=built.buffers)
-    else:
-        strategy = ReusePTGraph() if meta.reuse_pt_graph and learn else None
-    trainer = trainer_from_config(problem, built.params, built.head, phi, pt_lr=config.pretrain.lr, meta=meta,
-                                  learn=learn, strategy=strategy)
-    check_device(trainer, device)
-    return trainer
-
-
-def trainer_from_config(problem: MetaProblem, params: Params, head: Params, metaparams: Params, *, pt_lr: float,
-                        meta: Any, learn: bool = True, strategy: Strategy | None = None) -> MetaPretrainer:
-    """The one construction of a :class:`MetaPretrainer` from a run's configuration: Adam on θ at
-    ``pt_lr``; φ's optimiser from ``meta`` (:class:`metapt.schema.MetaConfig`: LazyAdam with
-    ``meta.lr_groups``); SGD at ``meta.inner_lr`` for the FT steps, capped as ``meta.inner_lr_cap`` says; ``meta.solver``'s
-    estimator; ``meta``'s schedule (no meta-steps unless ``learn``). Every phase of a run
-    (:func:`build_trainer`) and the diagnostics of a run's state are built here, so a checkpoint's
-    optimiser states load in either."""
-    keys = list(metaparams)
-    return MetaPretrainer(
-        problem, params, head, metaparams,
-        pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=pt_lr),
-        meta_optimizer=lambda ps: _meta_optimizer(meta, dict(zip(keys, ps))),
-        inner_optimizer=sgd(meta.inner_lr),
-        inner_lr_cap=meta.inner_lr_cap,
-        estimator=meta.solver.estimator(pt_lr),
-        schedule=meta.schedule(learn_phi=learn),
-        strategy=strategy,
-    )
-
-
-def _meta_optimizer(meta: Any, phi: Params) -> torch.optim.Optimizer:
-    """Adam on φ with the configured per-key rates (an optimiser of nothing when φ is empty).
-
-    :class:`metapt.optim.LazyAdam`: on dense hypergradients exactly Adam; on row-sparse ones
-    (example weights) it updates only the rows a meta-step touched, at a cost independent of |φ|.
-    """
-    if not phi:
-        return torch.optim.SGD([torch.zeros(0, requires_grad=True)], lr=0.0)
-    return LazyAdam(meta.param_groups(phi), lr=meta.lr, betas=(meta.momentum, 0.999))
-
 
 
 # ---- evaluation -------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ The hooks, all called by the trainer:
 * ``setup(trainer)`` once, before the optimisers are built;
 * ``pretrain_backward(trainer, batch)`` the PT forward with φ held fixed, leaving
   ∇θ L_PT in θ's ``.grad``; returns the loss;
+* ``pretrain_backward_with_mixed(trainer, batch, u)`` the same, plus the accumulated
+  estimator's draw ∂/∂φ ⟨∇θ L_PT, u⟩ from that one forward, or None (then the trainer draws it
+  with two forwards of its own);
 * ``pt_graph(trainer)`` the kept gradient graph of the PT step just taken, or None
   (the meta-step then runs a PT forward/backward of its own);
 * ``meta_views(trainer)`` the problems whose batches one meta-step averages over;
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from .hypergrad import PretrainGraph, pretrain_graph
+from .hypergrad import PretrainGraph, pretrain_backward_with_mixed_term, pretrain_graph
 from .problem import MetaProblem, Params
 
 if TYPE_CHECKING:
@@ -53,6 +56,19 @@ class Strategy:
         if loss.isfinite():
             loss.backward()
         return loss.detach()
+
+    def pretrain_backward_with_mixed(self, trainer: MetaPretrainer, batch: Any,
+                                     u: Mapping[str, Tensor]) -> tuple[Tensor, Params | None]:
+        """:meth:`pretrain_backward` and, from the same forward, the mixed term ∂/∂φ ⟨∇θ L_PT, u⟩.
+
+        A strategy whose :meth:`pretrain_backward` is its own (another graph, an all-reduce) keeps
+        it and returns None for the mixed term, unless it overrides this too: the fused draw
+        would bypass its backward.
+        """
+        if type(self).pretrain_backward is not Strategy.pretrain_backward:
+            return self.pretrain_backward(trainer, batch), None
+        return pretrain_backward_with_mixed_term(
+            lambda th, ph: trainer.problem.pretrain_loss(th, ph, batch), trainer.params, trainer.metaparams, u)
 
     def pt_graph(self, trainer: MetaPretrainer) -> PretrainGraph | None:
         """The gradient graph of the PT step just taken, for the meta-step's H and mixed term."""

@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from .atomic import write_text_atomic
 from .domain import Domain, Method
 from .evaluation import EvalConfig, mean_ci95, nonfinite, seed_agreement
@@ -21,7 +23,7 @@ from .problem import Params
 from .runs import RunFolder
 from .schema import jsonable
 
-__all__ = ["aggregate", "agreement", "gains", "summary_markdown", "write_plots", "write_summary"]
+__all__ = ["aggregate", "agreement", "gains", "signal", "summary_markdown", "write_plots", "write_summary"]
 
 
 def aggregate(rows: list[dict[str, Any]], methods: Sequence[Method], ev: EvalConfig,
@@ -83,6 +85,41 @@ def agreement(phis: Mapping[str, list[Params]]) -> dict[str, Any]:
     return out
 
 
+def signal(signals: Mapping[str, list[Mapping[str, float]]]) -> dict[str, Any]:
+    """Per learned method, :func:`metapt.diagnostics.phase_signal` over its pre-training seeds: the
+    mean pairwise cosine of independent hypergradient draws at the end of each phase, and the draws
+    that must be averaged for cosine 0.5 at that mean (inf: no expected direction)."""
+    from .diagnostics import draws_for_cosine
+
+    out: dict[str, Any] = {}
+    for label, runs in signals.items():
+        cos = [float(r["mean_pairwise_cos"]) for r in runs]
+        split = [float(r["split_half_cos"]) for r in runs]
+        mean = float(np.mean(cos))
+        out[label] = {"pairwise_cos": mean, "per_seed": cos, "split_half_cos": float(np.mean(split)),
+                      "draws_for_half": draws_for_cosine(mean, 0.5), "draws": int(runs[0]["draws"]), "seeds": len(runs)}
+    return out
+
+
+#: Adam's first moment on φ (β₁ = 0.9) averages about this many meta-steps' hypergradients
+ADAM_STEPS_AVERAGED = 10
+
+
+def _signal_line(label: str, s: Mapping[str, Any]) -> str:
+    c, n = s.get("pairwise_cos"), s.get("draws_for_half")
+    if c is None or not math.isfinite(c):
+        return f"Signal, {label}: not measured."
+    over = f", mean over {s['seeds']} pre-training seeds" if s.get("seeds", 1) > 1 else ""
+    head = (f"Signal, {label}: {s['draws']} independent draws of the meta-step's hypergradient at the end of "
+            f"pre-training agree at cosine {c:.2f}{over}")
+    if n is None or not math.isfinite(n):
+        return head + ": no expected direction, φ follows batch noise."
+    verdict = ("a signal a few meta-steps average out" if n <= ADAM_STEPS_AVERAGED else
+               f"mostly batch noise: Adam on φ averages about {ADAM_STEPS_AVERAGED} meta-steps")
+    draws = "one draw reaches" if n < 1.5 else f"about {n:.0f} draws must be averaged for"
+    return head + f"; {draws} cosine 0.5 ({verdict})."
+
+
 # ---- summary and plots ------------------------------------------------------------------------
 
 
@@ -127,6 +164,12 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         if cells and all(c.get("nonfinite", 0) == len(c["test"]) for c in cells):
             lines += ["", f"**Every score of {setting} is NaN**: no fine-tuning run could be scored (e.g. a "
                       "split with only one class); see summary.json for the counts."]
+        n_seeds = summary["config"]["pretrain"].get("seeds", 1)
+        for label, s in res.get("signal", {}).items():
+            lines += ["", _signal_line(label, s)]
+            if n_seeds == 1:
+                lines += ["", f"Seed agreement, {label}: not measured with one pre-training seed "
+                          "(`--set pretrain.seeds=3` or more measures it)."]
         for label, by_key in res.get("agreement", {}).items():
             for key, a in by_key.items():
                 lines += ["", f"Seed agreement, {label} ({key}): Spearman ρ of the learned φ across "

@@ -44,7 +44,6 @@ from .hypergrad import (
     draw_scale,
     estimate_hypergradient,
     hessian_spectrum,
-    pretrain_backward_with_mixed_term,
     sgd,
     unrolled_finetune,
 )
@@ -257,10 +256,9 @@ class MetaPretrainer:
         k = self.estimator.accumulate
         draw = bool(k) and self._direction is not None and self.schedule.learn_phi and self.step % k == 0
         mixed = None
-        if draw and type(self.strategy) is Strategy:  # one forward more than the PT step: the fused draw
+        if draw:  # the strategy's fused draw: one forward more than the PT step, where it can
             alpha, u = self._draw_scale(self._direction)
-            loss, mixed = pretrain_backward_with_mixed_term(
-                lambda th, ph: self.problem.pretrain_loss(th, ph, batch), self.params, self.metaparams, u)
+            loss, mixed = self.strategy.pretrain_backward_with_mixed(self, batch, u)
             mixed = None if mixed is None else {key: -alpha * v for key, v in mixed.items()}
         else:
             loss = self.strategy.pretrain_backward(self, batch)

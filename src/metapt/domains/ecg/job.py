@@ -30,9 +30,10 @@ from rich.console import Console
 from ...errors import UserError
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig
 from ...domain import Method, Pretraining
+from ...problem import Params
 from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
 from .problem import ECGProblemConfig, ECGSimCLRProblem
-from .plots import plot_magnitude
+from .plots import plot_magnitude, plot_warp_examples
 from .splits import DataConfig, carve_valid, data_summary, load_and_split
 
 METHODS = {m.name: m for m in (
@@ -87,6 +88,9 @@ class ECGJob:
 
 class ECG:
     name = "ecg"
+
+    def __init__(self) -> None:
+        self._warp_drawn: dict[str, tuple[float, Any, Params]] = {}  # method -> the φ plots() draws the warp of
     methods = METHODS
     gains = (("simclr_meta_warp", "simclr"), ("simclr_meta_warp", "simclr_fixed_warp"),
              ("simclr_meta_noise", "simclr"), ("simclr_meta_noise", "simclr_fixed_noise"),
@@ -140,11 +144,21 @@ class ECG:
 
     def describe(self, config: ECGJob, data: dict[str, Any], method: Method, phi: dict) -> dict[str, Any]:
         problem = self.pretraining(config, data, method, config.pretrain.seed, torch.device("cpu")).problem
-        return dict(problem.describe_metaparams(phi))
+        described = dict(problem.describe_metaparams(phi))
+        if problem.warp is not None and method.name not in self._warp_drawn:
+            # beats and a draw of the warp, for plots(): of the first seed's φ, which the summary lists first
+            self._warp_drawn[method.name] = (described["magnitude"], problem, {k: v.detach().cpu() for k, v in phi.items()})
+        return described
 
     def plots(self, out: Path, summary: dict[str, Any]) -> None:
         if (out / "metrics.jsonl").is_file():
             plot_magnitude(out / "metrics.jsonl", out / "warp_magnitude.png")
+        drawn, self._warp_drawn = self._warp_drawn, {}
+        for method, (magnitude, problem, phi) in drawn.items():
+            learned = summary["settings"].get("ecg", {}).get("learned", {}).get(method, {})
+            if learned.get("magnitude") == magnitude:  # this run's φ, not one left from another run
+                plot_warp_examples(problem, phi, out / ("warp_examples.png" if method == "simclr_meta_warp"
+                                                        else f"warp_examples_{method}.png"))
 
 
 DOMAIN = ECG()
