@@ -14,7 +14,10 @@ from metapt.trainer import MetaPretrainer, MetaSchedule
 
 
 class _NotPlain(Strategy):
-    """Any strategy but the plain one: the PT steps' draws take the two-forward central difference."""
+    """A strategy with a PT backward of its own: the PT steps' draws take the two-forward central difference."""
+
+    def pretrain_backward(self, trainer, batch):
+        return super().pretrain_backward(trainer, batch)
 
 
 def _trainer(problem, schedule, estimator, meta_opt=lambda ps: torch.optim.Adam(ps, lr=0.1), strategy=None):

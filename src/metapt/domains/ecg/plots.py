@@ -30,10 +30,11 @@ def plot_warp_examples(problem: ECGSimCLRProblem, phi: Params, path: Path) -> No
         axes[1, j].plot(t, (ex["positions"][j] - torch.arange(len(t))).numpy(), color="C2")
         axes[1, j].axhline(0, color="k", lw=0.5)
     axes[0, 0].legend(fontsize=8)
-    axes[0, 0].set_ylabel("z-scored signal")
-    axes[1, 0].set_ylabel("displacement (samples)")
-    for ax in axes[1]:
-        ax.set_xlabel("sample")
+    for j in range(4):  # every panel says what it shows (the report's readers look at one at a time)
+        axes[0, j].set_title(f"beat {j + 1}", fontsize=9)
+        axes[0, j].set_ylabel("z-scored signal")
+        axes[1, j].set_ylabel("displacement (samples)")
+        axes[1, j].set_xlabel("sample")
     fig.suptitle(f"Beats and one draw of the learned warp (magnitude {float(phi['log_magnitude'].exp()):.4f})")
     save_figure(fig, path)
 
