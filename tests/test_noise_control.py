@@ -327,3 +327,55 @@ def test_accumulated_example_weights_find_flipped_labels_better_than_one_draw_pe
     accumulated = _flip_auroc(Estimator(accumulate=1, adam_preconditioner=True))
     one_draw = _flip_auroc(default_estimator(0.01))
     assert accumulated > 0.78 and accumulated > one_draw + 0.03, (accumulated, one_draw)
+
+
+class _OneBatch(SyntheticTaskWeighting):
+    """Every PT, FT and MetaFT-validation index reads the same batch: independent draws are one draw."""
+
+    def pretrain_batch(self, index):
+        return super().pretrain_batch(0)
+
+    def finetune_batch(self, index):
+        return super().finetune_batch(0)
+
+    def metaval_batch(self, index):
+        return super().metaval_batch(0)
+
+
+def test_phase_signal_known_answers_and_leaves_everything_as_it_was():
+    from metapt.diagnostics import phase_signal
+
+    sched = MetaSchedule(interval=5, warmup_steps=5)
+    same = _trainer(_OneBatch(SyntheticConfig(seed=0)), sched, Estimator(horizon=1))
+    same.run_until(30)
+    got = phase_signal(same, draws=4)
+    assert got["mean_pairwise_cos"] == pytest.approx(1.0, abs=1e-5) and got["draws_for_half"] == 1.0
+
+    trainer = _trainer(SyntheticTaskWeighting(SyntheticConfig(seed=0)), sched, Estimator(horizon=1))
+    trainer.run_until(30)
+    before = ({k: v.clone() for k, v in trainer.metaparams.items()}, {k: v.clone() for k, v in trainer.params.items()})
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    got = phase_signal(trainer, draws=4)
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's next random draws are the ones it would have made
+    assert all(torch.equal(trainer.metaparams[k], v) for k, v in before[0].items())
+    assert all(torch.equal(trainer.params[k], v) for k, v in before[1].items())
+    assert -1.0 <= got["mean_pairwise_cos"] < 0.999 and got["draws"] == 4  # other batches: not one draw four times
+
+
+def test_summary_says_the_signal_and_when_agreement_needs_more_seeds():
+    from metapt.summary import signal, summary_markdown
+
+    res = signal({"meta task weights": [{"mean_pairwise_cos": 0.05, "split_half_cos": 0.1, "draws": 8},
+                                        {"mean_pairwise_cos": 0.15, "split_half_cos": 0.3, "draws": 8}]})
+    s = res["meta task weights"]
+    # c = 0.1: N = (0.5/0.5)·(1 − 0.1)/0.1 = 9 draws for cosine 0.5
+    assert s["pairwise_cos"] == pytest.approx(0.1) and s["draws_for_half"] == pytest.approx(9.0) and s["seeds"] == 2
+    summary = {"job": "x", "config": {"pretrain": {"seed": 0, "seeds": 1}},
+               "settings": {"s": {"metric": "auroc", "scores": {}, "gains": {}, "sizes": {}, "signal": res}},
+               "pretraining": {}}
+    md = summary_markdown(summary)
+    assert "agree at cosine 0.10, mean over 2 pre-training seeds; about 9 draws must be averaged" in md
+    assert "Seed agreement, meta task weights: not measured with one pre-training seed" in md
+    none = signal({"m": [{"mean_pairwise_cos": -0.02, "split_half_cos": 0.0, "draws": 8}]})
+    assert math.isinf(none["m"]["draws_for_half"])
