@@ -11,6 +11,7 @@ run and resumes an interrupted one from its newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -33,9 +34,13 @@ def main() -> None:
     config = load_config(args.preset, [f"data.settings=[{args.settings}]", *args.set])
     name = "molecules_auroc" + (f"_{args.tag}" if args.tag else "")
     path = ROOT / "runs" / name
+    cpu = time.process_time()
     summary = run_or_reuse(path, config, source["commit"])
-    md = (path / "summary.md").read_text() + f"\nCommand: `{source['command']}` at commit {source['commit']}.\n"
-    write(name, {**source, **summary}, md)
+    cpu = round(time.process_time() - cpu, 1)  # this process's CPU seconds: the run's cost on an idle core
+    md = (path / "summary.md").read_text() + (f"\nCPU time of this invocation: {cpu} s (wall time moves with the "
+                                              f"machine's other load). Command: `{source['command']}` at commit "
+                                              f"{source['commit']}.\n")
+    write(name, {**source, **summary, "cpu_seconds": cpu}, md)
 
 
 if __name__ == "__main__":
