@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from metapt.config import load_config, to_yaml
+from metapt.config import config_changes, load_config, to_yaml
 from metapt.jobs import execute
 from metapt.runs import RunFolder
 from metapt.schema import jsonable  # strict JSON: NaN (a CI over one seed, a cost not measured) → null
@@ -56,7 +56,8 @@ def run_or_reuse(path: Path, config: Any, commit: str) -> dict[str, Any]:
     A new run notes ``commit`` in the folder (``made_at_commit``), so a table built from reused runs
     can say which code made each of them; a folder with another config is replaced."""
     text = to_yaml(config)
-    if (path / "config.yaml").is_file() and (path / "config.yaml").read_text() == text:
+    # compared key by key: a folder written before meta.solver became meta.estimator is the same config
+    if (path / "config.yaml").is_file() and not config_changes((path / "config.yaml").read_text(), text):
         if (path / "summary.json").is_file():
             print(f"reusing the finished run in {path}", file=sys.stderr)
             return json.loads((path / "summary.json").read_text())

@@ -47,16 +47,16 @@ OPTIONS: dict[str, list[str]] = {
     "momentum 0.99": ["meta.momentum=0.99"],
     "polyak": ["meta.average=polyak"],
     "normalized": ["meta.normalize_weights=true"],
-    "accumulated": ["meta.solver=accumulated"],
-    "accumulated + polyak": ["meta.solver=accumulated", "meta.average=polyak"],
-    "accumulated + normalized + polyak": ["meta.solver=accumulated", "meta.normalize_weights=true",
+    "accumulated": ["meta.estimator=accumulated"],
+    "accumulated + polyak": ["meta.estimator=accumulated", "meta.average=polyak"],
+    "accumulated + normalized + polyak": ["meta.estimator=accumulated", "meta.normalize_weights=true",
                                           "meta.average=polyak"],
-    "accumulated every 3rd + normalized + polyak": ["meta.solver=accumulated", "meta.solver.every=3",
+    "accumulated every 3rd + normalized + polyak": ["meta.estimator=accumulated", "meta.estimator.every=3",
                                                     "meta.normalize_weights=true", "meta.average=polyak"],
-    "accumulated every 2nd + normalized + polyak": ["meta.solver=accumulated", "meta.solver.every=2",
+    "accumulated every 2nd + normalized + polyak": ["meta.estimator=accumulated", "meta.estimator.every=2",
                                                     "meta.normalize_weights=true", "meta.average=polyak"],
     "accumulated every 2nd + normalized + polyak + interval 20": [
-        "meta.solver=accumulated", "meta.solver.every=2", "meta.normalize_weights=true", "meta.average=polyak",
+        "meta.estimator=accumulated", "meta.estimator.every=2", "meta.normalize_weights=true", "meta.average=polyak",
         "meta.interval=20"],
 }
 

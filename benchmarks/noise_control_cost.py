@@ -29,14 +29,14 @@ from metapt.runner import build_trainer
 OPTIONS = {
     "default (unrolled, T = 1)": [],
     "default without the inner-rate cap": ["meta.inner_lr_cap=off"],
-    "accumulated, every PT step": ["meta.solver=accumulated"],
-    "accumulated, every 2nd PT step": ["meta.solver=accumulated", "meta.solver.every=2"],
-    "accumulated + polyak + normalized": ["meta.solver=accumulated", "meta.average=polyak",
+    "accumulated, every PT step": ["meta.estimator=accumulated"],
+    "accumulated, every 2nd PT step": ["meta.estimator=accumulated", "meta.estimator.every=2"],
+    "accumulated + polyak + normalized": ["meta.estimator=accumulated", "meta.average=polyak",
                                           "meta.normalize_weights=true"],
-    "accumulated every 2nd + polyak + normalized": ["meta.solver=accumulated", "meta.solver.every=2",
+    "accumulated every 2nd + polyak + normalized": ["meta.estimator=accumulated", "meta.estimator.every=2",
                                                     "meta.average=polyak", "meta.normalize_weights=true"],
     "accumulated every 2nd + polyak + normalized, interval 20": [
-        "meta.solver=accumulated", "meta.solver.every=2", "meta.average=polyak", "meta.normalize_weights=true",
+        "meta.estimator=accumulated", "meta.estimator.every=2", "meta.average=polyak", "meta.normalize_weights=true",
         "meta.interval=20"],
 }
 SIZES = {"3x64": ["model.num_layers=3", "model.emb_dim=64"], "5x300": ["model.num_layers=5", "model.emb_dim=300"]}

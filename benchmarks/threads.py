@@ -37,7 +37,7 @@ meta = config.meta
 t = MetaPretrainer(built.problem, built.params, built.head, built.metaparams,
                    pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=config.pretrain.lr),
                    meta_optimizer=lambda ps: torch.optim.Adam(ps, lr=meta.lr), inner_optimizer=sgd(meta.inner_lr),
-                   estimator=meta.solver.estimator(config.pretrain.lr), schedule=meta.schedule(warmup_steps=0))
+                   estimator=meta.estimator.estimator(config.pretrain.lr), schedule=meta.schedule(warmup_steps=0))
 t.run_until(10)
 start = time.perf_counter()
 t.run_until(10 + int(sys.argv[2]))

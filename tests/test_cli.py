@@ -68,10 +68,10 @@ def test_compare_puts_runs_side_by_side(synthetic_run, tmp_path):
 
 
 def test_config_prints_a_resolved_config_that_runs(tmp_path):
-    res = runner.invoke(app, ["config", "molecules", "--set", "meta.solver=cg"])
+    res = runner.invoke(app, ["config", "molecules", "--set", "meta.estimator=cg"])
     assert res.exit_code == 0, res.output
     config = yaml.safe_load(res.output)
-    assert config["meta"]["solver"]["kind"] == "cg" and config["pretrain"]["steps"] == 2000
+    assert config["meta"]["estimator"]["kind"] == "cg" and config["pretrain"]["steps"] == 2000
     res = runner.invoke(app, ["config", "--list"])
     assert "molecules-paper" in res.output and "ecg-quick" in res.output
 
@@ -149,7 +149,7 @@ def test_non_finite_pretraining_loss_stops_and_keeps_the_last_good_checkpoint(tm
 def test_diverging_neumann_series_is_skipped_counted_and_explained(tmp_path):
     out = tmp_path / "r"
     res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.steps=130",
-                              "--set", "meta.solver.alpha=1e6", "--threads", "1"])
+                              "--set", "meta.estimator.alpha=1e6", "--threads", "1"])
     assert res.exit_code == 0, res.output
     # the preset's meta-learning settings but α (an override used to reset the whole meta section)
     from metapt.config import load_config, to_yaml
@@ -157,8 +157,8 @@ def test_diverging_neumann_series_is_skipped_counted_and_explained(tmp_path):
 
     ran = _flatten(yaml.safe_load((out / "config.yaml").read_text()))
     preset = _flatten(yaml.safe_load(to_yaml(load_config("synthetic"))))
-    assert {k for k in preset if preset[k] != ran[k]} == {"pretrain.steps", "meta.solver.alpha"}
-    assert "meta-step(s) skipped" in res.output and "meta.solver=cg" in res.output and "inverse-HVP solve diverged" in res.output
+    assert {k for k in preset if preset[k] != ran[k]} == {"pretrain.steps", "meta.estimator.alpha"}
+    assert "meta-step(s) skipped" in res.output and "meta.estimator=cg" in res.output and "inverse-HVP solve diverged" in res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pretraining"]["synthetic/meta_task_weights"]["skipped_meta_steps"] > 0
     learned = summary["settings"]["synthetic"]["learned"]["meta_task_weights"]

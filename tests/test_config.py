@@ -31,22 +31,22 @@ def test_paper_preset_has_hu_et_al_encoder():
 
 
 def test_overrides_are_read_as_yaml_values():
-    config = load_config("molecules", ["meta.solver=cg", "meta.solver.max_iter=7", "pretrain.lr=3e-4",
+    config = load_config("molecules", ["meta.estimator=cg", "meta.estimator.max_iter=7", "pretrain.lr=3e-4",
                                        "data.settings=[heldout]", "data.max_pretrain=null"])
-    assert config.meta.solver.kind == "cg" and config.meta.solver.max_iter == 7
-    assert isinstance(config.meta.solver.build(config.pretrain.lr), ConjugateGradient)
+    assert config.meta.estimator.kind == "cg" and config.meta.estimator.max_iter == 7
+    assert isinstance(config.meta.estimator.build(config.pretrain.lr), ConjugateGradient)
     assert config.pretrain.lr == 3e-4 and config.data.settings == ("heldout",)
-    solver = load_config("molecules", ["meta.solver=neumann"]).meta.solver.build(1e-3)
+    solver = load_config("molecules", ["meta.estimator=neumann"]).meta.estimator.build(1e-3)
     assert isinstance(solver, Neumann) and solver.alpha == 1e-3 and solver.steps == 1  # paper: α = PT lr, M = 1
 
 
 @pytest.mark.parametrize("override, expected", [
     ("meta.lrr=0.1", "unknown key 'meta.lrr'; did you mean 'meta.lr'?"),
     ("modle.emb_dim=8", "unknown key 'modle'; did you mean 'model'?"),
-    ("meta.solver.kindd=cg", "did you mean 'meta.solver.kind'?"),
+    ("meta.estimator.kindd=cg", "did you mean 'meta.estimator.kind'?"),
     ("meta.lr=-1", "meta.lr: Input should be greater than or equal to 0 (got -1)"),
-    ("meta.solver=newton", "meta.solver.kind: Input should be 'neumann', 'cg', 'identity', 'unrolled' or 'accumulated' (got 'newton')"),
-    ("meta.solver.terms=3", "solver kind 'unrolled' does not read terms (terms is read by kind neumann)"),
+    ("meta.estimator=newton", "meta.estimator.kind: Input should be 'neumann', 'cg', 'identity', 'unrolled' or 'accumulated' (got 'newton')"),
+    ("meta.estimator.terms=3", "estimator kind 'unrolled' does not read terms (terms is read by kind neumann)"),
     ("model.norm=group", "model.norm: Input should be 'layer', 'batch' or 'none'"),
     ("pretrain.steps=many", "pretrain.steps: Input should be a valid integer"),
     ("methods=[uniform, magic]", "methods: Input should be 'no_pretrain', 'uniform'"),
@@ -188,12 +188,142 @@ def test_error_messages_are_bounded(tmp_path):
     assert len(str(err.value)) <= 2000
 
 
-def test_choosing_another_solver_kind_drops_the_old_kinds_keys():
+def test_choosing_another_estimator_kind_drops_the_old_kinds_keys():
     # the synthetic job's default is {kind: neumann, terms: 5, alpha: 0.01}; another kind starts afresh
-    for override in ("meta.solver=cg", "meta.solver.kind=cg", "meta.solver={kind: cg}"):
-        solver = load_config("synthetic", [override]).meta.solver
-        assert solver.kind == "cg" and solver.terms is None and solver.alpha is None, override
-    same = load_config("synthetic", ["meta.solver.kind=neumann", "meta.solver.alpha=0.5"]).meta.solver
+    for override in ("meta.estimator=cg", "meta.estimator.kind=cg", "meta.estimator={kind: cg}"):
+        estimator = load_config("synthetic", [override]).meta.estimator
+        assert estimator.kind == "cg" and estimator.terms is None and estimator.alpha is None, override
+    same = load_config("synthetic", ["meta.estimator.kind=neumann", "meta.estimator.alpha=0.5"]).meta.estimator
     assert (same.kind, same.terms, same.alpha) == ("neumann", 5, 0.5)  # the same kind keeps its keys
-    cg = load_config("synthetic", ["meta.solver=cg", "meta.solver.max_iter=7"]).meta.solver
+    cg = load_config("synthetic", ["meta.estimator=cg", "meta.estimator.max_iter=7"]).meta.estimator
     assert cg.max_iter == 7
+
+
+# ---- meta.solver, the deprecated name of meta.estimator -----------------------------------------
+
+DEPRECATED = "meta.solver is deprecated; use meta.estimator"
+
+
+def _no_future_warning(source, overrides=()):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        return load_config(source, overrides)
+
+
+@pytest.mark.parametrize("preset, old, new", [
+    ("molecules", ["meta.solver=cg"], ["meta.estimator=cg"]),  # the shorthand: a kind by name
+    ("molecules", ["meta.solver=cg", "meta.solver.max_iter=7"], ["meta.estimator=cg", "meta.estimator.max_iter=7"]),
+    ("synthetic", ["meta.solver.alpha=0.5"], ["meta.estimator.alpha=0.5"]),  # a nested key; the job's kind kept
+    ("synthetic", ["meta.solver.kind=cg"], ["meta.estimator.kind=cg"]),  # another kind drops neumann's keys
+    ("synthetic", ["meta.solver={kind: accumulated, every: 3}", "meta.lr=0.2"],
+     ["meta.estimator={kind: accumulated, every: 3}", "meta.lr=0.2"]),
+    ("synthetic", ["meta={solver: cg, lr: 0.2}"], ["meta={estimator: cg, lr: 0.2}"]),  # in a section's value
+])
+def test_the_old_name_meta_solver_in_an_override_is_meta_estimator_with_a_warning(preset, old, new):
+    expected = _no_future_warning(preset, new)
+    assert expected != load_config(preset)  # each case changes the estimator
+    with pytest.warns(FutureWarning, match=DEPRECATED) as caught:
+        config = load_config(preset, old)
+    assert config == expected
+    assert sum(DEPRECATED in str(w.message) for w in caught) == sum("solver" in o for o in old)
+    if old[0].startswith("meta.solver"):
+        assert f"--set meta.estimator{old[0].removeprefix('meta.solver')}" in str(caught[0].message)  # what to write
+
+
+@pytest.mark.parametrize("old, new", [
+    ("meta: {solver: cg}", "meta: {estimator: cg}"),  # the shorthand
+    ("meta:\n  lr: 0.3\n  solver: {kind: cg, max_iter: 7}", "meta:\n  lr: 0.3\n  estimator: {kind: cg, max_iter: 7}"),
+    ("meta: {solver: {alpha: 0.5}}", "meta: {estimator: {alpha: 0.5}}"),  # a nested key in a partial section
+])
+def test_the_old_name_meta_solver_in_a_yaml_file_is_meta_estimator_with_a_warning(tmp_path, old, new):
+    for head in ("job: synthetic", "extends: synthetic"):  # a file of its own, and one laid over a preset
+        (tmp_path / "old.yaml").write_text(f"{head}\n{old}\n")
+        (tmp_path / "new.yaml").write_text(f"{head}\n{new}\n")
+        expected = _no_future_warning(tmp_path / "new.yaml")
+        assert expected != load_config("synthetic")
+        with pytest.warns(FutureWarning, match=DEPRECATED):
+            assert load_config(tmp_path / "old.yaml") == expected
+    # an old file and an override in the new spelling (or the other way round) are one key, laid over each other
+    with pytest.warns(FutureWarning, match=DEPRECATED):
+        assert load_config(tmp_path / "old.yaml", ["meta.estimator.damping=0.1"]) == \
+            load_config(tmp_path / "new.yaml", ["meta.estimator.damping=0.1"])
+
+
+def test_the_deprecated_name_is_visible_to_a_command_line_user(tmp_path):
+    # a DeprecationWarning raised in a library is hidden by Python's default filters; a FutureWarning is not
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    res = subprocess.run([sys.executable, "-m", "metapt", "config", "synthetic", "--set", "meta.solver=cg"],
+                         env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "FutureWarning" in res.stderr and DEPRECATED in res.stderr
+    assert yaml.safe_load(res.stdout)["meta"]["estimator"]["kind"] == "cg"
+
+
+def test_meta_solver_and_meta_estimator_together_are_an_error(tmp_path):
+    from metapt.config import validate
+
+    (tmp_path / "both.yaml").write_text("job: synthetic\nmeta:\n  solver: cg\n  estimator: {kind: cg}\n")
+    for attempt in (lambda: load_config(tmp_path / "both.yaml"),
+                    lambda: load_config("synthetic", ["meta.solver=cg", "meta.estimator.max_iter=7"]),
+                    lambda: load_config("synthetic", ["meta.estimator=cg", "meta.solver.max_iter=7"]),
+                    lambda: validate({"job": "synthetic", "meta": {"solver": "cg", "estimator": "cg"}})):
+        with pytest.raises(ConfigError) as err:
+            attempt()
+        assert "meta.solver" in str(err.value) and "meta.estimator" in str(err.value)
+
+
+def test_saved_configs_write_estimator_and_compare_equal_to_old_ones():
+    import yaml
+
+    from metapt.config import config_changes
+
+    for name in presets():
+        meta = yaml.safe_load(to_yaml(load_config(name)))["meta"]
+        assert "estimator" in meta and "solver" not in meta, name
+    text = to_yaml(load_config("synthetic", ["meta.estimator=cg", "meta.estimator.max_iter=7"]))
+    assert "\n  estimator:\n    kind: cg\n" in text and "solver" not in text
+    old = text.replace("\n  estimator:\n", "\n  solver:\n")
+    assert old != text
+    # a checkpoint made before the rename against config.yaml written after it (or the other way round)
+    assert config_changes(old, text) == {} and config_changes(text, old) == {}
+    changed = config_changes(old, text.replace("max_iter: 7", "max_iter: 8"))
+    assert changed == {"meta.estimator.max_iter": (7, 8)}  # a real edit is still seen, under the name now
+
+
+def test_metapt_compare_sees_no_difference_between_the_old_and_the_new_name(tmp_path):
+    from metapt.report import compare
+    from metapt.runs import RunFolder
+
+    text = to_yaml(load_config("synthetic", ["meta.estimator=cg"]))
+    folders = [RunFolder.create(tmp_path / "old", text.replace("\n  estimator:\n", "\n  solver:\n")),
+               RunFolder.create(tmp_path / "new", text),
+               RunFolder.create(tmp_path / "other", text.replace("kind: cg", "kind: identity"))]
+    try:
+        assert compare(folders[:2])[2] == []
+        assert [key for key, _ in compare(folders)[2]] == ["meta.estimator.kind"]
+    finally:
+        for folder in folders:
+            folder.unlock()
+
+
+def test_the_python_names_before_the_rename_still_work_with_a_deprecation_warning():
+    from metapt.schema import EstimatorConfig, MetaConfig
+
+    with pytest.warns(DeprecationWarning, match=r"MetaConfig\(solver=...\) is deprecated; use estimator="):
+        meta = MetaConfig(solver=EstimatorConfig(kind="cg"))
+    assert meta == MetaConfig(estimator=EstimatorConfig(kind="cg"))
+    with pytest.warns(DeprecationWarning, match="use .estimator"):
+        assert meta.solver is meta.estimator
+    with pytest.warns(DeprecationWarning, match="use EstimatorConfig"):
+        from metapt.schema import SolverConfig
+    assert SolverConfig is EstimatorConfig
+    with pytest.raises(ValueError, match="estimator only"):
+        MetaConfig(solver=EstimatorConfig(), estimator=EstimatorConfig())

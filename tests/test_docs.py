@@ -116,7 +116,7 @@ def test_config_reference_lists_every_key_with_its_default_and_meaning(site):
             assert key in page, key
     # the defaults shown are the schema's: a job's own section defaults, e.g. the synthetic job's PT steps
     assert ("pretrain.steps", "1000") in {(k, d) for k, d, _ in hooks.config_rows(JOBS["synthetic"])}
-    assert ("meta.solver.kind", '"unrolled"') in {(k, d) for k, d, _ in hooks.config_rows(JOBS["molecules"])}
+    assert ("meta.estimator.kind", '"unrolled"') in {(k, d) for k, d, _ in hooks.config_rows(JOBS["molecules"])}
 
 
 def test_every_exit_status_of_the_cli_is_in_the_table(site):

@@ -103,7 +103,7 @@ def test_compare_at_80_columns_keeps_every_key_whole_and_says_no_differences(tmp
                           (third, {"kind": "cg", "adam_preconditioner": False, "gauss_newton": True})):
         shutil.copytree(first, other)
         config = yaml.safe_load((other / "config.yaml").read_text())
-        config["meta"]["solver"] = solver
+        config["meta"]["estimator"] = solver
         (other / "config.yaml").write_text(yaml.safe_dump(config))
     wide = runner.invoke(app, ["compare", str(first), str(second), str(third)], env={"COLUMNS": "80"})
     assert wide.exit_code == 0, wide.output
@@ -121,16 +121,16 @@ def test_compare_at_80_columns_keeps_every_key_whole_and_says_no_differences(tmp
 # ---- metapt diagnose: config kinds, the run's own estimator, 80 columns, a verdict -------------
 
 
-def test_every_diagnosed_estimator_is_a_meta_solver_config():
+def test_every_diagnosed_estimator_is_a_meta_estimator_config():
     from metapt.diagnostics import default_estimators, estimator_configs
-    from metapt.schema import SolverConfig
+    from metapt.schema import EstimatorConfig
 
     for horizon in (1, 5, 10):
         estimators, configs = default_estimators(0.003, horizon), estimator_configs(horizon)
         assert set(estimators) == set(configs)
         for name, config in configs.items():
-            assert SolverConfig(**config).estimator(0.003) == estimators[name], name
-    assert SolverConfig().estimator(0.003) == default_estimators(0.003, 10)["unrolled_T1"]  # the default
+            assert EstimatorConfig(**config).estimator(0.003) == estimators[name], name
+    assert EstimatorConfig().estimator(0.003) == default_estimators(0.003, 10)["unrolled_T1"]  # the default
 
 
 def test_diagnose_prints_progress_80_columns_the_runs_estimator_and_a_verdict(tmp_path):
@@ -139,8 +139,8 @@ def test_diagnose_prints_progress_80_columns_the_runs_estimator_and_a_verdict(tm
     out = tmp_path / "run"
     res = runner.invoke(app, ["run", "synthetic", "--out", str(out), "--set", "pretrain.steps=110",
                               "--set", "methods=[meta_task_weights]", "--set", "evaluation.seeds=1",
-                              "--set", "meta.solver.kind=unrolled", "--set", "meta.solver.terms=null",
-                              "--set", "meta.solver.alpha=null", "--threads", "1"])
+                              "--set", "meta.estimator.kind=unrolled", "--set", "meta.estimator.terms=null",
+                              "--set", "meta.estimator.alpha=null", "--threads", "1"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["diagnose", str(out), "--directions", "1", "--threads", "1"], env={"COLUMNS": "80"})
     assert res.exit_code == 0, res.output

@@ -236,16 +236,16 @@ def test_normalize_weights_reaches_every_domain_or_is_refused():
         load_config("ecg-quick", ["meta.normalize_weights=true"])
 
 
-def test_accumulated_solver_config_builds_its_estimator_and_refuses_other_kinds_keys():
+def test_accumulated_estimator_config_builds_its_estimator_and_refuses_other_kinds_keys():
     from metapt.config import ConfigError, load_config
 
-    config = load_config("synthetic", ["meta.solver={kind: accumulated, every: 3, alpha: 0.5}"])
-    est = config.meta.solver.estimator(0.01)
+    config = load_config("synthetic", ["meta.estimator={kind: accumulated, every: 3, alpha: 0.5}"])
+    est = config.meta.estimator.estimator(0.01)
     assert est.accumulate == 3 and est.solver == Identity(0.5) and est.adam_preconditioner
     with pytest.raises(ConfigError, match="horizon"):
-        load_config("synthetic", ["meta.solver={kind: accumulated, horizon: 2}"])
+        load_config("synthetic", ["meta.estimator={kind: accumulated, horizon: 2}"])
     with pytest.raises(ConfigError, match="every"):
-        load_config("molecules-test", ["meta.solver.every=2"])  # the default kind, unrolled, reads no every
+        load_config("molecules-test", ["meta.estimator.every=2"])  # the default kind, unrolled, reads no every
 
 
 def test_signal_to_noise_split_half_agreement_on_known_draws():

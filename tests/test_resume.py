@@ -3,6 +3,7 @@ to an uninterrupted run; checkpoints are atomic, pruned and loadable with weight
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -218,6 +219,57 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
     session.close()
     with pytest.raises(RunFolderError, match="configuration changed"):
         execute(folder, job, resume=True)
+
+
+def test_a_run_folder_written_with_meta_solver_resumes(tmp_path):
+    """A run folder made before ``meta.solver`` became ``meta.estimator`` (config.yaml and every
+    checkpoint say ``solver:``) resumes, and so does one whose config.yaml was rewritten in the
+    new spelling since (as ``metapt eval`` rewrites it); a real edit is still refused."""
+    from metapt.config import load_config, to_yaml
+    from metapt.jobs import execute, start
+
+    config = load_config("synthetic", ["pretrain.steps=40", "checkpoint.every=10", "checkpoint.keep=50",
+                                       "meta.warmup_steps=10", "methods=[uniform, meta_task_weights]",
+                                       "evaluation.seeds=1"])
+    ref = start(config, tmp_path / "ref")
+    execute(ref, config)
+    old_text = to_yaml(config).replace("\n  estimator:\n", "\n  solver:\n")
+    assert "\n  solver:\n    kind: neumann\n" in old_text
+    folder = RunFolder.create(tmp_path / "old", old_text)
+    with pytest.warns(FutureWarning, match="meta.solver is deprecated"):
+        old_config = load_config(folder.config_file)
+    assert old_config == config
+    execute(folder, old_config)
+    folder.unlock()
+    assert all("\n  solver:\n" in torch.load(p, weights_only=False)["config"] for p in folder.checkpoints())
+
+    def back_to_mid_phase() -> None:  # the run as if killed 30 PT steps into its meta-learned phase
+        states = [(p, torch.load(p, weights_only=False)) for p in RunFolder(tmp_path / "old").checkpoints()]
+        keep = next(i for i, (_, s) in enumerate(states)
+                    if s["phase"] == "synthetic/meta_task_weights" and s["trainer"]["counters"]["step"] == 30)
+        assert "\n  solver:\n" in states[keep][1]["config"]  # made with the old spelling
+        for path, _ in states[keep + 1:]:
+            path.unlink()
+
+    def resume(config_yaml: str) -> None:
+        (tmp_path / "old" / "config.yaml").write_text(config_yaml)
+        folder = RunFolder.open(tmp_path / "old")
+        try:
+            with pytest.warns(FutureWarning) if "solver:" in config_yaml else contextlib.nullcontext():
+                resolved = load_config(folder.config_file)
+            execute(folder, resolved, resume=True)
+        finally:
+            folder.unlock()
+
+    back_to_mid_phase()
+    resume(old_text)  # config.yaml as the old version wrote it
+    _assert_same_run(tmp_path / "ref", tmp_path / "old")
+    back_to_mid_phase()
+    resume(to_yaml(config))  # config.yaml in the new spelling, checkpoints in the old
+    _assert_same_run(tmp_path / "ref", tmp_path / "old")
+    back_to_mid_phase()
+    with pytest.raises(RunFolderError, match=r"meta\.estimator\.terms \(5 → 6\)"):
+        resume(to_yaml(config).replace("terms: 5", "terms: 6"))
 
 
 def _trainer_for(job):

@@ -238,4 +238,4 @@ def test_a_diverging_fine_tuning_head_is_named_and_the_advice_fits(caplog):
     # a Neumann estimator whose hypergradient is unusable gets the solver's advice
     paper = _trainer(problem, solver=Neumann(5, 0.01))
     paper.last_skip_reason = "the inverse-HVP solve diverged"
-    assert "meta.solver.alpha" in paper.skip_advice()
+    assert "meta.estimator.alpha" in paper.skip_advice()

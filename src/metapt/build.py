@@ -49,7 +49,7 @@ def trainer_from_config(problem: MetaProblem, params: Params, head: Params, meta
                         meta: Any, learn: bool = True, strategy: Strategy | None = None) -> MetaPretrainer:
     """The one construction of a :class:`MetaPretrainer` from a run's configuration: Adam on θ at
     ``pt_lr``; φ's optimiser from ``meta`` (:class:`metapt.schema.MetaConfig`: LazyAdam with
-    ``meta.lr_groups``); SGD at ``meta.inner_lr`` for the FT steps, capped as ``meta.inner_lr_cap`` says; ``meta.solver``'s
+    ``meta.lr_groups``); SGD at ``meta.inner_lr`` for the FT steps, capped as ``meta.inner_lr_cap`` says; ``meta.estimator``'s
     estimator; ``meta``'s schedule (no meta-steps unless ``learn``). Every phase of a run
     (:func:`build_trainer`) and the diagnostics of a run's state are built here, so a checkpoint's
     optimiser states load in either."""
@@ -60,7 +60,7 @@ def trainer_from_config(problem: MetaProblem, params: Params, head: Params, meta
         meta_optimizer=lambda ps: _meta_optimizer(meta, dict(zip(keys, ps))),
         inner_optimizer=sgd(meta.inner_lr),
         inner_lr_cap=meta.inner_lr_cap,
-        estimator=meta.solver.estimator(pt_lr),
+        estimator=meta.estimator.estimator(pt_lr),
         schedule=meta.schedule(learn_phi=learn),
         strategy=strategy,
     )

@@ -30,7 +30,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 SetOption = Annotated[list[str], typer.Option(
     "--set", metavar="KEY=VALUE",
-    help="Override one config key, e.g. --set meta.solver=cg --set pretrain.steps=500 (repeatable; "
+    help="Override one config key, e.g. --set meta.estimator=cg --set pretrain.steps=500 (repeatable; "
          "the value is read as YAML).")]
 DebugOption = Annotated[bool, typer.Option(
     "--debug", help="Show the full traceback on errors; under torchrun, also check after every step that all "
@@ -367,7 +367,7 @@ def compare(
             if not body:
                 continue
             table = Table(title=title)
-            # keys are one long word (meta.solver.adam_preconditioner): fold them, never cut them short
+            # keys are one long word (meta.estimator.adam_preconditioner): fold them, never cut them short
             longest = max(len(label) for label, _ in body)
             borders = 3 * (len(names) + 1) + 1  # a rule and two spaces of padding per column
             widest = max(len(c) for _, cells in body for c in [*cells, *names])

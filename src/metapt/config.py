@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,7 @@ from . import domains
 from ._presets import preset_text as _preset_text
 from ._presets import presets
 from .errors import ConfigError
-from .schema import jsonable
+from .schema import RENAMED_KEYS, jsonable
 
 RunConfig = Any  # an instance of one domain's job-config class (``metapt.domains.config_class``)
 
@@ -71,7 +72,8 @@ def load_config(source: str | Path, overrides: typing.Sequence[str] = ()) -> Run
 
     The file or preset is laid over the job's fully resolved default configuration (so a
     section it names only in part keeps the job's defaults for the rest), then each override
-    changes exactly the key it names.
+    changes exactly the key it names. A key's deprecated name (:data:`metapt.schema.RENAMED_KEYS`:
+    ``meta.solver`` for ``meta.estimator``) is read as the key, with a FutureWarning.
     """
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -86,10 +88,10 @@ def load_config(source: str | Path, overrides: typing.Sequence[str] = ()) -> Run
     raw = parse_yaml(text, where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {type(raw).__name__}")
-    raw = _extend(raw, where)
+    raw = _extend(renamed(raw, where), where)
     cls = _job_class(raw.get("job"), where)
     raw = _merge(cls, jsonable(asdict(cls())), raw)
-    for item in overrides:
+    for item in _one_spelling(overrides):
         apply_override(raw, item, cls)
     return validate(raw, where)
 
@@ -205,7 +207,7 @@ def _extend(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
         raise ConfigError(_bounded(f"{where}: 'extends' must name a preset ({', '.join(presets())}), got {name!r}"))
     if name in seen:
         raise ConfigError(f"{where}: presets extend each other in a loop ({' -> '.join((*seen, name))})")
-    base = parse_yaml(_preset_text(name), f"preset {name}")
+    base = renamed(parse_yaml(_preset_text(name), f"preset {name}"), f"preset {name}", stacklevel=3)
     base = _extend(base, f"preset {name}", (*seen, name))
     if raw.get("job", base.get("job")) != base.get("job"):
         raise ConfigError(f"{where}: extends preset {name!r} of job {base.get('job')!r} but sets job {raw['job']!r}")
@@ -215,7 +217,7 @@ def _extend(raw: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
 def _merge(cls: Any, base: Any, update: Any) -> Any:
     """``update`` laid over ``base``: sections (config classes) merge key by key, anything else is replaced.
 
-    A section with a ``kind`` (``meta.solver``) that is given another kind starts afresh: the old
+    A section with a ``kind`` (``meta.estimator``) that is given another kind starts afresh: the old
     kind's own keys (Neumann's ``terms``) would not apply to the new one."""
     if not (dataclasses.is_dataclass(cls) and isinstance(update, dict)):
         return update
@@ -233,11 +235,70 @@ def _merge(cls: Any, base: Any, update: Any) -> Any:
 
 
 def _shorthand(section: Any, value: Any) -> Any:
-    """``solver: cg`` is short for ``solver: {kind: cg}`` (a section with a ``kind`` key, given by name)."""
+    """``estimator: cg`` is short for ``estimator: {kind: cg}`` (a section with a ``kind`` key, given by name)."""
     if isinstance(value, str) and dataclasses.is_dataclass(section) and \
             "kind" in {f.name for f in dataclasses.fields(section)}:
         return {"kind": value}
     return value
+
+
+def renamed(raw: Any, where: str = "config", *, quiet: bool = False, stacklevel: int = 2) -> Any:
+    """``raw`` (a config mapping as read from YAML) with every key given by its deprecated name
+    (:data:`metapt.schema.RENAMED_KEYS`: ``meta.solver``) under its name now (``meta.estimator``),
+    with a FutureWarning; both names in one mapping are a :class:`ConfigError`. ``quiet``: for
+    comparing configs, no warning, and both names are left as they are. ``raw`` itself is not changed;
+    ``stacklevel``: the warning's, as :func:`warnings.warn` counts it from the caller of :func:`renamed`."""
+    if not isinstance(raw, dict):
+        return raw
+    for old, new in RENAMED_KEYS.items():
+        *parents, old_key = old.split(".")
+        new_key = new.split(".")[-1]
+        path, node = [], raw
+        for part in parents:
+            path.append((node, part))
+            node = node.get(part)
+            if not isinstance(node, dict):
+                break
+        if not (isinstance(node, dict) and old_key in node):
+            continue
+        if new_key in node:
+            if quiet:
+                continue
+            raise ConfigError(f"{where}: {old} and {new} are the same section ({old} is its deprecated name); "
+                              f"give {new} only")
+        if not quiet:
+            warnings.warn(f"{where}: {old} is deprecated; use {new} (the same keys)", FutureWarning,
+                          stacklevel=stacklevel + 1)
+        node = {(new_key if k == old_key else k): v for k, v in node.items()}  # in place: the order is kept
+        for parent, part in reversed(path):  # copies along the path: the caller's mapping stays as it was
+            node = {**parent, part: node}
+        raw = node
+    return raw
+
+
+def _renamed_path(parts: list[str], item: str) -> list[str]:
+    """The dotted key ``parts`` of the override ``item`` with a deprecated name (``meta.solver.max_iter``)
+    under its name now, with a FutureWarning."""
+    for old, new in RENAMED_KEYS.items():
+        old_parts = old.split(".")
+        if parts[:len(old_parts)] == old_parts:
+            parts = [*new.split("."), *parts[len(old_parts):]]
+            value = item.partition("=")[2]
+            warnings.warn(f"override {item!r}: {old} is deprecated; use {new} (--set {'.'.join(parts)}={value})",
+                          FutureWarning, stacklevel=4)
+            return parts
+    return parts
+
+
+def _one_spelling(overrides: typing.Sequence[str]) -> typing.Sequence[str]:
+    """``overrides``, refused if they name one key by both its deprecated name and its name now."""
+    keys = [[p.strip() for p in item.partition("=")[0].strip().split(".")] for item in overrides]
+    for old, new in RENAMED_KEYS.items():
+        olds, news = old.split("."), new.split(".")
+        if any(k[:len(olds)] == olds for k in keys) and any(k[:len(news)] == news for k in keys):
+            raise ConfigError(f"overrides name both {old} and {new}, the same section ({old} is its deprecated "
+                              f"name); use {new} only")
+    return overrides
 
 
 def apply_override(raw: dict, item: str, cls: type | None = None) -> None:
@@ -245,13 +306,21 @@ def apply_override(raw: dict, item: str, cls: type | None = None) -> None:
     (``3``, ``1e-3``, ``[a, b]``, ``null``). ``cls``: the job's config class (default: from ``raw['job']``)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(_bounded(f"override {item!r} must look like key.path=value (e.g. meta.solver=cg)"))
+        raise ConfigError(_bounded(f"override {item!r} must look like key.path=value (e.g. meta.estimator=cg)"))
     parts = [p.strip() for p in key.strip().split(".")]
     if not all(parts):
         raise ConfigError(_bounded(f"override {item!r}: {key.strip()!r} has an empty key between dots"))
+    parts = _renamed_path(parts, item)
     if cls is None:
         cls = JOBS.get(raw.get("job")) if isinstance(raw.get("job"), str) else None
     parsed = parse_yaml(value, f"override {item!r}")
+    wrapped = parsed  # a mapping given as the value (--set 'meta={solver: cg}') may use a deprecated name too
+    for part in reversed(parts):
+        wrapped = {part: wrapped}
+    wrapped = renamed(wrapped, f"override {item!r}", stacklevel=3)
+    for part in parts:
+        wrapped = wrapped[part]
+    parsed = wrapped
     node: dict = raw
     section: Any = cls
     for depth, part in enumerate(parts):
@@ -275,7 +344,7 @@ def with_overrides(config: RunConfig, overrides: typing.Sequence[str], where: st
     """``config`` with ``key.path=value`` overrides laid over it (as :func:`load_config` lays them
     over a file), validated anew."""
     raw = yaml.safe_load(to_yaml(config))
-    for item in overrides:
+    for item in _one_spelling(overrides):
         apply_override(raw, item)
     return validate(raw, where)
 
@@ -283,6 +352,7 @@ def with_overrides(config: RunConfig, overrides: typing.Sequence[str], where: st
 def validate(raw: dict, where: str = "config") -> RunConfig:
     """The run configuration ``raw`` describes (a dict as read from YAML), or a :class:`ConfigError`."""
     cls = _job_class(raw.get("job"), where)
+    raw = renamed(raw, where)
     problems = _scalar_problems(cls, raw, [])
     if problems:
         raise ConfigError(_bounded(f"{where}: " + "; ".join(problems)))
@@ -356,8 +426,10 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old_yaml: str, new_yaml: str) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two config YAML texts: key -> (old, new)."""
-    old, new = flatten(yaml.safe_load(old_yaml) or {}), flatten(yaml.safe_load(new_yaml) or {})
+    """Dotted keys whose values differ between two config YAML texts: key -> (old, new). A key
+    under its deprecated name (a run folder written before ``meta.solver`` became ``meta.estimator``)
+    is compared as the key."""
+    old, new = (flatten(renamed(yaml.safe_load(text) or {}, quiet=True)) for text in (old_yaml, new_yaml))
     missing = object()
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
             if old.get(k, missing) != new.get(k, missing)}

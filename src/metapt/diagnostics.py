@@ -462,7 +462,7 @@ def diagnose_state(problem: MetaProblem, state: Mapping[str, Any], *, pt_lr: flo
     return diagnose(trainer, estimators, options)
 
 
-#: The ``meta.solver`` config of each of :func:`default_estimators` (``horizon`` filled in for the
+#: The ``meta.estimator`` config of each of :func:`default_estimators` (``horizon`` filled in for the
 #: long unrolled one); ``tests/test_diagnostics.py`` checks each builds the same estimator.
 def estimator_configs(horizon: int) -> dict[str, dict[str, Any]]:
     return {

@@ -48,7 +48,7 @@ class MetaProblem(Protocol):
 
     * ``pretrain_batch(s)`` for the PT step that follows, so PT batches are 0, 1, 2, ...
       A meta-step after PT step ``n = s + 1``, with the default estimator (one step of
-      reverse-mode through the PT optimiser, ``meta.solver.kind: unrolled``), asks for the
+      reverse-mode through the PT optimiser, ``meta.estimator.kind: unrolled``), asks for the
       batch the next PT step will use, ``pretrain_batch(n + j)`` for its sample ``j``
       (``n + t + j * T`` for ``t < T`` with ``horizon`` T; ``n + t + j * P`` for ``t < P`` with
       ``upcoming`` and ``pt_batches`` P). The paper's estimator (``upcoming: false``) uses

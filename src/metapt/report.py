@@ -209,7 +209,7 @@ def _health(folder: RunFolder, summary: dict) -> str:
         text = (f"{phase}: {h.get('meta_steps', 0)} meta-steps, {skipped} skipped (non-finite hypergradient or "
                 f"diverging solver), {rejected} non-finite heads rejected")
         if skipped:
-            text += " — see `metapt diagnose` and the solver options in the README"
+            text += " — see `metapt diagnose` and the estimator options (meta.estimator) in the README"
         if int(h.get("inner_lr_capped", 0)):
             text += (f"; {int(h['inner_lr_capped'])} fine-tuning steps ran below meta.inner_lr, at 1/λ of the "
                      "head's curvature (meta.inner_lr_cap: auto)")
@@ -253,12 +253,14 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def compare(folders: Sequence[RunFolder]) -> tuple[list[str], list[tuple[str, list[str]]], list[tuple[str, list[str]]]]:
     """(run names, score rows, differing config rows), each row ``(label, one cell per run)``."""
+    from .config import renamed
+
     names = [f.path.name for f in folders]
     all_scores, configs = [], []
     for folder in folders:
         summary = json.loads(_read(folder.path / "summary.json") or "{}")
         all_scores.append(scores(summary))
-        configs.append(_flat(yaml.safe_load(_read(folder.config_file)) or {}))
+        configs.append(_flat(renamed(yaml.safe_load(_read(folder.config_file)) or {}, quiet=True)))  # meta.solver too
     labels = list(dict.fromkeys(label for s in all_scores for label in s))
     rows = [(label, [_cell(s.get(label)) for s in all_scores]) for label in labels]
     keys = list(dict.fromkeys(k for c in configs for k in c))

@@ -23,7 +23,7 @@ __all__ = ["config_text", "diagnose_run", "format_table", "format_text", "verdic
 
 
 def config_text(config: Mapping[str, Any]) -> str:
-    """``{kind: cg, max_iter: 5}``: a ``meta.solver`` value as it is written in YAML."""
+    """``{kind: cg, max_iter: 5}``: a ``meta.estimator`` value as it is written in YAML."""
     def value(v):
         return str(v).lower() if isinstance(v, bool) else str(v)
 
@@ -40,7 +40,7 @@ def format_table(result: Mapping[str, Any]) -> str:
              f"Hessian λmax ≈ {_fmt(result['curvature'] and result['curvature']['lambda_max'])}, "
              f"λmin ≈ {_fmt(result['curvature'] and result['curvature']['lambda_min'])}",
              "",
-             "| estimator | meta.solver | sign agreement (exact) | sign agreement (FD) | cos(exact T-step) | own-direction FD | SNR | mean pair cos | cost (PT steps) |",
+             "| estimator | meta.estimator | sign agreement (exact) | sign agreement (FD) | cos(exact T-step) | own-direction FD | SNR | mean pair cos | cost (PT steps) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["estimators"].items():
         shown = f"**{name}** (this run's)" if name == own else name
@@ -112,10 +112,10 @@ def format_text(result: Mapping[str, Any], width: int = 80) -> str:
               "T-step derivative; cos: cosine with it; SNR and pair cos: how well independent",
               "draws agree; cost: one estimate's time in plain PT steps."]
     if own:
-        lines.append("* this run's estimator (its meta.solver)")
+        lines.append("* this run's estimator (its meta.estimator)")
     configs = result.get("configs", {})
     if configs:
-        lines += ["", "meta.solver of each:"]
+        lines += ["", "meta.estimator of each:"]
         for name in result["estimators"]:
             if name in configs:
                 lines += textwrap.wrap(f"{name}: {config_text(configs[name])}", width, initial_indent="  ",
@@ -231,12 +231,12 @@ def diagnose_run(run_dir: str | Path, *, phase: str | None = None, options: Diag
         options = DiagnoseOptions(horizon=meta.interval)
     estimators = default_estimators(config.pretrain.lr, options.horizon)
     configs = estimator_configs(options.horizon)
-    own_estimator = meta.solver.estimator(config.pretrain.lr)
+    own_estimator = meta.estimator.estimator(config.pretrain.lr)
     own = next((name for name, est in estimators.items() if est == own_estimator), None)
     if own is None and not getattr(own_estimator, "accumulate", 0):  # the accumulated kind has no one-shot estimate
-        own = "this run's meta.solver"
+        own = "this run's meta.estimator"
         estimators = {**estimators, own: own_estimator}
-        configs[own] = {k: v for k, v in asdict(meta.solver).items() if v is not None}
+        configs[own] = {k: v for k, v in asdict(meta.estimator).items() if v is not None}
     result = diagnose(trainer, estimators, options, progress=progress)
     result.update({"phase": phase, "source": source, "run": str(folder.path), "state": state_text, "own": own,
                    "configs": configs})

@@ -13,13 +13,15 @@ import enum
 import functools
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
+from pydantic_core import ArgsKwargs
 
 from .hypergrad import ConjugateGradient, Estimator, Identity, Neumann, Solver
 from .schedule import MetaSchedule
@@ -54,6 +56,11 @@ MAX_STEPS = 10**9
 MAX_BATCH = 10**7
 MAX_PER_STEP = 10**6
 
+#: Config keys renamed, dotted from the top of a job config: deprecated name -> name now. The old
+#: name is still read (a YAML file, ``--set``, a run folder's ``config.yaml`` written before the
+#: rename) with a FutureWarning, by :mod:`metapt.config`; giving both is an error.
+RENAMED_KEYS: dict[str, str] = {"meta.solver": "meta.estimator"}
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -86,8 +93,8 @@ class CheckpointConfig:
     keep: int = Field(default=3, ge=1, le=MAX_PER_STEP)
 
 
-#: Which keys each solver kind reads (every other kind-specific key must stay unset).
-SOLVER_KEYS: dict[str, tuple[str, ...]] = {
+#: Which keys each estimator kind reads (every other kind-specific key must stay unset).
+ESTIMATOR_KEYS: dict[str, tuple[str, ...]] = {
     "neumann": ("alpha", "terms", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner",
                 "gauss_newton"),
     "identity": ("alpha", "pt_batches", "upcoming", "adam_preconditioner"),
@@ -100,14 +107,15 @@ SOLVER_KEYS: dict[str, tuple[str, ...]] = {
 #: ``adam_preconditioner`` for the implicit kinds, were chosen by measurement
 #: (benchmarks/results/hypergrad_quality.md). The paper's estimator is
 #: ``{kind: neumann, upcoming: false, adam_preconditioner: false}``.
-_SOLVER_DEFAULTS: dict[str, Any] = {"terms": 1, "max_iter": 20, "tol": 1e-6, "damping": 0.0, "spectrum_steps": 0,
-                                    "horizon": 1, "pt_batches": 1, "upcoming": True, "adam_preconditioner": True,
-                                    "gauss_newton": False, "every": 1}
+_ESTIMATOR_DEFAULTS: dict[str, Any] = {"terms": 1, "max_iter": 20, "tol": 1e-6, "damping": 0.0,
+                                       "spectrum_steps": 0, "horizon": 1, "pt_batches": 1, "upcoming": True,
+                                       "adam_preconditioner": True, "gauss_newton": False, "every": 1}
 
 
 @schema
-class SolverConfig:
-    """The hypergradient estimator of a meta-step: an inverse-HVP solver, or reverse-mode through T PT steps.
+class EstimatorConfig:
+    """The hypergradient estimator of a meta-step (``meta.estimator``): an inverse-HVP solver, or reverse-mode
+    through T PT steps.
 
     Each kind has its own keys; a key that the chosen kind does not read is an error (leave it
     unset, ``null``). Unset keys take the kind's default (in brackets). The default (``unrolled``
@@ -160,21 +168,21 @@ class SolverConfig:
     every: int | None = Field(default=None, ge=1, le=1_000_000)
 
     def __post_init__(self):
-        allowed = SOLVER_KEYS[self.kind]
-        stray = [k for k in _SOLVER_DEFAULTS | {"alpha": None} if getattr(self, k) is not None and k not in allowed]
+        allowed = ESTIMATOR_KEYS[self.kind]
+        stray = [k for k in _ESTIMATOR_DEFAULTS | {"alpha": None} if getattr(self, k) is not None and k not in allowed]
         if stray:
-            owners = {k: [kind for kind, keys in SOLVER_KEYS.items() if k in keys] for k in stray}
+            owners = {k: [kind for kind, keys in ESTIMATOR_KEYS.items() if k in keys] for k in stray}
             detail = "; ".join(f"{k} is read by kind {' / '.join(v)}" for k, v in owners.items())
-            raise ValueError(f"solver kind {self.kind!r} does not read {', '.join(stray)} ({detail}); "
-                             f"unset {'it' if len(stray) == 1 else 'them'} (e.g. --set meta.solver.{stray[0]}=null) "
+            raise ValueError(f"estimator kind {self.kind!r} does not read {', '.join(stray)} ({detail}); "
+                             f"unset {'it' if len(stray) == 1 else 'them'} (e.g. --set meta.estimator.{stray[0]}=null) "
                              f"or choose that kind; {self.kind} reads {', '.join(allowed)}")
         if self.kind == "neumann" and self.spectrum_steps and self.alpha is not None:
-            raise ValueError("solver kind 'neumann': spectrum_steps > 0 sets alpha = 1/λmax; unset alpha or spectrum_steps")
+            raise ValueError("estimator kind 'neumann': spectrum_steps > 0 sets alpha = 1/λmax; unset alpha or spectrum_steps")
 
     def get(self, key: str) -> Any:
         """The value of a kind-specific key, its default when unset."""
         value = getattr(self, key)
-        return _SOLVER_DEFAULTS.get(key) if value is None else value
+        return _ESTIMATOR_DEFAULTS.get(key) if value is None else value
 
     def build(self, pt_lr: float) -> Solver | None:
         """The inverse-HVP solver (None for ``unrolled``, which solves nothing)."""
@@ -207,7 +215,7 @@ class PretrainConfig:
 
     Attributes:
         steps: PT steps per method.
-        lr: Adam learning rate (also α of the implicit meta.solver kinds unless ``meta.solver.alpha`` is set).
+        lr: Adam learning rate (also α of the implicit meta.estimator kinds unless ``meta.estimator.alpha`` is set).
         batch_size: pre-training examples per step.
         seed: the pre-training seed: θ₀, φ₀, the order of the PT, FT and MetaFT-validation
             batches and their random draws (augmentations, dropout). The data split has its
@@ -244,7 +252,7 @@ class MetaConfig:
             given, so such runs do not change. ``off``: ``inner_lr`` as given, always.
         lr: Adam learning rate of φ.
         batches: hypergradient samples averaged per meta-step, each on its own FT/validation
-            batches (paper: 1); ``MetaSchedule.batches``. Not ``solver.pt_batches``, the PT
+            batches (paper: 1); ``MetaSchedule.batches``. Not ``estimator.pt_batches``, the PT
             batches within one sample.
         warmup_steps: PT steps, the head trained alongside, before the first meta-step.
         head_steps: plain head steps before each meta-step's unroll (paper: 0).
@@ -263,9 +271,9 @@ class MetaConfig:
             before each meta-step instead of a second PT forward/backward (cheaper, but H is
             one PT step older than g; off by default: every derivative at the same θ, as in the
             paper; benchmarks/meta_overhead.py measures the saving).
-        solver: the hypergradient estimator (:class:`SolverConfig`; default: reverse-mode through
+        estimator: the hypergradient estimator (:class:`EstimatorConfig`; default: reverse-mode through
             the next PT step; ``accumulated``: every PT batch's mixed term, the noise-controlled
-            option).
+            option). ``meta.solver`` is its deprecated name, still read (with a warning).
     """
 
     interval: int = Field(default=10, ge=1, le=MAX_STEPS)
@@ -283,22 +291,42 @@ class MetaConfig:
     average_decay: float = Field(default=0.95, gt=0, lt=1)
     normalize_weights: bool = False
     reuse_pt_graph: bool = False
-    solver: SolverConfig = SolverConfig()
+    estimator: EstimatorConfig = EstimatorConfig()
 
     @field_validator("inner_lr_cap", mode="before")
     @classmethod
     def _cap_off(cls, value: Any) -> Any:
         return "off" if value is False else value  # YAML reads a bare `off` as false
 
-    @field_validator("solver", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _solver_by_name(cls, value: Any) -> Any:
-        return {"kind": value} if isinstance(value, str) else value  # `--set meta.solver=cg`
+    def _renamed_solver(cls, values: Any) -> Any:
+        """``MetaConfig(solver=...)``, the deprecated name of ``estimator=``."""
+        given = values.kwargs if isinstance(values, ArgsKwargs) else values
+        if not (isinstance(given, dict) and "solver" in given):
+            return values
+        if "estimator" in given:
+            raise ValueError("give estimator only (solver is its deprecated name)")
+        warnings.warn("MetaConfig(solver=...) is deprecated; use estimator= (meta.estimator in a config)",
+                      DeprecationWarning, stacklevel=3)
+        given = {("estimator" if k == "solver" else k): v for k, v in given.items()}
+        return ArgsKwargs(values.args, given) if isinstance(values, ArgsKwargs) else given
+
+    @property
+    def solver(self) -> EstimatorConfig:
+        """Deprecated: :attr:`estimator`."""
+        warnings.warn("MetaConfig.solver is deprecated; use .estimator", DeprecationWarning, stacklevel=2)
+        return self.estimator
+
+    @field_validator("estimator", mode="before")
+    @classmethod
+    def _estimator_by_name(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value  # `--set meta.estimator=cg`
 
     def __post_init__(self) -> None:
-        if self.reuse_pt_graph and not self.solver.estimator(1.0).uses_past_batch:
+        if self.reuse_pt_graph and not self.estimator.estimator(1.0).uses_past_batch:
             raise ValueError("reuse_pt_graph needs an estimator that takes H and the mixed term on the PT batch "
-                             "just taken (meta.solver: {kind: neumann, identity or cg, upcoming: false, "
+                             "just taken (meta.estimator: {kind: neumann, identity or cg, upcoming: false, "
                              "pt_batches: 1}); this one takes PT batches of its own, so a kept graph would go unused")
 
     @field_validator("lr_groups")
@@ -338,3 +366,10 @@ class MetaConfig:
                   "warmup_steps": self.warmup_steps, "head_steps": self.head_steps,
                   "average": self.average, "average_decay": self.average_decay}
         return MetaSchedule(**(values | overrides))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SolverConfig":  # the name of EstimatorConfig before meta.solver became meta.estimator
+        warnings.warn("metapt.schema.SolverConfig is deprecated; use EstimatorConfig", DeprecationWarning, stacklevel=2)
+        return EstimatorConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -142,7 +142,8 @@ class MetaPretrainer:
         estimator: which hypergradient each meta-step estimates
             (:class:`metapt.hypergrad.Estimator`): the solver, the PT batches H and the mixed
             term are taken on (the one just taken, as the paper, or the upcoming ones), Adam's
-            preconditioner, or reverse-mode through T unrolled PT steps. Default:
+            preconditioner, or reverse-mode through T unrolled PT steps (a run's configuration
+            gives it as ``meta.estimator``). Default:
             :func:`metapt.hypergrad.default_estimator` (chosen by measurement), or the paper's
             estimator with ``solver`` when that is given.
             ``benchmarks/results/hypergrad_quality.md`` measures how well each agrees with the
@@ -417,9 +418,9 @@ class MetaPretrainer:
             return "lower the fine-tuning (inner) learning rate (meta.inner_lr, or the inner_optimizer's)"
         solver = self.solver if not (self.estimator.horizon or self.estimator.accumulate) else None
         if isinstance(solver, Neumann):
-            return "lower the solver's alpha (meta.solver.alpha), add damping or use conjugate gradient (meta.solver=cg)"
+            return "lower the solver's alpha (meta.estimator.alpha), add damping or use conjugate gradient (meta.estimator=cg)"
         if solver is not None and not isinstance(solver, Identity):
-            return "add damping (meta.solver.damping)"
+            return "add damping (meta.estimator.damping)"
         return ("lower the fine-tuning (inner) learning rate (meta.inner_lr, or the inner_optimizer's) "
                 "or the PT learning rate")
 

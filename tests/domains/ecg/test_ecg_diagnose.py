@@ -20,7 +20,7 @@ from ecg_records import write_beat_folder
 
 PHASE = "ecg/simclr_meta_warp"
 OPTIONS = DiagnoseOptions(horizon=1, directions=1, epsilon=0.05, val_pairs=1, snr_samples=1, lanczos_steps=0)
-#: of the compared estimators, the run's own (the ECG job's meta.solver): what is tested here is the
+#: of the compared estimators, the run's own (the ECG job's meta.estimator): what is tested here is the
 #: rebuilt state, not the estimators (tests/test_diagnostics.py measures those); all eleven take minutes
 KEPT = ("unrolled_T1",)
 

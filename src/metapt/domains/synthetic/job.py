@@ -19,7 +19,7 @@ from torch import nn
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig
 from ...plots import plot_bars
 from ...domain import Method, Pretraining
-from ...schema import CheckpointConfig, MetaConfig, PretrainConfig, SolverConfig, check_device, check_job, schema
+from ...schema import CheckpointConfig, EstimatorConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
 from .problem import SyntheticConfig, SyntheticTaskWeighting
 
 METHODS = {m.name: m for m in (
@@ -45,7 +45,7 @@ class SyntheticJob:
     problem: SyntheticConfig = SyntheticConfig()
     pretrain: PretrainConfig = PretrainConfig(steps=1000, lr=0.01, batch_size=32)
     meta: MetaConfig = MetaConfig(interval=5, unroll_steps=1, inner_lr=0.1, lr=0.1, warmup_steps=100,
-                                  solver=SolverConfig(kind="neumann", terms=5, alpha=0.01))
+                                  estimator=EstimatorConfig(kind="neumann", terms=5, alpha=0.01))
     evaluation: EvalConfig = EvalConfig(seeds=3, linear_probe=FinetuneConfig(linear_probe=True, epochs=60, lr=0.05,
                                                                               batch_size=16))
     checkpoint: CheckpointConfig = CheckpointConfig(every=100)
