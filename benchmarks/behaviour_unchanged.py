@@ -1,6 +1,6 @@
 """Same numbers before and after a restructuring: the same runs on the code at --base and at HEAD.
 
-    .venv/bin/python benchmarks/behaviour_unchanged.py --base d2488f9
+    .venv/bin/python benchmarks/behaviour_unchanged.py --base d2488f9 [--data ../shared/data/mitbih]
 
 Checks out --base into a temporary git worktree, runs each configuration below with
 ``python -m metapt run`` on both trees (one thread, a fresh run folder each), and compares every
@@ -26,7 +26,7 @@ MOLECULES = ["--set", "pretrain.steps=300", "--set", "pretrain.seeds=1", "--set"
 RUNS = {
     "synthetic": ["synthetic"],
     "molecules-test": ["molecules-test"],
-    "ecg-quick": ["ecg-quick", "--data", str(ROOT.parent / "shared" / "data" / "mitbih")],
+    "ecg-quick": ["ecg-quick", "--data", "{data}"],
     "molecules, 300 PT steps, 4 learned and frozen φ": ["molecules", *MOLECULES],
     "molecules, accumulated estimator every 2nd step + polyak + normalized": [
         "molecules", *MOLECULES, "--set", "meta.solver.kind=accumulated", "--set", "meta.solver.every=2",
@@ -60,8 +60,12 @@ def compare(a: Path, b: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="the commit before the restructuring")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mitbih",
+                    help="the MIT-BIH folder the ECG run reads")
     ap.add_argument("--allow-dirty", action="store_true")
     args = ap.parse_args()
+    if not args.data.is_dir():
+        ap.error(f"no ECG data folder at {args.data}; pass --data DIR")
     source = provenance(args.allow_dirty)
     base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     results = {}
@@ -70,6 +74,7 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), base], cwd=ROOT, check=True, capture_output=True)
         try:
             for i, (name, argv) in enumerate(RUNS.items()):
+                argv = [a.format(data=args.data.resolve()) for a in argv]
                 outs = {side: Path(tmp) / f"{side}{i}" for side in ("base", "head")}
                 codes = {side: run(src, argv, outs[side]) for side, src in (("base", tree / "src"), ("head", ROOT / "src"))}
                 results[name] = {"args": argv, "exit_codes": codes,
