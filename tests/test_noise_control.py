@@ -379,3 +379,17 @@ def test_summary_says_the_signal_and_when_agreement_needs_more_seeds():
     assert "Seed agreement, meta task weights: not measured with one pre-training seed" in md
     none = signal({"m": [{"mean_pairwise_cos": -0.02, "split_half_cos": 0.0, "draws": 8}]})
     assert math.isinf(none["m"]["draws_for_half"])
+
+
+def test_report_puts_the_signal_beside_the_verdict():
+    from metapt.report import results_verdicts
+
+    res = {"metric": "auroc", "gains": {"meta task weights − uniform weights": {"full fine-tuning": {"1": {
+        "mean": 0.01, "ci95": 0.02}}}},
+        "signal": {"meta task weights": {"pairwise_cos": 0.06, "draws_for_half": 14.2}},
+        "agreement": {"meta task weights": {"task_logits": {"leave_one_out_mean": -0.18,
+                                                            "leave_one_out_ci95": float("nan")}}}}
+    lines = results_verdicts({"settings": {"b3db": res}})
+    assert lines[0].startswith("Verdict, b3db") and "indistinguishable" in lines[0]
+    assert lines[1] == ("Signal, b3db: meta task weights: hypergradient draws agree at cosine 0.06 (about 14 draws "
+                        "for 0.5), seeds' task_logits agree at ρ -0.18.")

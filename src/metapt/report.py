@@ -89,7 +89,8 @@ def write_report(folder: RunFolder) -> Path:
 
 
 def results_verdicts(summary: dict) -> list[str]:
-    """One line per setting: did each meta-learned method help, by its paired gains' 95 % CIs?"""
+    """Per setting: did each meta-learned method help, by its paired gains' 95 % CIs; and was there a
+    signal to learn from (the phases' hypergradient draws) that the pre-training seeds agreed on?"""
     lines = []
     for setting, res in summary.get("settings", {}).items():
         higher = res.get("metric", "auroc") == "auroc"
@@ -112,6 +113,22 @@ def results_verdicts(summary: dict) -> list[str]:
             said.append(f"{label}: " + ", ".join(cells))
         if said:
             lines.append(f"Verdict, {setting} (paired 95 % CIs): " + "; ".join(said) + ".")
+        learnable = []  # beside "did it help": was there anything to learn, and did the seeds learn it alike?
+        for label, sig in res.get("signal", {}).items():
+            c, n = sig.get("pairwise_cos"), sig.get("draws_for_half")
+            if c is None or not math.isfinite(c):
+                continue
+            text = f"{label}: hypergradient draws agree at cosine {c:.2f} (" + (
+                f"about {n:.0f} draws for 0.5" if n is not None and math.isfinite(n) else "no expected direction") + ")"
+            for key, a in res.get("agreement", {}).get(label, {}).items():
+                rho = a.get("leave_one_out_mean")
+                if rho is not None and math.isfinite(rho):
+                    ci = a.get("leave_one_out_ci95")
+                    text += f", seeds' {key} agree at ρ {rho:.2f}" + (
+                        f" ± {ci:.2f}" if ci is not None and math.isfinite(ci) else "")
+            learnable.append(text)
+        if learnable:
+            lines.append(f"Signal, {setting}: " + "; ".join(learnable) + ".")
     return lines
 
 
