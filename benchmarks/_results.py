@@ -65,6 +65,9 @@ def run_or_reuse(path: Path, config: Any, commit: str) -> dict[str, Any]:
         if folder.checkpoints():
             print(f"resuming the run in {path} from its newest checkpoint", file=sys.stderr)
             return execute(folder, load_config(folder.config_file), resume=True)
+    if (path / "config.yaml").is_file():
+        changed = config_changes((path / "config.yaml").read_text(), text)
+        print(f"replacing the run in {path}: its config differs in {', '.join(changed) or 'its text'}", file=sys.stderr)
     folder = RunFolder.create(path, text, overwrite=True)
     (folder.path / "made_at_commit").write_text(commit + "\n")
     return execute(folder, config)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from _results import ROOT, provenance, run_or_reuse, write
+from _results import ROOT, made_at, provenance, run_or_reuse, write
 
 from metapt.config import load_config
 
@@ -37,10 +37,12 @@ def main() -> None:
     cpu = time.process_time()
     summary = run_or_reuse(path, config, source["commit"])
     cpu = round(time.process_time() - cpu, 1)  # this process's CPU seconds: the run's cost on an idle core
+    made = made_at(path)  # a reused or resumed run may have been started by older code
     md = (path / "summary.md").read_text() + (f"\nCPU time of this invocation: {cpu} s (wall time moves with the "
                                               f"machine's other load). Command: `{source['command']}` at commit "
-                                              f"{source['commit']}.\n")
-    write(name, {**source, **summary, "cpu_seconds": cpu}, md)
+                                              f"{source['commit']}" + (f"; the run was started at commit {made}"
+                                                                        if made != source["commit"] else "") + ".\n")
+    write(name, {**source, **summary, "cpu_seconds": cpu, "run_made_at_commit": made}, md)
 
 
 if __name__ == "__main__":
