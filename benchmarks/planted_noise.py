@@ -9,6 +9,13 @@ flipped (y → 1 − y). Then:
 * **learned weights**: pre-train on the corrupted data with meta-learned example weights
   (``MoleculesProblem``, ``WeightingConfig(example_weights=True)``), AUROC of −weight against the
   corrupted flag, over all pre-training molecules and over those some meta-step drew;
+* **learned weight network** (``--family weight_net``): the same, with the weights from one shared
+  network of each molecule's current PT loss and share of observed labels
+  (``WeightingConfig(example_weight_net=True)``, :class:`metapt.metaparams.ExampleWeightNet`,
+  Meta-Weight-Net), so every meta-step moves every molecule's weight; AUROC of −(the net's weight of
+  each pre-training molecule at the end of the run, from a no-dropout forward over all of them, the
+  features standardised over all of them), beside the AUROC of that forward's loss itself (the
+  net's input: what a net monotone in the loss would reach);
 * **alignment probe** (a diagnostic of the signal the hypergradient works with): at the end of the
   corrupted uniform run, each molecule's PT-loss gradient ∇θℓ_i dotted with the gradient of the
   clean held-out ChEMBL loss (all of it, no dropout); the one-step hypergradient of an example
@@ -51,7 +58,7 @@ from metapt import MetaPretrainer, MetaSchedule
 from metapt.domains.molecules.models import GINEncoder, masked_bce
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
 from metapt.hypergrad import Estimator, Neumann, default_estimator, sgd
-from metapt.metaparams import weights_from_logits
+from metapt.metaparams import ExampleWeightNet, weights_from_logits
 from metapt.optim import LazyAdam, LazySGD
 
 OPTIMIZERS = {
@@ -104,9 +111,12 @@ def _encoder(args, seed):
 
 
 def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
-    """θ after ``args.steps`` PT steps; with ``meta=(optimizer, lr)`` also learned example weights,
-    else uniform weights and each molecule's mean training loss."""
-    weighting = WeightingConfig(task_weights=False, example_weights=True, normalize=args.normalize)
+    """θ after ``args.steps`` PT steps; with ``meta=(optimizer, lr)`` also learned example weights
+    (``args.family``: one logit per molecule, or the weight network), else uniform weights and each
+    molecule's mean training loss."""
+    net = meta is not None and args.family == "weight_net"
+    weighting = (WeightingConfig(task_weights=False, example_weight_net=True, normalize=args.normalize) if net else
+                 WeightingConfig(task_weights=False, example_weights=True, normalize=args.normalize))
     kind = PTHeadObjective if pt_head_objective else MoleculesProblem
     problem = kind(data, _encoder(args, seed), weighting, pt_batch_size=args.batch, ft_batch_size=args.val_batch or args.batch,
                    seed=seed)
@@ -146,10 +156,31 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
     out = {"params": {k: v.detach() for k, v in trainer.params.items()}, "encoder": problem, "skipped": trainer.skipped}
     if meta is None:
         out["mean_loss"] = (loss_sum / loss_count.clamp(min=1)).numpy()
+    elif net:
+        out["weights"], out["final_loss"] = net_weights(problem, out["params"], trainer.averaged_metaparams)
+        out["summary"] = next(f for f in problem.families if isinstance(f, ExampleWeightNet)).summary(
+            trainer.averaged_metaparams)
+        out["drawn"] = drawn.numpy()
     else:
         out["weights"] = weights_from_logits(trainer.averaged_metaparams["example_logits"]).numpy()
         out["drawn"] = drawn.numpy()
     return out
+
+
+def net_weights(problem, params, phi, chunk=512):
+    """(every PT molecule's weight from the learned network, its PT loss): the features from one
+    forward without dropout at the final θ, standardised over all PT molecules (not per batch)."""
+    net = next(f for f in problem.families if isinstance(f, ExampleWeightNet))
+    n = len(problem.data.pretrain_positions)
+    features = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            graphs = problem.data.pretrain_batch(torch.arange(start, min(start + chunk, n)))
+            logits = problem.embed(params, graphs, train=False) @ params["pt.weight"].T + params["pt.bias"]
+            features.append(net.features(logits, graphs.y))
+        features = torch.cat(features)
+        w = net.weights({k: v.detach() for k, v in phi.items()}, features)
+    return w.numpy(), features[:, 0].numpy()
 
 
 def alignment_probe(problem, params, chembl):
@@ -221,6 +252,9 @@ def main():
     ap.add_argument("--average", choices=("none", "polyak", "ema"), default="none",
                     help="the φ read at the end: the last one, or averaged over meta-steps")
     ap.add_argument("--normalize", action="store_true", help="example weights scaled to mean 1 within each batch")
+    ap.add_argument("--family", choices=("example_weights", "weight_net"), default="example_weights",
+                    help="the learned weights: one logit per molecule, or one network of each molecule's loss and "
+                         "share of observed labels (Meta-Weight-Net)")
     ap.add_argument("--no-downstream", action="store_true")
     ap.add_argument("--no-clean", action="store_true", help="skip the clean-data uniform run")
     ap.add_argument("--no-probe", action="store_true", help="skip the alignment probe")
@@ -258,16 +292,22 @@ def main():
                 t0 = time.perf_counter()
                 res = pretrain(args, datas[target], seed, meta=(opt, lrs[opt]), pt_head_objective=target == "chembl_pt")
                 w, drawn = res["weights"], res["drawn"]
+                net = args.family == "weight_net"
                 row = {
-                    "seed": seed, "method": "learned example weights", "target": target, "optimizer": opt, "meta_lr": lrs[opt],
+                    "seed": seed, "method": "learned example weight net" if net else "learned example weights",
+                    "target": target, "optimizer": opt, "meta_lr": lrs[opt],
                     "weight_auroc": round(roc_auc_score(flags, -w), 4),
-                    "weight_auroc_drawn": round(roc_auc_score(flags[drawn], -w[drawn]), 4),
+                    # the net's weights move for every molecule: the drawn ones are not special
+                    **({} if net else {"weight_auroc_drawn": round(roc_auc_score(flags[drawn], -w[drawn]), 4)}),
                     "drawn_share": round(float(drawn.mean()), 4),
                     "mean_weight_corrupted": round(float(w[flags].mean()), 4),
                     "mean_weight_clean": round(float(w[~flags].mean()), 4),
                     "skipped_meta_steps": res["skipped"],
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
+                if net:  # the net's input ranks too: does the learned rule add to the loss it reads?
+                    row["final_loss_auroc"] = round(roc_auc_score(flags, res["final_loss"]), 4)
+                    row["net_summary"] = {k: round(v, 4) for k, v in res["summary"].items()}
                 if not args.no_downstream:
                     row["downstream"] = linear_probe_auroc(res["encoder"], res["params"], clean)
                 record(row)
@@ -296,6 +336,8 @@ def markdown(result):
              "mean weight corrupted / clean | B3DB linear-probe test AUROC |", "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         auroc = r.get("weight_auroc", r.get("loss_ranking_auroc", ""))
+        if "final_loss_auroc" in r:  # the weight net: beside the ranking by its input, the final loss
+            auroc = f"{auroc} (final loss: {r['final_loss_auroc']})"
         if "alignment_probe_auroc" in r:
             lines.append(f"| {r['seed']} | alignment probe (diagnostic) | chembl (all held-out) | | "
                          f"{r['alignment_probe_auroc']} | | | |")

@@ -7,6 +7,7 @@ import torch
 
 from metapt.metaparams import (
     AugmentationNetwork,
+    ExampleWeightNet,
     ExampleWeights,
     GaussianNoiseScales,
     LabelFlipRates,
@@ -102,10 +103,124 @@ def test_augmentation_network_is_the_module_with_phi_swapped_in():
 
 
 def test_summarize_merges_every_family():
-    families = [TaskWeights(2), ExampleWeights(5), LabelFlipRates(2), GaussianNoiseScales(4, 0.1, key="feature_noise")]
+    families = [TaskWeights(2), ExampleWeights(5), LabelFlipRates(2), GaussianNoiseScales(4, 0.1, key="feature_noise"),
+                ExampleWeightNet()]
     phi = {}
     for f in families:
         phi.update(f.init())
     s = summarize(families, phi)
-    for key in ("task_weight_mean", "example_weight_mean", "label_flip_mean", "feature_noise_mean"):
+    for key in ("task_weight_mean", "example_weight_mean", "label_flip_mean", "feature_noise_mean",
+                "wnet_weight_at_loss_0", "wnet_decreasing_in_loss"):
         assert key in s
+
+
+def _batch(b=6, t=4, seed=0, dtype=F64):
+    """Logits and labels [b, t] with missing labels, one example with none observed."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, t, generator=g, dtype=dtype)
+    labels = (torch.rand(b, t, generator=g, dtype=dtype) < 0.5).to(dtype)
+    missing = torch.rand(b, t, generator=g) < 0.4
+    missing[0] = True  # no label observed
+    missing[1] = False  # every label observed
+    return logits, labels.masked_fill(missing, float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_example_weight_net_starts_at_exactly_one_and_deterministic(dtype, normalize):
+    fam = ExampleWeightNet(normalize=normalize)
+    phi = fam.init(dtype)
+    assert list(phi) == ["wnet.w1", "wnet.b1", "wnet.w2", "wnet.b2"] and not ExampleWeightNet.row_sparse
+    assert all(v.dtype == dtype for v in phi.values())
+    again = ExampleWeightNet(normalize=normalize).init(dtype)
+    assert all(torch.equal(phi[k], again[k]) for k in phi)  # a fixed generator, not the global one
+    assert phi["wnet.w1"].abs().sum() > 0  # the first layer is drawn; the last is zero
+    logits, labels = _batch(dtype=dtype)
+    w = fam.weights(phi, fam.features(100 * logits, labels))
+    assert torch.equal(w, torch.ones(6, dtype=dtype))
+    s = fam.summary(phi)
+    assert {s[f"wnet_weight_at_loss_{k}"] for k in ("-2", "-1", "0", "+1", "+2")} == {1.0}
+    assert s["wnet_loss_slope"] == 0.0 and s["wnet_decreasing_in_loss"] == 0.0
+
+
+def test_example_weight_net_features_are_each_examples_loss_and_observed_share_standardised_in_the_batch():
+    fam = ExampleWeightNet()
+    logits, labels = _batch()
+    f = fam.features(logits.clone().requires_grad_(True), labels)
+    assert not f.requires_grad
+    observed = ~torch.isnan(labels)
+    for i in range(6):
+        o = observed[i]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[i, o], labels[i, o], reduction="sum")
+        assert float(f[i, 0]) == pytest.approx(float(bce) / max(int(o.sum()), 1), rel=1e-12)
+        assert float(f[i, 1]) == pytest.approx(float(o.sum()) / 4)
+    z = fam.standardize(f)
+    has = observed.any(1)
+    assert not has[0] and has.sum() >= 4
+    rest = z[has]  # statistics over the examples with an observed label: mean 0, std 1 there
+    torch.testing.assert_close(rest.mean(0), torch.zeros(2, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rest.std(0, unbiased=False), torch.ones(2, dtype=F64), rtol=1e-5, atol=0)
+    # relative: an affine change of a feature's scale (the loss drifting) leaves the weights as they were
+    phi = {k: v + 0.5 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+           for k, v in fam.init(F64).items()}
+    moved = f * torch.tensor([3.0, 1.0], dtype=F64) + torch.tensor([2.0, 0.0], dtype=F64)
+    moved[~has] = f[~has]  # an unobserved example's loss stays 0
+    torch.testing.assert_close(fam.weights(phi, moved)[has], fam.weights(phi, f)[has], rtol=1e-6, atol=0)
+    # a constant feature standardises to 0, and a batch of one to 0
+    assert torch.equal(fam.standardize(torch.tensor([[0.7, 1.0], [0.7, 1.0]], dtype=F64)), torch.zeros(2, 2, dtype=F64))
+    assert torch.equal(fam.standardize(torch.tensor([[0.7, 1.0]], dtype=F64)), torch.zeros(1, 2, dtype=F64))
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_example_weight_net_weights_are_differentiable_in_phi(normalize):
+    fam = ExampleWeightNet(hidden=3, normalize=normalize)
+    g = torch.Generator().manual_seed(2)
+    leaves = [(v + 0.5 * torch.randn(v.shape, generator=g, dtype=F64)).requires_grad_(True)
+              for v in fam.init(F64).values()]
+    feats = fam.features(*_batch())
+
+    def weights(*values):
+        return fam.weights(dict(zip(fam.keys, values)), feats)
+
+    assert torch.autograd.gradcheck(weights, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
+    # and twice (the hypergradient differentiates ∂L/∂θ in φ)
+    assert torch.autograd.gradgradcheck(weights, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_example_weight_net_theta_gradient_holds_the_weights_fixed():
+    # features detached: ∇θ Σ_i w_i ℓ_i = Σ_i w_i ∇θ ℓ_i with w at its value, not through the losses
+    from metapt.losses import masked_bce
+
+    fam = ExampleWeightNet(hidden=4)
+    g = torch.Generator().manual_seed(3)
+    phi = {k: v + 0.5 * torch.randn(v.shape, generator=g, dtype=F64) for k, v in fam.init(F64).items()}
+    x = torch.randn(6, 5, generator=g, dtype=F64)
+    theta = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
+    _, labels = _batch()
+    logits = x @ theta
+    loss = masked_bce(logits, labels, None, fam.weights(phi, fam.features(logits, labels)))
+    (grad,) = torch.autograd.grad(loss, theta)
+    w = fam.weights(phi, fam.features(x @ theta.detach(), labels))
+    assert w.std() > 0.05  # the weights differ: a gradient through them would show
+    observed = ~torch.isnan(labels)
+    manual = torch.zeros_like(theta)
+    for i in range(6):
+        o = observed[i]
+        if o.any():
+            li = torch.nn.functional.binary_cross_entropy_with_logits((x[i] @ theta)[o], labels[i, o], reduction="sum")
+            manual += w[i] * torch.autograd.grad(li, theta)[0] / observed.sum()
+    torch.testing.assert_close(grad, manual, rtol=1e-12, atol=1e-14)
+
+
+def test_example_weight_net_summary_says_whether_the_weight_falls_with_the_loss():
+    fam = ExampleWeightNet(hidden=1, prefix="mwn.")
+    falling = {"mwn.w1": torch.tensor([[1.0, 0.0]]), "mwn.b1": torch.zeros(1), "mwn.w2": torch.tensor([[-2.0]]),
+               "mwn.b2": torch.zeros(1)}
+    s = fam.summary(falling)  # logit −2·tanh(f̂_loss)
+    assert s["mwn_weight_at_loss_-2"] > s["mwn_weight_at_loss_0"] > s["mwn_weight_at_loss_+2"]
+    assert s["mwn_weight_at_loss_0"] == pytest.approx(1.0)
+    assert s["mwn_weight_at_loss_+1"] == pytest.approx(2 * torch.sigmoid(torch.tensor(-2 * math.tanh(1.0))).item())
+    assert s["mwn_decreasing_in_loss"] == 1.0 and s["mwn_loss_slope"] < 0 and s["mwn_observed_slope"] == 0.0
+    rising = {**falling, "mwn.w2": torch.tensor([[2.0]])}
+    assert fam.summary(rising)["mwn_decreasing_in_loss"] == 0.0 and fam.summary(rising)["mwn_loss_slope"] > 0
+    assert all("/" not in k for k in s)  # the molecules problem logs only keys without a "/"

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API docs) read
     )
     from .metaparams import (
         AugmentationNetwork,
+        ExampleWeightNet,
         ExampleWeights,
         GaussianNoiseScales,
         LabelFlipRates,
@@ -48,6 +49,7 @@ _WHERE = {
     "AugmentationNetwork": ".metaparams",
     "ConjugateGradient": ".hypergrad",
     "EpochShuffler": ".problem",
+    "ExampleWeightNet": ".metaparams",
     "ExampleWeights": ".metaparams",
     "GaussianNoiseScales": ".metaparams",
     "HypergradInfo": ".hypergrad",
@@ -78,6 +80,7 @@ __all__ = [
     "AugmentationNetwork",
     "ConjugateGradient",
     "EpochShuffler",
+    "ExampleWeightNet",
     "ExampleWeights",
     "GaussianNoiseScales",
     "HypergradInfo",

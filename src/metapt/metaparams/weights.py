@@ -9,6 +9,11 @@ hypergradient has at most B non-zero entries. :func:`gather_rows` reads them
 with a gradient that is a sparse COO tensor (B rows), not a dense [N] tensor of
 zeros, so a meta-step's cost does not grow with N; :class:`metapt.optim.LazyAdam`
 and :class:`metapt.optim.LazySGD` then update only those rows.
+
+A weight per example learns slowly, because an example is in few of the meta-steps' batches.
+:class:`ExampleWeightNet` (Meta-Weight-Net, Shu et al. 2019) instead learns one small network
+from per-example features (the example's current loss, the share of its labels observed) to
+its weight: every meta-step updates the weight of every example, seen or not.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ExampleWeights", "TaskWeights", "gather_rows", "weight_logits", "weights_from_logits"]
+__all__ = ["ExampleWeightNet", "ExampleWeights", "TaskWeights", "gather_rows", "weight_logits", "weights_from_logits"]
 
 
 def weights_from_logits(logits: Tensor) -> Tensor:
@@ -158,4 +164,124 @@ class ExampleWeights:
         out = {f"example_weight_{k}": v for k, v in _spread(w).items()}
         out["example_weight_below_0.5"] = float((w < 0.5).double().mean())
         out["example_weight_above_1.5"] = float((w > 1.5).double().mean())
+        return out
+
+
+class ExampleWeightNet:
+    """One small network from an example's features to its weight (Meta-Weight-Net, Shu et al. 2019).
+
+    w_i = 2·sigmoid(MLP(f̂_i)), the MLP features → ``hidden`` tanh units → 1 logit, its
+    parameters φ's entries ``<prefix>w1``, ``b1``, ``w2``, ``b2``. The features of example i
+    (:meth:`features`, from the batch's own logits and labels, detached) are
+
+    * its current PT loss: the masked BCE averaged over its observed tasks;
+    * the fraction of its tasks that are observed.
+
+    Why a network and not one logit per example (:class:`ExampleWeights`): an example is in a
+    handful of the meta-steps' batches in a run, so its own logit barely moves; the network's
+    parameters are shared, so every meta-step moves every example's weight, and the learned
+    rule (e.g. "weight down what the model fits worst") applies to examples no meta-step drew.
+
+    Why detached features: the weight is a function of where the example stands, not a path for
+    θ's gradient; the θ-gradient of the weighted loss is Σ_i w_i ∇θ ℓ_i with w held fixed, as in
+    Shu et al.'s code. (The accumulated estimator's finite difference along θ re-evaluates the
+    features at the shifted θ, so its draws also see the features move with θ: an O(1) term the
+    autograd estimators leave out.)
+
+    Why standardised within the batch, f̂ = (f − mean)/(std + ``eps``) over the batch's examples
+    with at least one observed label (population std): the loss's scale drifts as pre-training
+    proceeds (and differs between tasks and domains), while the rule to learn is about an
+    example's loss *relative* to the others it is trained with; standardised inputs also keep the
+    tanh units out of saturation whatever the scale. A batch whose feature is constant gives it 0.
+    Examples without an observed label are left out of the mean and std (their loss is 0 by
+    convention and their weight multiplies nothing).
+
+    φ₀ is deterministic (the first layer drawn from ``torch.Generator().manual_seed(seed)``) and
+    gives every weight exactly 1: the last layer is zero, so the logit is 0 for any input. Dense:
+    every entry of φ is read by every batch (``row_sparse`` False).
+
+    With ``normalize``, a batch's weights are scaled to mean 1, as :class:`ExampleWeights` does.
+
+    Args:
+        hidden: width of the hidden layer.
+        prefix: prepended to the entry names in φ (``wnet.`` gives ``wnet.w1`` …; also the stem of
+            :meth:`summary`'s keys, without the trailing dot).
+        normalize: scale each batch's weights to mean 1.
+        seed: the generator seed of the first layer's φ₀.
+        eps: added to the within-batch std of each feature.
+    """
+
+    row_sparse = False
+    #: the per-example features, in the order of the network's inputs
+    FEATURES = ("loss", "observed_fraction")
+
+    def __init__(self, hidden: int = 16, *, prefix: str = "wnet.", normalize: bool = False, seed: int = 0,
+                 eps: float = 1e-6):
+        if hidden < 1:
+            raise ValueError(f"ExampleWeightNet: hidden must be >= 1, got {hidden}")
+        if not eps > 0:
+            raise ValueError(f"ExampleWeightNet: eps must be > 0, got {eps}")
+        self.hidden, self.prefix, self.normalize, self.seed, self.eps = hidden, prefix, normalize, seed, eps
+        self.keys = [prefix + k for k in ("w1", "b1", "w2", "b2")]
+        self.name = prefix.rstrip("._/") or "wnet"
+
+    def init(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """φ₀: a seeded first layer (W₁ ~ N(0, 1/inputs), b₁ ~ N(0, 1/4)), a zero last layer (every weight 1)."""
+        g = torch.Generator().manual_seed(self.seed)
+        n_in = len(self.FEATURES)
+        w1 = torch.randn(self.hidden, n_in, generator=g, dtype=torch.float64) / n_in**0.5
+        b1 = 0.5 * torch.randn(self.hidden, generator=g, dtype=torch.float64)
+        dtype = dtype or torch.get_default_dtype()
+        return dict(zip(self.keys, (w1.to(dtype), b1.to(dtype), torch.zeros(1, self.hidden, dtype=dtype),
+                                    torch.zeros(1, dtype=dtype))))
+
+    @staticmethod
+    def features(logits: Tensor, labels: Tensor) -> Tensor:
+        """[B, 2] raw features of a batch, detached: each example's BCE averaged over its observed
+        tasks (0 with none observed) and the fraction of its tasks observed.
+
+        ``logits`` and ``labels`` [B, T] (NaN: not observed) are the ones the PT loss reads, from
+        the same forward: no second forward is needed.
+        """
+        logits, labels = logits.detach(), labels.detach().to(logits.dtype)
+        observed = ~torch.isnan(labels)
+        bce = F.binary_cross_entropy_with_logits(logits, torch.where(observed, labels, 0.0), reduction="none")
+        count = observed.sum(1)
+        loss = torch.where(observed, bce, 0.0).sum(1) / count.clamp(min=1)
+        return torch.stack([loss, count.to(logits.dtype) / labels.shape[1]], 1)
+
+    def standardize(self, features: Tensor) -> Tensor:
+        """(f − mean)/(std + eps) per feature, the statistics over the rows with an observed label
+        (observed fraction > 0; all rows if none has one)."""
+        valid = features[:, 1] > 0
+        ref = features[valid] if bool(valid.any()) else features
+        mean, std = ref.mean(0), ref.std(0, unbiased=False) if len(ref) > 1 else torch.zeros_like(ref[0])
+        return (features - mean) / (std + self.eps)
+
+    def net(self, phi: Mapping[str, Tensor], standardized: Tensor) -> Tensor:
+        """[B] weights 2·sigmoid(MLP(f̂)) of already standardised features [B, 2] (no normalisation)."""
+        w1, b1, w2, b2 = (phi[k] for k in self.keys)
+        x = standardized.to(w1.dtype)
+        return weights_from_logits((torch.tanh(x @ w1.T + b1) @ w2.T + b2).squeeze(1))
+
+    def weights(self, phi: Mapping[str, Tensor], features: Tensor) -> Tensor:
+        """[B] weights of a batch from its raw :meth:`features`, differentiable in φ (standardised
+        within the batch; with ``normalize``, scaled to mean 1)."""
+        w = self.net(phi, self.standardize(features.detach()))
+        return w * (len(w) / w.sum()) if self.normalize else w
+
+    def summary(self, phi: Mapping[str, Tensor]) -> dict[str, float]:
+        """The weight the network gives at standardised loss −2, −1, 0, +1, +2 (observed fraction at
+        its batch mean), as ``<name>_weight_at_loss_-2`` …; the slopes (w(+1) − w(−1))/2 along the
+        loss and along the observed fraction; and ``<name>_decreasing_in_loss``, 1 if the five
+        weights strictly decrease, else 0. Unnormalised: with ``normalize`` only their ratios act."""
+        own = {k: phi[k].detach().double().cpu() for k in self.keys}
+        levels = (-2, -1, 0, 1, 2)
+        points = torch.tensor([[x, 0.0] for x in levels] + [[0.0, -1.0], [0.0, 1.0]], dtype=torch.float64)
+        w = self.net(own, points).tolist()
+        out = {f"{self.name}_weight_at_loss_{x:+d}" if x else f"{self.name}_weight_at_loss_0": v
+               for x, v in zip(levels, w[:5])}
+        out[f"{self.name}_loss_slope"] = (w[3] - w[1]) / 2
+        out[f"{self.name}_observed_slope"] = (w[6] - w[5]) / 2
+        out[f"{self.name}_decreasing_in_loss"] = float(all(w[i + 1] < w[i] for i in range(4)))
         return out

@@ -63,7 +63,8 @@ def test_batches_are_a_function_of_their_index(b3db_small):
 @pytest.mark.parametrize("weighting, key", [(WeightingConfig(True, False), "task_logits"),
                                             (WeightingConfig(False, True), "example_logits"),
                                             (WeightingConfig(False, False, label_noise=True), "label_flip"),
-                                            (WeightingConfig(False, False, feature_noise=True), "feature_noise")])
+                                            (WeightingConfig(False, False, feature_noise=True), "feature_noise"),
+                                            (WeightingConfig(False, False, example_weight_net=True), "wnet.b1")])
 def test_hypergradient_matches_finite_differences_of_the_mixed_term(b3db_small, weighting, key):
     # With H⁻¹ ≈ α I the hypergradient is −α ∂/∂φ ⟨∇θ L_PT(θ, φ), g⟩, g = dL_V/dθ after one
     # unrolled head step; check it on the real GIN and losses by central differences in φ.
@@ -171,10 +172,13 @@ def test_feature_noise_is_reparameterised_and_seeded_by_the_batch(b3db_small):
 
 
 def test_summary_names_every_family(b3db_small):
-    p, _, _, phi = _problem(b3db_small, WeightingConfig(True, True, label_noise=True, feature_noise=True))
-    assert set(phi) == {"task_logits", "example_logits", "label_flip", "feature_noise"}
+    p, _, _, phi = _problem(b3db_small, WeightingConfig(True, True, example_weight_net=True, label_noise=True,
+                                                        feature_noise=True))
+    assert set(phi) == {"task_logits", "example_logits", "wnet.w1", "wnet.b1", "wnet.w2", "wnet.b2", "label_flip",
+                        "feature_noise"}
     summary = p.describe_metaparams(phi)
-    for key in ("task_weight_min", "task_weight_std", "example_weight_max", "label_flip_mean", "feature_noise_mean"):
+    for key in ("task_weight_min", "task_weight_std", "example_weight_max", "wnet_weight_at_loss_+2", "wnet_loss_slope",
+                "label_flip_mean", "feature_noise_mean"):
         assert key in summary
     with pytest.raises(ValueError, match="label_flip_init"):
         NoiseModelConfig(label_flip_init=0.7)
@@ -202,3 +206,46 @@ def test_frozen_noise_controls_pretrain_with_the_noise_held_at_its_initial_value
     noisy = built.problem.pretrain_loss(built.params, phi0, batch)
     plain = uniform.problem.pretrain_loss(uniform.params, uniform.metaparams, batch)
     assert not torch.allclose(noisy, plain)
+
+
+def test_example_weight_net_reads_the_batchs_own_losses_and_starts_as_uniform(b3db_small):
+    # the weights come from the PT logits of the same forward; with per-molecule logits too they multiply
+    from metapt.losses import masked_bce
+
+    p, theta, _, phi = _problem(b3db_small, WeightingConfig(False, True, example_weight_net=True))
+    graphs, rows = batch = p.pretrain_batch(1)
+    logits = p.pretrain_outputs(theta, phi, batch)
+    net = p.families[1]
+    w = phi["example_logits"][rows].sigmoid() * 2 * net.weights(phi, net.features(logits, graphs.y))
+    assert w.std() > 0.01
+    torch.testing.assert_close(p.pretrain_output_loss(logits, phi, batch), masked_bce(logits, graphs.y, None, w),
+                               rtol=1e-12, atol=0)
+    uniform, *_ = _problem(b3db_small, WeightingConfig(True, False))
+    start, *_ = _problem(b3db_small, WeightingConfig(False, False, example_weight_net=True))
+    torch.testing.assert_close(start.pretrain_output_loss(logits, start.initial_metaparams(), batch),
+                               uniform.pretrain_output_loss(logits, uniform.initial_metaparams(), batch), rtol=0, atol=0)
+
+
+def test_example_weight_net_method_runs_from_the_cli_and_summarises_the_net(tmp_path):
+    from typer.testing import CliRunner
+
+    from metapt.cli import app
+
+    out = tmp_path / "wnet"
+    res = CliRunner().invoke(app, [
+        "run", "molecules-test", "--out", str(out), "--threads", "1",
+        "--set", "methods=[uniform, meta_example_weight_net]",
+        "--set", "evaluation.linear_probe=null", "--set", "evaluation.seeds=1"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    res_ = summary["settings"]["b3db"]
+    assert set(res_["scores"]) == {"uniform weights", "meta example weight net"}
+    assert "meta example weight net − uniform weights" in res_["gains"]
+    described = res_["learned"]["meta_example_weight_net"]["example_weight_net"]
+    assert set(described) == {"wnet_weight_at_loss_-2", "wnet_weight_at_loss_-1", "wnet_weight_at_loss_0",
+                              "wnet_weight_at_loss_+1", "wnet_weight_at_loss_+2", "wnet_loss_slope",
+                              "wnet_observed_slope", "wnet_decreasing_in_loss"}
+    assert described["wnet_weight_at_loss_0"] != 1.0  # meta-steps moved the net
+    assert summary["pretraining"]["b3db/meta_example_weight_net"]["meta_steps"] > 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("phi/wnet_loss_slope" in r for r in logged)

@@ -6,7 +6,9 @@ pre-training tasks of uneven value (the paper's setting for task weighting): RDK
 functional-group tasks (``data.motif_tasks=true``) and label-permuted junk tasks
 (``data.junk_tasks``), with the controls ``chembl_only`` and ``motifs_only``. Methods differ
 only in φ: uniform task weights (φ frozen at 1), meta-learned task weights, meta-learned
-per-molecule weights, and a randomly initialised encoder. Opt-in noise models
+per-molecule weights, a meta-learned example-weight network (opt-in: ``meta_example_weight_net``,
+a molecule's weight from its current PT loss and share of observed labels), and a randomly
+initialised encoder. Opt-in noise models
 (``--set 'methods=[uniform,meta_label_noise,meta_feature_noise]'``): per-task label-flip rates
 (``noise.label_flip_init``) and per-feature Gaussian noise on the graph embedding fed to the PT
 head (``noise.embedding_noise_init``).
@@ -23,7 +25,7 @@ from pydantic import Field
 from rich.console import Console
 
 from ...evaluation import Downstream, EvalConfig, FinetuneConfig, mean_ci95
-from ...metaparams import GaussianNoiseScales, LabelFlipRates, TaskWeights, weights_from_logits
+from ...metaparams import ExampleWeightNet, GaussianNoiseScales, LabelFlipRates, TaskWeights, weights_from_logits
 from ...plots import plot_hbars
 from ...domain import Method, Pretraining
 from ...schema import MAX_SEED, CheckpointConfig, MetaConfig, PretrainConfig, check_device, check_job, schema
@@ -36,6 +38,7 @@ from .problem import (TASK_GROUPS, MoleculeData, MoleculesProblem, NoiseModelCon
 VARIANTS: dict[str, WeightingConfig] = {
     "task_weights": WeightingConfig(task_weights=True),
     "example_weights": WeightingConfig(task_weights=False, example_weights=True),
+    "example_weight_net": WeightingConfig(task_weights=False, example_weight_net=True),
     "label_noise": WeightingConfig(task_weights=False, label_noise=True),
     "feature_noise": WeightingConfig(task_weights=False, feature_noise=True),
     # uniform weights on one task group, the other groups' labels masked (pre-training without them)
@@ -50,6 +53,7 @@ METHODS = {m.name: m for m in (
     Method("random_task_weights", "random task weights", phi="random", variant="task_weights"),  # opt-in
     Method("meta_example_weights", "meta example weights", variant="example_weights"),
     Method("random_example_weights", "random example weights", phi="random", variant="example_weights"),  # opt-in
+    Method("meta_example_weight_net", "meta example weight net", variant="example_weight_net"),  # opt-in
     Method("meta_label_noise", "meta label noise", variant="label_noise"),  # opt-in: --set methods=[...]
     Method("meta_feature_noise", "meta embedding noise", variant="feature_noise"),
     # the noise models' frozen-φ₀ controls: the same noise, held at its initial level
@@ -145,6 +149,7 @@ class Molecules:
     methods = METHODS
     gains = (("meta_task_weights", "uniform"), ("meta_task_weights", "random_task_weights"),
              ("meta_example_weights", "uniform"), ("meta_example_weights", "random_example_weights"),
+             ("meta_example_weight_net", "uniform"), ("meta_example_weight_net", "meta_example_weights"),
              ("meta_label_noise", "uniform"),
              ("meta_label_noise", "frozen_label_noise"), ("meta_feature_noise", "uniform"),
              ("meta_feature_noise", "frozen_feature_noise"), ("uniform", "no_pretrain"),
@@ -212,6 +217,9 @@ class Molecules:
             w = weights_from_logits(phi["example_logits"])
             out["example_weights"] = {"mean": float(w.mean()), "std": float(w.std()), "min": float(w.min()),
                                       "max": float(w.max())}
+        net = ExampleWeightNet()
+        if all(k in phi for k in net.keys):  # the weight at standardised loss −2 … +2, the slopes
+            out["example_weight_net"] = net.summary(phi)
         if "label_flip" in phi:  # ρ_t per task
             rates = LabelFlipRates(len(data.pretrain_task_names)).rates(phi)
             out["label_flip_rates"] = {name: round(float(v), 4) for name, v in zip(data.pretrain_task_names, rates)}

@@ -2,7 +2,9 @@
 
 θ = the GIN encoder and the multitask PT head; φ = any of: per-task weight logits
 (the paper's task weighting, w = 2·sigmoid), per-molecule weight logits (data
-reweighting, one per pre-training molecule, read with a row-sparse gradient), and a
+reweighting, one per pre-training molecule, read with a row-sparse gradient), a shared
+example-weight network (Meta-Weight-Net: a molecule's weight from its current PT loss and its
+share of observed labels), and a
 noise model — per-task label-flip rates (the PT loss is the expected BCE over the
 flips) and per-feature Gaussian noise on the graph embedding that feeds the PT head
 (reparameterised: the noise draw is part of the batch); ψ = the downstream head.
@@ -25,7 +27,7 @@ from torch import Tensor
 from torch.func import functional_call
 from torch_geometric.data import Batch
 
-from ...metaparams import ExampleWeights, GaussianNoiseScales, LabelFlipRates, TaskWeights, summarize
+from ...metaparams import ExampleWeightNet, ExampleWeights, GaussianNoiseScales, LabelFlipRates, TaskWeights, summarize
 from ...problem import EpochShuffler, Params
 from ...schema import schema
 from .data import held_out_split, load_b3db, load_chembl_pretraining, scaffold_split
@@ -291,6 +293,10 @@ class WeightingConfig:
     Attributes:
         task_weights: one weight per pre-training task (the paper's setting).
         example_weights: one weight per pre-training molecule (data reweighting).
+        example_weight_net: a molecule's weight from a small network of its current PT loss and
+            its share of observed labels (:class:`metapt.metaparams.ExampleWeightNet`, the
+            features standardised within the batch); with ``example_weights`` too, a molecule's
+            weight is the product of the two.
         label_noise: per-task label-flip rates ρ_t = 0.5·sigmoid(φ_t) (a noise model; the PT
             loss is the expected BCE over the flips, i.e. label smoothing by ρ_t).
         feature_noise: per-feature Gaussian noise σ_j = exp(φ_j) on the graph embedding fed
@@ -305,6 +311,7 @@ class WeightingConfig:
 
     task_weights: bool = True
     example_weights: bool = False
+    example_weight_net: bool = False
     label_noise: bool = False
     feature_noise: bool = False
     noise: NoiseModelConfig = NoiseModelConfig()
@@ -341,11 +348,13 @@ class MoleculesProblem:
         self.families = [f for f, on in (
             (TaskWeights(self.num_pt_tasks, names=names, normalize=w.normalize), w.task_weights),
             (ExampleWeights(len(data.pretrain_positions), normalize=w.normalize), w.example_weights),
+            (ExampleWeightNet(normalize=w.normalize), w.example_weight_net),
             (LabelFlipRates(self.num_pt_tasks, w.noise.label_flip_init, names=names), w.label_noise),
             (GaussianNoiseScales(encoder.emb_dim, w.noise.embedding_noise_init, key="feature_noise"), w.feature_noise),
         ) if on]
         if not self.families:
-            raise ValueError("WeightingConfig: enable task_weights, example_weights, label_noise or feature_noise")
+            raise ValueError("WeightingConfig: enable task_weights, example_weights, example_weight_net, label_noise "
+                             "or feature_noise")
 
     # ---- initial values -------------------------------------------------------------------
 
@@ -396,12 +405,19 @@ class MoleculesProblem:
         return z @ params["pt.weight"].T + params["pt.bias"]
 
     def pretrain_output_loss(self, logits: Tensor, metaparams: Params, batch: tuple[Batch, Tensor]) -> Tensor:
-        """The masked, task- and example-weighted BCE of the PT logits (convex in them)."""
+        """The masked, task- and example-weighted BCE of the PT logits (convex in them, the weights
+        held fixed: the weight network's features are detached). The weight network reads each
+        molecule's loss from these logits and labels (the smoothed ones with label noise): no second
+        forward."""
         graphs, rows = batch
         tasks, examples, flips = self._family(TaskWeights), self._family(ExampleWeights), self._family(LabelFlipRates)
+        net = self._family(ExampleWeightNet)
         labels = graphs.y if flips is None else flips.smooth(metaparams, graphs.y.to(logits.dtype))
         task_w = tasks.weights(metaparams) if tasks is not None else None
         example_w = examples.weights(metaparams, rows) if examples is not None else None
+        if net is not None:
+            net_w = net.weights(metaparams, net.features(logits, labels))
+            example_w = net_w if example_w is None else example_w * net_w
         return masked_bce(logits, labels, task_w, example_w)
 
     def finetune_loss(self, params: Params, head: Params, batch: Batch) -> Tensor:
