@@ -132,13 +132,13 @@ def test_rank_1_of_torchrun_does_not_say_nothing_was_kept(finished, tmp_path, mo
     import contextlib
     import types
 
+    import metapt.distributed
     import metapt.jobs
-    from metapt import cli
 
     run = _copy(finished, tmp_path / "run")
     ctx = types.SimpleNamespace(distributed=True, is_main=False, rank=1, world_size=2)
-    monkeypatch.setattr(cli, "_distributed", lambda *a, **k: contextlib.nullcontext(ctx))
-    monkeypatch.setattr(cli, "_on_main", lambda ctx, fn: str(run))  # rank 0 made the folder
+    monkeypatch.setattr(metapt.distributed, "launch", lambda *a, **k: contextlib.nullcontext(ctx))
+    monkeypatch.setattr(metapt.distributed, "on_main", lambda ctx, fn: str(run))  # rank 0 made the folder
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
