@@ -97,7 +97,8 @@ def main() -> None:
     for cell, file, setting, method, control, where in CELLS:
         r = results[file]
         d = diffs(r, setting, method, control) if r is not None else None
-        rows.append({"cell": cell, "file": FILES[file], "setting": where, "method": method, "control": control,
+        rows.append({"cell": cell, "source": file, "file": FILES[file], "setting": where, "results_setting": setting,
+                     "method": method, "control": control,
                      "diffs": d, **(t_test(d) if d else {"mean": math.nan, "n": 0, "p": math.nan}),
                      "results_commit": r and r.get("commit"),
                      "preregistration_commit": r and r.get("preregistration_commit")})
@@ -111,18 +112,15 @@ def main() -> None:
     settings = []
     for where in dict.fromkeys(c[5] for c in CELLS):
         cells = [r for r in rows if r["setting"] == where]
-        method, (file, setting) = cells[0]["method"], next((c[1], c[2]) for c in CELLS if c[5] == where)
-        methods = sorted({r["method"] for r in cells})
-        agree = {m: agreement(results[next(c[1] for c in CELLS if c[3] == m and c[5] == where)], setting, m)
-                 for m in methods}
-        for m in methods:
+        for m in sorted({r["method"] for r in cells}):
             mine = [r for r in cells if r["method"] == m]
-            loo = [a for a in (agree[m] or {}).values()]
+            agree = agreement(results[mine[0]["source"]], mine[0]["results_setting"], m)
+            loo = list((agree or {}).values())
             agrees = bool(loo) and all(a["leave_one_out_mean"] is not None and a["leave_one_out_ci95"] is not None
                                        and a["leave_one_out_mean"] - a["leave_one_out_ci95"] > 0 for a in loo)
             both = all(r["verdict"] == "supports" for r in mine)
             settings.append({"setting": where, "method": m, "cells": [r["cell"] for r in mine],
-                             "both_support": both, "agreement": agree[m], "agreement_ci_above_0": agrees,
+                             "both_support": both, "agreement": agree, "agreement_ci_above_0": agrees,
                              "success": both and agrees})
     result = {**source, "alpha": ALPHA, "mode": MODE, "label_fraction": FRACTION, "files": FILES,
               "present": {k: v is not None for k, v in results.items()}, "cells": rows, "settings": settings,
