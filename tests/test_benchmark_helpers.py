@@ -1,0 +1,73 @@
+"""benchmarks/_results.py: a results file names the code that made it, and a benchmark never throws
+away a run's work on the user's behalf. Both once went wrong together: a worktree borrowing the
+main checkout's venv ran main's code under the worktree's commit, and when main's config format
+moved on, the worktree's re-run silently replaced three hours of pre-registered runs."""
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from metapt.config import load_config, to_yaml
+from metapt.runs import RunFolder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def results(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module("_results")
+    calls = []
+    monkeypatch.setattr(module, "execute", lambda folder, config, resume=False: calls.append(resume) or {"ran": resume})
+    module.calls = calls
+    return module
+
+
+def test_metapt_is_imported_from_this_tree(results):
+    results.check_imported_tree()  # the test process imports this checkout's src/
+    elsewhere = types.SimpleNamespace(__file__="/elsewhere/checkout/src/metapt/__init__.py")
+    with pytest.raises(SystemExit, match="PYTHONPATH=.*src"):
+        results.check_imported_tree(elsewhere)
+    assert str(ROOT / "src") in sys.path  # put first by the import, before metapt is imported
+
+
+def _folder(path: Path, config, commit: str, checkpoint: bool) -> None:
+    folder = RunFolder.create(path, to_yaml(config))
+    folder.commit()
+    (path / "made_at_commit").write_text(commit + "\n")
+    if checkpoint:
+        folder.checkpoint_dir.mkdir(exist_ok=True)
+        (folder.checkpoint_dir / "ckpt-000003-0123456789abcdef.pt").write_bytes(b"work")
+    folder.unlock()
+
+
+def test_a_run_with_checkpoints_of_another_config_is_refused_not_replaced(results, tmp_path):
+    config = load_config("synthetic")
+    _folder(tmp_path / "run", load_config("synthetic", ["pretrain.steps=777"]), "c0", checkpoint=True)
+    with pytest.raises(SystemExit, match=r"another config .*pretrain\.steps"):
+        results.run_or_reuse(tmp_path / "run", config, "c0")
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-000003-0123456789abcdef.pt").read_bytes() == b"work"
+    assert results.calls == []
+
+
+def test_an_unfinished_run_of_another_commit_is_refused(results, tmp_path):
+    config = load_config("synthetic")
+    _folder(tmp_path / "run", config, "c0", checkpoint=True)
+    with pytest.raises(SystemExit, match="made at commit c0"):
+        results.run_or_reuse(tmp_path / "run", config, "c1")
+    assert results.calls == []
+    assert results.run_or_reuse(tmp_path / "run", config, "c0") == {"ran": True}  # same commit: resumed
+
+
+def test_a_folder_with_nothing_computed_is_replaced_and_a_finished_run_reused(results, tmp_path, capsys):
+    config = load_config("synthetic")
+    _folder(tmp_path / "run", load_config("synthetic", ["pretrain.steps=777"]), "c0", checkpoint=False)
+    assert results.run_or_reuse(tmp_path / "run", config, "c1") == {"ran": False}
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "run" / "made_at_commit").read_text() == "c1\n"
+    (tmp_path / "run" / "summary.json").write_text('{"done": 1}')
+    assert results.run_or_reuse(tmp_path / "run", config, "c2") == {"done": 1}  # reused, made_at says c1
+    assert results.calls == [False]
