@@ -224,3 +224,28 @@ def test_example_weight_net_summary_says_whether_the_weight_falls_with_the_loss(
     rising = {**falling, "mwn.w2": torch.tensor([[2.0]])}
     assert fam.summary(rising)["mwn_decreasing_in_loss"] == 0.0 and fam.summary(rising)["mwn_loss_slope"] > 0
     assert all("/" not in k for k in s)  # the molecules problem logs only keys without a "/"
+
+
+def test_normalized_example_weight_net_is_b_softmax_of_its_logits_and_blind_to_a_shared_shift():
+    # the closed form: w_i = B·exp(l_i)/Σ_j exp(l_j), so w_i/w_j = exp(l_i − l_j), and adding c to
+    # every logit (the last bias) changes nothing, not even the gradient's other entries
+    fam = ExampleWeightNet(hidden=3, normalize=True)
+    g = torch.Generator().manual_seed(4)
+    phi = {k: (v + 0.5 * torch.randn(v.shape, generator=g, dtype=F64)).requires_grad_(True)
+           for k, v in fam.init(F64).items()}
+    feats = fam.features(*_batch())
+    z = fam.standardize(feats)
+    logits = fam.logits(phi, z)
+    w = fam.weights(phi, feats)
+    e = torch.exp(logits.detach())
+    torch.testing.assert_close(w.detach(), len(e) * e / e.sum(), rtol=1e-12, atol=0)
+    assert float(w.detach().mean()) == pytest.approx(1.0, abs=1e-12)
+    shifted = {**phi, "wnet.b2": phi["wnet.b2"] + 5.0}
+    torch.testing.assert_close(fam.weights(shifted, feats), w, rtol=1e-12, atol=0)
+    target = torch.arange(len(w), dtype=F64)
+    (grad_b2,) = torch.autograd.grad((w * target).sum(), phi["wnet.b2"])
+    assert float(grad_b2.abs().max()) < 1e-12  # a shared drift of all logits gets no gradient
+    s = fam.summary(phi)  # relative to the weight at the batch mean
+    assert s["wnet_weight_at_loss_0"] == 1.0
+    l = fam.logits({k: v.detach() for k, v in phi.items()}, torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=F64))
+    assert s["wnet_weight_at_loss_+2"] == pytest.approx(float(torch.exp(l[0] - l[1])), rel=1e-12)

@@ -1,6 +1,7 @@
 """Noise control in meta-learning (issue 20): the accumulated estimator, φ averaging, normalised
 weights and planted junk tasks; each against a known answer."""
 
+import functools
 import math
 
 import pytest
@@ -321,10 +322,16 @@ def _flip_auroc(estimator):
     return roc_auc_score(problem.flipped.numpy(), -w.numpy())
 
 
+@functools.cache
+def _accumulated_flip_auroc():
+    """One run for the three tests that compare against per-example logits (deterministic)."""
+    return _flip_auroc(Estimator(accumulate=1, adam_preconditioner=True))
+
+
 def test_accumulated_example_weights_find_flipped_labels_better_than_one_draw_per_meta_step():
     from metapt.hypergrad import default_estimator
 
-    accumulated = _flip_auroc(Estimator(accumulate=1, adam_preconditioner=True))
+    accumulated = _accumulated_flip_auroc()
     one_draw = _flip_auroc(default_estimator(0.01))
     assert accumulated > 0.78 and accumulated > one_draw + 0.03, (accumulated, one_draw)
 
@@ -334,9 +341,9 @@ class _FlippedLogisticNet(_FlippedLogistic):
     current loss and observed share (:class:`ExampleWeightNet`, Meta-Weight-Net) instead of one
     logit per example: every meta-step moves every example's weight."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, normalize: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.net = ExampleWeightNet(hidden=16)
+        self.net = ExampleWeightNet(hidden=16, normalize=normalize)
 
     def logits(self, th, rows):
         return (self.x[rows] @ th["w"] + th["b"])[:, None]
@@ -354,10 +361,11 @@ class _FlippedLogisticNet(_FlippedLogistic):
             return self.net.weights(ph, self.net.features(self.logits(th, rows), self.y[rows][:, None]))
 
 
-def test_example_weight_net_finds_flipped_labels_and_weights_down_high_loss():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_example_weight_net_finds_flipped_labels_and_weights_down_high_loss(normalize):
     from sklearn.metrics import roc_auc_score
 
-    problem = _FlippedLogisticNet()
+    problem = _FlippedLogisticNet(normalize=normalize)
     trainer = MetaPretrainer(
         problem, {"w": torch.zeros(10), "b": torch.zeros(())}, {"s": torch.ones(()), "c": torch.zeros(())},
         problem.net.init(), pt_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.01),
@@ -367,12 +375,14 @@ def test_example_weight_net_finds_flipped_labels_and_weights_down_high_loss():
     w = problem.all_weights(trainer.params, trainer.metaparams)
     auroc = roc_auc_score(problem.flipped.numpy(), -w.numpy())
     # one logit per example, the same run otherwise (the test above: > 0.78 with this estimator)
-    logits_auroc = _flip_auroc(Estimator(accumulate=1, adam_preconditioner=True))
+    logits_auroc = _accumulated_flip_auroc()
     assert auroc >= 0.8 and auroc > logits_auroc, (auroc, logits_auroc)
     s = problem.net.summary(trainer.metaparams)
     assert s["wnet_decreasing_in_loss"] == 1.0 and s["wnet_loss_slope"] < -0.1, s
     assert s["wnet_weight_at_loss_+2"] < 0.5 < s["wnet_weight_at_loss_-2"], s
     assert trainer.skipped == 0
+    if normalize:  # B·softmax: the whole data set's weights (one "batch" here) have mean 1
+        assert float(w.mean()) == pytest.approx(1.0, abs=1e-5)
 
 
 class _OneBatch(SyntheticTaskWeighting):

@@ -200,13 +200,18 @@ class ExampleWeightNet:
     gives every weight exactly 1: the last layer is zero, so the logit is 0 for any input. Dense:
     every entry of φ is read by every batch (``row_sparse`` False).
 
-    With ``normalize``, a batch's weights are scaled to mean 1, as :class:`ExampleWeights` does.
+    With ``normalize``, a batch's weights are B·softmax of the network's logits over its B
+    examples (mean 1), not 2·sigmoid scaled to mean 1. Why: only the ratios between examples act
+    then, and softmax's ratios exp(lᵢ − lⱼ) neither depend on a shift of every logit (a shared drift
+    gets no gradient at all) nor saturate. With 2·sigmoid the shared drift was free to move, and on
+    ChEMBL it carried every weight to the ceiling 2, where no ratio can move any more
+    (planted_noise_weight_net_4000_rate*.md: weight ≈ 2.0 from standardised loss −1 to +2).
 
     Args:
         hidden: width of the hidden layer.
         prefix: prepended to the entry names in φ (``wnet.`` gives ``wnet.w1`` …; also the stem of
             :meth:`summary`'s keys, without the trailing dot).
-        normalize: scale each batch's weights to mean 1.
+        normalize: each batch's weights B·softmax(logits) (mean 1) instead of 2·sigmoid(logits).
         seed: the generator seed of the first layer's φ₀.
         eps: added to the within-batch std of each feature.
     """
@@ -258,27 +263,35 @@ class ExampleWeightNet:
         mean, std = ref.mean(0), ref.std(0, unbiased=False) if len(ref) > 1 else torch.zeros_like(ref[0])
         return (features - mean) / (std + self.eps)
 
-    def net(self, phi: Mapping[str, Tensor], standardized: Tensor) -> Tensor:
-        """[B] weights 2·sigmoid(MLP(f̂)) of already standardised features [B, 2] (no normalisation)."""
+    def logits(self, phi: Mapping[str, Tensor], standardized: Tensor) -> Tensor:
+        """[B] the network's output for already standardised features [B, 2]."""
         w1, b1, w2, b2 = (phi[k] for k in self.keys)
         x = standardized.to(w1.dtype)
-        return weights_from_logits((torch.tanh(x @ w1.T + b1) @ w2.T + b2).squeeze(1))
+        return (torch.tanh(x @ w1.T + b1) @ w2.T + b2).squeeze(1)
+
+    def net(self, phi: Mapping[str, Tensor], standardized: Tensor) -> Tensor:
+        """[B] weights 2·sigmoid(logits) of already standardised features (no normalisation)."""
+        return weights_from_logits(self.logits(phi, standardized))
 
     def weights(self, phi: Mapping[str, Tensor], features: Tensor) -> Tensor:
         """[B] weights of a batch from its raw :meth:`features`, differentiable in φ (standardised
-        within the batch; with ``normalize``, scaled to mean 1)."""
-        w = self.net(phi, self.standardize(features.detach()))
-        return w * (len(w) / w.sum()) if self.normalize else w
+        within the batch; with ``normalize``, B·softmax of the logits)."""
+        z = self.standardize(features.detach())
+        if self.normalize:
+            return len(z) * torch.softmax(self.logits(phi, z), 0)
+        return self.net(phi, z)
 
     def summary(self, phi: Mapping[str, Tensor]) -> dict[str, float]:
         """The weight the network gives at standardised loss −2, −1, 0, +1, +2 (observed fraction at
         its batch mean), as ``<name>_weight_at_loss_-2`` …; the slopes (w(+1) − w(−1))/2 along the
         loss and along the observed fraction; and ``<name>_decreasing_in_loss``, 1 if the five
-        weights strictly decrease, else 0. Unnormalised: with ``normalize`` only their ratios act."""
+        weights strictly decrease, else 0. With ``normalize`` only ratios act, so the weights are
+        relative to the one at the batch mean: exp(l(f̂) − l(0)), 1 at loss 0."""
         own = {k: phi[k].detach().double().cpu() for k in self.keys}
         levels = (-2, -1, 0, 1, 2)
         points = torch.tensor([[x, 0.0] for x in levels] + [[0.0, -1.0], [0.0, 1.0]], dtype=torch.float64)
-        w = self.net(own, points).tolist()
+        logits = self.logits(own, points)
+        w = (torch.exp(logits - logits[2]) if self.normalize else weights_from_logits(logits)).tolist()
         out = {f"{self.name}_weight_at_loss_{x:+d}" if x else f"{self.name}_weight_at_loss_0": v
                for x, v in zip(levels, w[:5])}
         out[f"{self.name}_loss_slope"] = (w[3] - w[1]) / 2

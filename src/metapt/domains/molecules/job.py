@@ -217,7 +217,7 @@ class Molecules:
             w = weights_from_logits(phi["example_logits"])
             out["example_weights"] = {"mean": float(w.mean()), "std": float(w.std()), "min": float(w.min()),
                                       "max": float(w.max())}
-        net = ExampleWeightNet()
+        net = ExampleWeightNet(normalize=config.meta.normalize_weights)  # the summary reads ratios when normalised
         if all(k in phi for k in net.keys):  # the weight at standardised loss −2 … +2, the slopes
             out["example_weight_net"] = net.summary(phi)
         if "label_flip" in phi:  # ρ_t per task
