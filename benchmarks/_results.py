@@ -46,6 +46,14 @@ def provenance(allow_dirty: bool = False) -> dict[str, Any]:
                         "threads": torch.get_num_threads()}}
 
 
+def source_commit() -> str:
+    """HEAD of this tree, for a script that writes its own record: refused if metapt is imported
+    from elsewhere, suffixed ``-dirty`` if the tree has uncommitted changes."""
+    check_imported_tree()
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def check_imported_tree(module: Any = metapt) -> None:
     """Refuse to record this tree's commit for code imported from somewhere else."""
     where = Path(module.__file__).resolve()

@@ -143,9 +143,10 @@ def main() -> None:
         kind: {k: two[k] / ref[k] for k in ("pt_steps_per_s", "meta_steps_per_s", "cycles_per_s")}
         for kind, ref in (("speedup_same_global_batch", one_same), ("weak_scaling", one_per))
     }
+    from _results import source_commit  # HEAD; refused if metapt comes from another tree
     result = {
         "command": " ".join(["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distributed_throughput.py", *sys.argv[1:]]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": source_commit(),
         "workload": f"molecules GIN (3 layers, 64 dims, layer norm), {args.molecules} ChEMBL molecules, task weights, "
                     "K=1, Neumann M=1; gloo on CPU, 1 thread per process",
         "ratios": ratios,

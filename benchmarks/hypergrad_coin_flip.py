@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "hypergra
 import test_coin_flip as coin  # noqa: E402
 
 from metapt.hypergrad import ConjugateGradient, Estimator, Identity, Neumann  # noqa: E402
+from _results import source_commit  # noqa: E402  (HEAD; refused if metapt comes from another tree)
 
 PT_LR = 1e-2
 OPTIONS = {
@@ -62,7 +62,7 @@ def main() -> None:
                       "seconds": time.perf_counter() - start}
         print(name, rows[name], file=sys.stderr, flush=True)
     result = {"command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
-              "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+              "commit": source_commit(),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__},
               "threads": torch.get_num_threads(), "seeds": args.seeds, "options": rows}

@@ -36,6 +36,7 @@ from metapt import MetaPretrainer, MetaSchedule
 from metapt.hypergrad import Neumann, sgd
 from metapt.metaparams import ExampleWeights
 from metapt.optim import LazyAdam
+from _results import source_commit  # noqa: E402  (HEAD; refused if metapt comes from another tree)
 
 BATCH = 64
 TASKS = 32
@@ -258,7 +259,7 @@ def main():
             flat[name]["memory_1e6_over_10"] = round(by_p[10**6]["meta_peak_mb"] / max(by_p[10]["meta_peak_mb"], 0.1), 3)
     result = {
         "command": "python " + " ".join(sys.argv),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": source_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "rows": rows,

@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -45,6 +44,7 @@ from metapt import MetaPretrainer, MetaSchedule
 from metapt.diagnostics import DiagnoseOptions, default_estimators, diagnose
 from metapt.run_diagnosis import format_table
 from metapt.hypergrad import Estimator, sgd
+from _results import source_commit  # noqa: E402  (HEAD; refused if metapt comes from another tree)
 
 
 def estimators(pt_lr: float, horizon: int, only: list[str] | None = None) -> dict[str, Estimator]:
@@ -286,8 +286,7 @@ def main() -> None:
         result = json.loads(path.read_text(encoding="utf-8"))
         result["overhead"] = overhead(args, lambda m: print(m, file=sys.stderr, flush=True))
         result["overhead_run"] = {"command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
-                                  "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                                           text=True).stdout.strip()}
+                                  "commit": source_commit()}
         result["summary"] = summarise(result["domains"], result["options"]["max_cost"], result["overhead"])
         path.write_text(json.dumps(result, indent=1, default=float) + "\n", encoding="utf-8")
         path.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
@@ -320,7 +319,7 @@ def main() -> None:
         partial.write_text(json.dumps(domains, indent=1, default=float) + "\n", encoding="utf-8")
     result = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": source_commit(),
         "threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

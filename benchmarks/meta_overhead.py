@@ -45,6 +45,7 @@ from metapt.domains.molecules.models import GINEncoder
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
 from metapt.hypergrad import Neumann, pretraining_hypergradient, sgd, unrolled_finetune
 from metapt.metaparams import weight_logits
+from _results import source_commit  # noqa: E402  (HEAD; refused if metapt comes from another tree)
 
 INTERVAL = 10  # the paper's interval (meta.interval)
 PT_LR = 1e-3
@@ -371,7 +372,7 @@ def main():
         print(json.dumps({size: row}), file=sys.stderr, flush=True)
     result = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": source_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "pretrain_molecules": len(data.pretrain_positions),

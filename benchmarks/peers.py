@@ -83,6 +83,7 @@ from metapt.hypergrad import (
     sgd,
     unrolled_finetune,
 )
+from _results import source_commit  # noqa: E402  (HEAD; refused if metapt comes from another tree)
 
 # ---------------------------------------------------------------------------------------------
 # The problem
@@ -808,7 +809,7 @@ def main():
     agree += agreement_only(replace(small, solver="identity", alpha=1.0), methods)
     result = {
         "command": "python " + " ".join(sys.argv),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": source_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
         "versions": _versions(),
         "settings": [asdict(s) for s in timed],

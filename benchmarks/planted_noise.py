@@ -45,7 +45,6 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -60,6 +59,7 @@ from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, 
 from metapt.hypergrad import Estimator, Neumann, default_estimator, sgd
 from metapt.metaparams import ExampleWeightNet, weights_from_logits
 from metapt.optim import LazyAdam, LazySGD
+from _results import source_commit  # noqa: E402  (HEAD; refused if metapt comes from another tree)
 
 OPTIMIZERS = {
     "lazy_sgd": lambda lr: (lambda ps: LazySGD(ps, lr=lr)),
@@ -313,7 +313,7 @@ def main():
                 record(row)
     result = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": source_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "config": vars(args),
