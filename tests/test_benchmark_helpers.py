@@ -71,3 +71,20 @@ def test_a_folder_with_nothing_computed_is_replaced_and_a_finished_run_reused(re
     (tmp_path / "run" / "summary.json").write_text('{"done": 1}')
     assert results.run_or_reuse(tmp_path / "run", config, "c2") == {"done": 1}  # reused, made_at says c1
     assert results.calls == [False]
+
+
+def test_the_premise_table_groups_alignment_by_loss_quintile(monkeypatch):
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    pn = importlib.import_module("planted_noise")
+    loss = np.arange(10, dtype=float)  # quintiles {0,1}, {2,3}, … {8,9}
+    flags = np.array([True, False] * 5)  # the even-loss molecule of each quintile is corrupted
+    align = np.where(flags, -1.0, 1.0) * (1 + loss)
+    got = pn.alignment_by_loss(align, loss, flags)
+    assert got["by_loss_quintile"]["corrupted"] == [-1.0, -3.0, -5.0, -7.0, -9.0]
+    assert got["by_loss_quintile"]["clean"] == [2.0, 4.0, 6.0, 8.0, 10.0]
+    assert got["by_loss_quintile"]["corrupted_share"] == [0.5] * 5
+    assert got["corrupted_positive_share"] == 0.0 and got["clean_positive_share"] == 1.0
+    # ranks of alignment along the loss order 5,6,4,7,3,8,2,9,1,10: Σd² = 140, ρ = 1 − 6·140/(10·99)
+    assert got["spearman_with_loss"] == pytest.approx(1 - 6 * 140 / 990, abs=1e-4)
