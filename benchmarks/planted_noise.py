@@ -110,10 +110,11 @@ def _encoder(args, seed):
     return GINEncoder(num_layers=args.layers, emb_dim=args.emb_dim, dropout=0.2, norm="layer")
 
 
-def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
+def pretrain(args, data, seed, *, meta=None, pt_head_objective=False, probe=None):
     """θ after ``args.steps`` PT steps; with ``meta=(optimizer, lr)`` also learned example weights
     (``args.family``: one logit per molecule, or the weight network), else uniform weights and each
-    molecule's mean training loss."""
+    molecule's mean training loss. ``probe(problem, params)`` is called after each step in
+    ``args.probe_steps`` (its results under ``out["probes"]``)."""
     net = meta is not None and args.family == "weight_net"
     weighting = (WeightingConfig(task_weights=False, example_weight_net=True, normalize=args.normalize) if net else
                  WeightingConfig(task_weights=False, example_weights=True, normalize=args.normalize))
@@ -135,8 +136,11 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
     )
     n = len(data.pretrain_positions)
     loss_sum, loss_count, drawn = torch.zeros(n, dtype=torch.float64), torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+    probes = {}
     for step in range(args.steps):
         trainer.run_until(step + 1)
+        if probe is not None and step + 1 in args.probe_steps:
+            probes[step + 1] = probe(problem, {k: v.detach() for k, v in trainer.params.items()})
         if meta is None:  # per-molecule loss of the batch just used, without dropout
             graphs, rows = problem.pretrain_batch(step)
             with torch.no_grad():
@@ -153,7 +157,8 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False):
         elif trainer.meta_step_due(step + 1):
             # the meta-step's PT batch: the one just taken (paper) or the next one (default estimator)
             drawn[problem.pretrain_batch(step + (args.estimator == "default"))[1]] = True
-    out = {"params": {k: v.detach() for k, v in trainer.params.items()}, "encoder": problem, "skipped": trainer.skipped}
+    out = {"params": {k: v.detach() for k, v in trainer.params.items()}, "encoder": problem, "skipped": trainer.skipped,
+           "probes": probes}
     if meta is None:
         out["mean_loss"] = (loss_sum / loss_count.clamp(min=1)).numpy()
     elif net:
@@ -201,6 +206,18 @@ def alignment_probe(problem, params, chembl):
                                  allow_unused=True)
         align[i] = sum(float((a * b).sum()) for a, b in zip(gi, g) if a is not None and b is not None)
     return align
+
+
+def current_losses(problem, params, chunk=512):
+    """Every PT molecule's loss at θ (no dropout): the mean BCE over its observed tasks."""
+    n = len(problem.data.pretrain_positions)
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            graphs = problem.data.pretrain_batch(torch.arange(start, min(start + chunk, n)))
+            logits = problem.embed(params, graphs, train=False) @ params["pt.weight"].T + params["pt.bias"]
+            out.append(ExampleWeightNet.features(logits, graphs.y)[:, 0])
+    return torch.cat(out).numpy()
 
 
 def alignment_by_loss(align, loss, flags):
@@ -280,6 +297,8 @@ def main():
     ap.add_argument("--no-downstream", action="store_true")
     ap.add_argument("--no-clean", action="store_true", help="skip the clean-data uniform run")
     ap.add_argument("--no-probe", action="store_true", help="skip the alignment probe")
+    ap.add_argument("--probe-steps", type=lambda v: sorted({int(x) for x in v.split(",") if x}), default=[],
+                    help="also measure the premise (alignment by loss quintile) at these PT steps of the uniform run")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -295,7 +314,12 @@ def main():
         datas, flagged, clean = planted_data(args, seed)
         flags = flagged.numpy()
         t0 = time.perf_counter()
-        base = pretrain(args, datas["b3db"], seed)
+        probe = None
+        if args.probe_steps:  # the premise along the run: alignment by the loss of that moment
+            def probe(problem, params):
+                return alignment_by_loss(alignment_probe(problem, params, datas["chembl"]),
+                                         current_losses(problem, params), flags)
+        base = pretrain(args, datas["b3db"], seed, probe=probe)
         row = {"seed": seed, "method": "uniform (corrupted)", "loss_ranking_auroc": round(roc_auc_score(flags, base["mean_loss"]), 4),
                "seconds": round(time.perf_counter() - t0, 1)}
         if not args.no_downstream:
@@ -304,6 +328,8 @@ def main():
             align = alignment_probe(base["encoder"], base["params"], datas["chembl"])
             row["alignment_probe_auroc"] = round(roc_auc_score(flags, -align), 4)
             row["alignment_premise"] = alignment_by_loss(align, base["mean_loss"], flags)
+        if base["probes"]:
+            row["alignment_premise_at_step"] = base["probes"]
         record(row)
         if not args.no_clean and not args.no_downstream:
             t0 = time.perf_counter()
@@ -384,6 +410,16 @@ def markdown(result):
             share = " | ".join(f"{v:.0%}" for v in a["by_loss_quintile"]["corrupted_share"])
             lines.append(f"| {r['seed']} | share corrupted | {share} | |")
             lines.append(f"| {r['seed']} | Spearman ρ(alignment, loss) | {a['spearman_with_loss']} | | | | | |")
+        along = [(r["seed"], int(step), a) for r in premises for step, a in r.get("alignment_premise_at_step", {}).items()]
+        if along:
+            lines += ["", "### Along the run: the same at PT step t (loss quintiles of that moment's loss)", "",
+                      "| seed | step | molecules | quintile 1 | 2 | 3 | 4 | 5 | share > 0 | ρ(alignment, loss) |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for seed, step, a in sorted(along, key=lambda t: (t[0], t[1])):
+                for kind in ("corrupted", "clean"):
+                    cells = " | ".join("" if v is None else f"{v:.3g}" for v in a["by_loss_quintile"][kind])
+                    lines.append(f"| {seed} | {step} | {kind} | {cells} | {a[kind + '_positive_share']} | "
+                                 f"{a['spearman_with_loss'] if kind == 'corrupted' else ''} |")
     return "\n".join(lines) + "\n"
 
 
