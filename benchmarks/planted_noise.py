@@ -56,7 +56,7 @@ from sklearn.metrics import roc_auc_score
 from metapt import MetaPretrainer, MetaSchedule
 from metapt.domains.molecules.models import GINEncoder, masked_bce
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
-from metapt.hypergrad import Estimator, Neumann, default_estimator, sgd
+from metapt.hypergrad import Estimator, Neumann, adam_preconditioner, default_estimator, sgd
 from metapt.metaparams import ExampleWeightNet, weights_from_logits
 from metapt.optim import LazyAdam, LazySGD
 from _results import source_commit  # noqa: E402  (HEAD; refused if metapt comes from another tree)
@@ -113,7 +113,7 @@ def _encoder(args, seed):
 def pretrain(args, data, seed, *, meta=None, pt_head_objective=False, probe=None):
     """θ after ``args.steps`` PT steps; with ``meta=(optimizer, lr)`` also learned example weights
     (``args.family``: one logit per molecule, or the weight network), else uniform weights and each
-    molecule's mean training loss. ``probe(problem, params)`` is called after each step in
+    molecule's mean training loss. ``probe(problem, params, trainer)`` is called after each step in
     ``args.probe_steps`` (its results under ``out["probes"]``)."""
     net = meta is not None and args.family == "weight_net"
     weighting = (WeightingConfig(task_weights=False, example_weight_net=True, normalize=args.normalize) if net else
@@ -140,7 +140,7 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False, probe=None
     for step in range(args.steps):
         trainer.run_until(step + 1)
         if probe is not None and step + 1 in args.probe_steps:
-            probes[step + 1] = probe(problem, {k: v.detach() for k, v in trainer.params.items()})
+            probes[step + 1] = probe(problem, {k: v.detach() for k, v in trainer.params.items()}, trainer)
         if meta is None:  # per-molecule loss of the batch just used, without dropout
             graphs, rows = problem.pretrain_batch(step)
             with torch.no_grad():
@@ -188,8 +188,10 @@ def net_weights(problem, params, phi, chunk=512):
     return w.numpy(), features[:, 0].numpy()
 
 
-def alignment_probe(problem, params, chembl):
-    """Per PT molecule ⟨∇θ ℓ_i, ∇θ L_clean⟩, L_clean the PT model's loss on the clean held-out molecules."""
+def alignment_probe(problem, params, chembl, precond=None):
+    """Per PT molecule ⟨∇θ ℓ_i, ∇θ L_clean⟩, L_clean the PT model's loss on the clean held-out molecules;
+    with ``precond`` (Adam's P = 1/(√v̂ + ε) per entry of θ) also ⟨P ⊙ ∇θ ℓ_i, ∇θ L_clean⟩, the
+    one-step derivative when the step on ℓ_i is Adam's, as the accumulated estimator models it."""
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     keys = list(theta)
 
@@ -200,12 +202,15 @@ def alignment_probe(problem, params, chembl):
     val = chembl.downstream_batch(torch.cat([chembl.split["ft_train"], chembl.split["metaval"]]))
     g = torch.autograd.grad(pt_head_loss(val), [theta[k] for k in keys], allow_unused=True)
     n = len(problem.data.pretrain_positions)
-    align = np.zeros(n)
+    align, adam = np.zeros(n), np.zeros(n)
+    pg = [None if b is None or precond is None else precond[k] * b for k, b in zip(keys, g)]
     for i in range(n):
         gi = torch.autograd.grad(pt_head_loss(problem.data.pretrain_batch(torch.tensor([i]))), [theta[k] for k in keys],
                                  allow_unused=True)
         align[i] = sum(float((a * b).sum()) for a, b in zip(gi, g) if a is not None and b is not None)
-    return align
+        if precond is not None:
+            adam[i] = sum(float((a * b).sum()) for a, b in zip(gi, pg) if a is not None and b is not None)
+    return align if precond is None else (align, adam)
 
 
 def current_losses(problem, params, chunk=512):
@@ -316,9 +321,11 @@ def main():
         t0 = time.perf_counter()
         probe = None
         if args.probe_steps:  # the premise along the run: alignment by the loss of that moment
-            def probe(problem, params):
-                return alignment_by_loss(alignment_probe(problem, params, datas["chembl"]),
-                                         current_losses(problem, params), flags)
+            def probe(problem, params, trainer):
+                plain, adam = alignment_probe(problem, params, datas["chembl"],
+                                              adam_preconditioner(trainer.pt_opt, trainer.params))
+                loss = current_losses(problem, params)
+                return {"sgd": alignment_by_loss(plain, loss, flags), "adam": alignment_by_loss(adam, loss, flags)}
         base = pretrain(args, datas["b3db"], seed, probe=probe)
         row = {"seed": seed, "method": "uniform (corrupted)", "loss_ranking_auroc": round(roc_auc_score(flags, base["mean_loss"]), 4),
                "seconds": round(time.perf_counter() - t0, 1)}
@@ -410,16 +417,20 @@ def markdown(result):
             share = " | ".join(f"{v:.0%}" for v in a["by_loss_quintile"]["corrupted_share"])
             lines.append(f"| {r['seed']} | share corrupted | {share} | |")
             lines.append(f"| {r['seed']} | Spearman ρ(alignment, loss) | {a['spearman_with_loss']} | | | | | |")
-        along = [(r["seed"], int(step), a) for r in premises for step, a in r.get("alignment_premise_at_step", {}).items()]
+        along = [(r["seed"], int(step), step_probes) for r in premises
+                 for step, step_probes in r.get("alignment_premise_at_step", {}).items()]
         if along:
             lines += ["", "### Along the run: the same at PT step t (loss quintiles of that moment's loss)", "",
-                      "| seed | step | molecules | quintile 1 | 2 | 3 | 4 | 5 | share > 0 | ρ(alignment, loss) |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
-            for seed, step, a in sorted(along, key=lambda t: (t[0], t[1])):
-                for kind in ("corrupted", "clean"):
-                    cells = " | ".join("" if v is None else f"{v:.3g}" for v in a["by_loss_quintile"][kind])
-                    lines.append(f"| {seed} | {step} | {kind} | {cells} | {a[kind + '_positive_share']} | "
-                                 f"{a['spearman_with_loss'] if kind == 'corrupted' else ''} |")
+                      "sgd: ⟨∇θ ℓ_i, ∇θ L_clean⟩; adam: ⟨P ⊙ ∇θ ℓ_i, ∇θ L_clean⟩ with the run's Adam P = 1/(√v̂ + ε) "
+                      "at that step, the geometry the accumulated estimator uses.", "",
+                      "| seed | step | step rule | molecules | quintile 1 | 2 | 3 | 4 | 5 | share > 0 | ρ(alignment, loss) |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for seed, step, step_probes in sorted(along, key=lambda t: (t[0], t[1])):
+                for rule, a in step_probes.items():
+                    for kind in ("corrupted", "clean"):
+                        cells = " | ".join("" if v is None else f"{v:.3g}" for v in a["by_loss_quintile"][kind])
+                        lines.append(f"| {seed} | {step} | {rule} | {kind} | {cells} | {a[kind + '_positive_share']} | "
+                                     f"{a['spearman_with_loss'] if kind == 'corrupted' else ''} |")
     return "\n".join(lines) + "\n"
 
 
