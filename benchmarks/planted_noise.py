@@ -213,6 +213,37 @@ def alignment_probe(problem, params, chembl, precond=None):
     return align if precond is None else (align, adam)
 
 
+def sign_check(problem, trainer, chembl, flags, batches):
+    """Does the run's meta-objective agree with the alignment probe, molecule by molecule? The
+    exact one-step derivative dL_meta/dφ_i of the meta-step's own objective (fine-tuning
+    lookahead, the run's Adam state, dropout as in training; :meth:`StateProbe.exact_derivative`)
+    on ``batches`` upcoming PT batches, against −⟨P ⊙ ∇θ ℓ_i, ∇θ L_clean⟩ at the same θ. A
+    corrupted molecule's weight should have a positive derivative (raising it raises the loss)."""
+    from scipy.stats import spearmanr
+
+    from metapt.diagnostics import StateProbe
+
+    state = StateProbe(trainer)
+    n = len(problem.data.pretrain_positions)
+    total, seen = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
+    start = state.step
+    for b in range(batches):
+        state.step = start + b  # the b-th upcoming PT batch is the one its one step reads
+        _, rows = problem.pretrain_batch(state.step)
+        d = state.exact_derivative(1)["example_logits"].double()
+        total[rows] += d[rows]
+        seen[rows] = True
+    params = {k: v.detach() for k, v in trainer.params.items()}
+    _, adam = alignment_probe(problem, params, chembl, adam_preconditioner(trainer.pt_opt, trainer.params))
+    d, a, f = total[seen].numpy(), adam[seen.numpy()], flags[seen.numpy()]
+    return {"molecules": int(seen.sum()),
+            "derivative_auroc": round(float(roc_auc_score(f, d)), 4),  # corrupted: derivative > 0
+            "probe_auroc": round(float(roc_auc_score(f, -a)), 4),
+            "spearman_derivative_vs_minus_alignment": round(float(spearmanr(d, -a)[0]), 4),
+            "sign_agreement": round(float(np.mean(np.sign(d) == np.sign(-a))), 4),
+            "mean_derivative_corrupted": float(d[f].mean()), "mean_derivative_clean": float(d[~f].mean())}
+
+
 def current_losses(problem, params, chunk=512):
     """Every PT molecule's loss at θ (no dropout): the mean BCE over its observed tasks."""
     n = len(problem.data.pretrain_positions)
@@ -302,6 +333,9 @@ def main():
     ap.add_argument("--no-downstream", action="store_true")
     ap.add_argument("--no-clean", action="store_true", help="skip the clean-data uniform run")
     ap.add_argument("--no-probe", action="store_true", help="skip the alignment probe")
+    ap.add_argument("--sign-check", type=int, default=0, metavar="BATCHES",
+                    help="at --probe-steps of each meta run: its exact one-step derivative per molecule over BATCHES "
+                         "upcoming PT batches, against the alignment probe (exploratory)")
     ap.add_argument("--probe-steps", type=lambda v: sorted({int(x) for x in v.split(",") if x}), default=[],
                     help="also measure the premise (alignment by loss quintile) at these PT steps of the uniform run")
     ap.add_argument("--cache", default=None)
@@ -346,7 +380,12 @@ def main():
         for target in filter(None, args.targets.split(",")):  # --targets '': the uniform run (and probe) only
             for opt in args.optimizers.split(","):
                 t0 = time.perf_counter()
-                res = pretrain(args, datas[target], seed, meta=(opt, lrs[opt]), pt_head_objective=target == "chembl_pt")
+                sign_probe = None
+                if args.sign_check:  # the estimator's own truth against the alignment probe, at --probe-steps
+                    def sign_probe(problem, params, trainer):
+                        return sign_check(problem, trainer, datas["chembl"], flags, args.sign_check)
+                res = pretrain(args, datas[target], seed, meta=(opt, lrs[opt]), pt_head_objective=target == "chembl_pt",
+                               probe=sign_probe)
                 w, drawn = res["weights"], res["drawn"]
                 net = args.family == "weight_net"
                 row = {
@@ -361,6 +400,8 @@ def main():
                     "skipped_meta_steps": res["skipped"],
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
+                if res["probes"]:
+                    row["sign_check_at_step"] = res["probes"]
                 if net:  # the net's input ranks too: does the learned rule add to the loss it reads?
                     row["final_loss_auroc"] = round(roc_auc_score(flags, res["final_loss"]), 4)
                     row["net_summary"] = {k: round(v, 4) for k, v in res["summary"].items()}
