@@ -443,6 +443,18 @@ def markdown(result):
         kind = "uniform (corrupted): loss ranking" if "loss_ranking_auroc" in r else r["method"]
         lines.append(f"| {r['seed']} | {kind} | {r.get('target', '')} | {r.get('optimizer', '')} | {auroc} | "
                      f"{r.get('weight_auroc_drawn', '')} | {means} | {ds} |")
+    checks = [(r["seed"], int(step), c) for r in result["runs"] for step, c in r.get("sign_check_at_step", {}).items()]
+    if checks:
+        lines += ["", "## Sign check: the run's own meta-objective against the alignment probe", "",
+                  "Exact one-step derivative dL_meta/dφ_i of the meta-step's objective per molecule (positive: raising "
+                  "its weight raises the loss) over the upcoming PT batches, against −⟨P ⊙ ∇θ ℓ_i, ∇θ L_clean⟩ at the "
+                  "same θ.", "",
+                  "| seed | step | molecules | AUROC of derivative (corrupted) | AUROC of −alignment | "
+                  "Spearman ρ | sign agreement | mean derivative corrupted / clean |", "|---|---|---|---|---|---|---|---|"]
+        for seed, step, c in sorted(checks, key=lambda t: (t[0], t[1])):
+            lines.append(f"| {seed} | {step} | {c['molecules']} | {c['derivative_auroc']} | {c['probe_auroc']} | "
+                         f"{c['spearman_derivative_vs_minus_alignment']} | {c['sign_agreement']} | "
+                         f"{c['mean_derivative_corrupted']:.3g} / {c['mean_derivative_clean']:.3g} |")
     premises = [r for r in result["runs"] if "alignment_premise" in r]
     if premises:
         lines += ["", "## Premise: alignment ⟨∇θ ℓ_i, ∇θ L_clean⟩ by PT-loss quintile (uniform run's end)", "",
