@@ -176,14 +176,8 @@ def net_weights(problem, params, phi, chunk=512):
     """(every PT molecule's weight from the learned network, its PT loss): the features from one
     forward without dropout at the final θ, standardised over all PT molecules (not per batch)."""
     net = next(f for f in problem.families if isinstance(f, ExampleWeightNet))
-    n = len(problem.data.pretrain_positions)
-    features = []
+    features = all_features(problem, params, chunk)
     with torch.no_grad():
-        for start in range(0, n, chunk):
-            graphs = problem.data.pretrain_batch(torch.arange(start, min(start + chunk, n)))
-            logits = problem.embed(params, graphs, train=False) @ params["pt.weight"].T + params["pt.bias"]
-            features.append(net.features(logits, graphs.y))
-        features = torch.cat(features)
         w = net.weights({k: v.detach() for k, v in phi.items()}, features)
     return w.numpy(), features[:, 0].numpy()
 
@@ -251,16 +245,21 @@ def sign_check(problem, trainer, chembl, flags, batches):
             "spearman_accumulated_draw_vs_derivative": round(float(spearmanr(drawn[seen].numpy(), d)[0]), 4)}
 
 
-def current_losses(problem, params, chunk=512):
-    """Every PT molecule's loss at θ (no dropout): the mean BCE over its observed tasks."""
+def all_features(problem, params, chunk=512):
+    """[N, 2] every PT molecule's :meth:`ExampleWeightNet.features` at θ (one forward, no dropout)."""
     n = len(problem.data.pretrain_positions)
     out = []
     with torch.no_grad():
         for start in range(0, n, chunk):
             graphs = problem.data.pretrain_batch(torch.arange(start, min(start + chunk, n)))
             logits = problem.embed(params, graphs, train=False) @ params["pt.weight"].T + params["pt.bias"]
-            out.append(ExampleWeightNet.features(logits, graphs.y)[:, 0])
-    return torch.cat(out).numpy()
+            out.append(ExampleWeightNet.features(logits, graphs.y))
+    return torch.cat(out)
+
+
+def current_losses(problem, params, chunk=512):
+    """Every PT molecule's loss at θ (no dropout): the mean BCE over its observed tasks."""
+    return all_features(problem, params, chunk)[:, 0].numpy()
 
 
 def alignment_by_loss(align, loss, flags):
