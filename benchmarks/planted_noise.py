@@ -56,9 +56,11 @@ from sklearn.metrics import roc_auc_score
 from metapt import MetaPretrainer, MetaSchedule
 from metapt.domains.molecules.models import GINEncoder, masked_bce
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
-from metapt.hypergrad import Estimator, Neumann, adam_preconditioner, default_estimator, sgd
+from metapt.hypergrad import (Estimator, Neumann, adam_preconditioner, default_estimator, draw_scale,
+                             pretrain_backward_with_mixed_term, sgd)
 from metapt.metaparams import ExampleWeightNet, weights_from_logits
 from metapt.optim import LazyAdam, LazySGD
+from metapt.trainer import _buffers_kept
 from _results import source_commit  # noqa: E402  (HEAD; refused if metapt comes from another tree)
 
 OPTIMIZERS = {
@@ -224,13 +226,30 @@ def sign_check(problem, trainer, chembl, flags, batches):
     # in-run staleness of the validation direction it is taken against)
     drawn = torch.zeros(n, dtype=torch.float64)
     accumulated = Estimator(accumulate=1, adam_preconditioner=True)
+    # the run's own draw: the forward difference fused with the PT step's backward, against the
+    # fresh direction and against the one the run holds (the last meta-step's, up to an interval old)
+    fused = {name: torch.zeros(n, dtype=torch.float64) for name in ("fresh", "stale", "averaged")}
+    alpha, precond = draw_scale(accumulated, trainer.pt_opt, trainer.params)
+    # and against v averaged over 16 validation batches at this θ: how much of a draw is v's batch noise
+    directions = [state.estimate(accumulated, sample=s)[1].direction for s in range(16)]
+    averaged = {k: sum(v[k] for v in directions) / len(directions) for k in directions[0]}
     start = state.step
     for b in range(batches):
         state.step = start + b  # the b-th upcoming PT batch is the one its one step reads
-        _, rows = problem.pretrain_batch(state.step)
+        batch = problem.pretrain_batch(state.step)
+        rows = batch[1]
         d = state.exact_derivative(1)["example_logits"].double()
         total[rows] += d[rows]
-        drawn[rows] += state.estimate(accumulated)[0]["example_logits"].double()[rows]
+        hyper, info, _ = state.estimate(accumulated)
+        drawn[rows] += hyper["example_logits"].double()[rows]
+        for name, v in (("fresh", info.direction), ("stale", trainer._direction), ("averaged", averaged)):
+            u = v if precond is None else {k: x * precond[k] for k, x in v.items()}
+            state._crn()
+            with _buffers_kept(problem):
+                _, mixed = pretrain_backward_with_mixed_term(lambda th, ph: problem.pretrain_loss(th, ph, batch),
+                                                             state.theta, state.phi, u)
+            m = mixed["example_logits"]
+            fused[name][rows] += -alpha * (m.to_dense() if m.is_sparse else m).double()[rows]
         seen[rows] = True
     params = {k: v.detach() for k, v in trainer.params.items()}
     _, adam = alignment_probe(problem, params, chembl, adam_preconditioner(trainer.pt_opt, trainer.params))
@@ -242,7 +261,10 @@ def sign_check(problem, trainer, chembl, flags, batches):
             "sign_agreement": round(float(np.mean(np.sign(d) == np.sign(-a))), 4),
             "mean_derivative_corrupted": float(d[f].mean()), "mean_derivative_clean": float(d[~f].mean()),
             "accumulated_draw_auroc": round(float(roc_auc_score(f, drawn[seen].numpy())), 4),
-            "spearman_accumulated_draw_vs_derivative": round(float(spearmanr(drawn[seen].numpy(), d)[0]), 4)}
+            "spearman_accumulated_draw_vs_derivative": round(float(spearmanr(drawn[seen].numpy(), d)[0]), 4),
+            **{f"fused_{name}_draw_auroc": round(float(roc_auc_score(f, x[seen].numpy())), 4) for name, x in fused.items()},
+            **{f"spearman_fused_{name}_draw_vs_derivative": round(float(spearmanr(x[seen].numpy(), d)[0]), 4)
+               for name, x in fused.items()}}
 
 
 def all_features(problem, params, chunk=512):
@@ -457,12 +479,18 @@ def markdown(result):
                   "same θ.", "",
                   "| seed | step | molecules | AUROC of derivative (corrupted) | AUROC of −alignment | "
                   "Spearman ρ | sign agreement | mean derivative corrupted / clean | AUROC of the accumulated "
-                  "estimator's draw | its Spearman ρ with the derivative |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "estimator's draw | its Spearman ρ with the derivative | AUROC of the run's fused draw (fresh v) | "
+                  "its ρ | AUROC of the run's fused draw (the run's own v) | its ρ | AUROC of the fused draw "
+                  "(v averaged over 16 validation batches) | its ρ |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for seed, step, c in sorted(checks, key=lambda t: (t[0], t[1])):
             lines.append(f"| {seed} | {step} | {c['molecules']} | {c['derivative_auroc']} | {c['probe_auroc']} | "
                          f"{c['spearman_derivative_vs_minus_alignment']} | {c['sign_agreement']} | "
                          f"{c['mean_derivative_corrupted']:.3g} / {c['mean_derivative_clean']:.3g} | "
-                         f"{c.get('accumulated_draw_auroc', '')} | {c.get('spearman_accumulated_draw_vs_derivative', '')} |")
+                         f"{c.get('accumulated_draw_auroc', '')} | {c.get('spearman_accumulated_draw_vs_derivative', '')} | "
+                         f"{c.get('fused_fresh_draw_auroc', '')} | {c.get('spearman_fused_fresh_draw_vs_derivative', '')} | "
+                         f"{c.get('fused_stale_draw_auroc', '')} | {c.get('spearman_fused_stale_draw_vs_derivative', '')} | "
+                         f"{c.get('fused_averaged_draw_auroc', '')} | {c.get('spearman_fused_averaged_draw_vs_derivative', '')} |")
     premises = [r for r in result["runs"] if "alignment_premise" in r]
     if premises:
         lines += ["", "## Premise: alignment ⟨∇θ ℓ_i, ∇θ L_clean⟩ by PT-loss quintile (uniform run's end)", "",
