@@ -184,7 +184,7 @@ def net_weights(problem, params, phi, chunk=512):
     return w.numpy(), features[:, 0].numpy()
 
 
-def alignment_probe(problem, params, chembl, precond=None):
+def alignment_probe(problem, params, chembl, precond=None, *, clean_gradient=None):
     """Per PT molecule ⟨∇θ ℓ_i, ∇θ L_clean⟩, L_clean the PT model's loss on the clean held-out molecules;
     with ``precond`` (Adam's P = 1/(√v̂ + ε) per entry of θ) also ⟨P ⊙ ∇θ ℓ_i, ∇θ L_clean⟩, the
     one-step derivative when the step on ℓ_i is Adam's, as the accumulated estimator models it."""
@@ -197,6 +197,8 @@ def alignment_probe(problem, params, chembl, precond=None):
 
     val = chembl.downstream_batch(torch.cat([chembl.split["ft_train"], chembl.split["metaval"]]))
     g = torch.autograd.grad(pt_head_loss(val), [theta[k] for k in keys], allow_unused=True)
+    if clean_gradient is not None:  # the probe's v, for a draw against it
+        clean_gradient.update({k: torch.zeros_like(theta[k]) if b is None else b for k, b in zip(keys, g)})
     n = len(problem.data.pretrain_positions)
     align, adam = np.zeros(n), np.zeros(n)
     pg = [None if b is None or precond is None else precond[k] * b for k, b in zip(keys, g)]
@@ -228,7 +230,13 @@ def sign_check(problem, trainer, chembl, flags, batches):
     accumulated = Estimator(accumulate=1, adam_preconditioner=True)
     # the run's own draw: the forward difference fused with the PT step's backward, against the
     # fresh direction and against the one the run holds (the last meta-step's, up to an interval old)
-    fused = {name: torch.zeros(n, dtype=torch.float64) for name in ("fresh", "stale", "averaged")}
+    fused = {name: torch.zeros(n, dtype=torch.float64)
+             for name in ("fresh", "stale", "averaged", "averaged_eval", "probe_v", "probe_v_eval")}
+    params = {k: v.detach() for k, v in trainer.params.items()}
+    probe_v = {}
+    _, adam = alignment_probe(problem, params, chembl, adam_preconditioner(trainer.pt_opt, trainer.params),
+                              clean_gradient=probe_v)
+    centred, batches_of = np.zeros(n), np.zeros(n)
     alpha, precond = draw_scale(accumulated, trainer.pt_opt, trainer.params)
     # and against v averaged over 16 validation batches at this θ: how much of a draw is v's batch noise
     directions = [state.estimate(accumulated, sample=s)[1].direction for s in range(16)]
@@ -242,21 +250,32 @@ def sign_check(problem, trainer, chembl, flags, batches):
         total[rows] += d[rows]
         hyper, info, _ = state.estimate(accumulated)
         drawn[rows] += hyper["example_logits"].double()[rows]
-        for name, v in (("fresh", info.direction), ("stale", trainer._direction), ("averaged", averaged)):
+        for name, v, train in (("fresh", info.direction, True), ("stale", trainer._direction, True),
+                               ("averaged", averaged, True), ("averaged_eval", averaged, False),
+                               ("probe_v", probe_v, True), ("probe_v_eval", probe_v, False)):
             u = v if precond is None else {k: x * precond[k] for k, x in v.items()}
             state._crn()
-            with _buffers_kept(problem):
-                _, mixed = pretrain_backward_with_mixed_term(lambda th, ph: problem.pretrain_loss(th, ph, batch),
-                                                             state.theta, state.phi, u)
+            embed = problem.embed
+            if not train:  # the draw without dropout (the probe's per-molecule gradients are taken so)
+                problem.embed = lambda p, g, *, train, embed=embed: embed(p, g, train=False)
+            try:
+                with _buffers_kept(problem):
+                    _, mixed = pretrain_backward_with_mixed_term(lambda th, ph: problem.pretrain_loss(th, ph, batch),
+                                                                 state.theta, state.phi, u)
+            finally:
+                problem.embed = embed
             m = mixed["example_logits"]
             fused[name][rows] += -alpha * (m.to_dense() if m.is_sparse else m).double()[rows]
+        r = rows.numpy()
+        centred[r] += adam[r] - adam[r].mean()  # the probe centred within the batch, as normalised weights see it
+        batches_of[r] += 1
         seen[rows] = True
-    params = {k: v.detach() for k, v in trainer.params.items()}
-    _, adam = alignment_probe(problem, params, chembl, adam_preconditioner(trainer.pt_opt, trainer.params))
     d, a, f = total[seen].numpy(), adam[seen.numpy()], flags[seen.numpy()]
+    c = centred[seen.numpy()] / batches_of[seen.numpy()]
     return {"molecules": int(seen.sum()),
             "derivative_auroc": round(float(roc_auc_score(f, d)), 4),  # corrupted: derivative > 0
             "probe_auroc": round(float(roc_auc_score(f, -a)), 4),
+            "probe_centred_auroc": round(float(roc_auc_score(f, -c)), 4),
             "spearman_derivative_vs_minus_alignment": round(float(spearmanr(d, -a)[0]), 4),
             "sign_agreement": round(float(np.mean(np.sign(d) == np.sign(-a))), 4),
             "mean_derivative_corrupted": float(d[f].mean()), "mean_derivative_clean": float(d[~f].mean()),
@@ -479,18 +498,29 @@ def markdown(result):
                   "same θ.", "",
                   "| seed | step | molecules | AUROC of derivative (corrupted) | AUROC of −alignment | "
                   "Spearman ρ | sign agreement | mean derivative corrupted / clean | AUROC of the accumulated "
-                  "estimator's draw | its Spearman ρ with the derivative | AUROC of the run's fused draw (fresh v) | "
-                  "its ρ | AUROC of the run's fused draw (the run's own v) | its ρ | AUROC of the fused draw "
-                  "(v averaged over 16 validation batches) | its ρ |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "estimator's draw | its Spearman ρ with the derivative |", "|---|---|---|---|---|---|---|---|---|---|"]
         for seed, step, c in sorted(checks, key=lambda t: (t[0], t[1])):
             lines.append(f"| {seed} | {step} | {c['molecules']} | {c['derivative_auroc']} | {c['probe_auroc']} | "
                          f"{c['spearman_derivative_vs_minus_alignment']} | {c['sign_agreement']} | "
                          f"{c['mean_derivative_corrupted']:.3g} / {c['mean_derivative_clean']:.3g} | "
-                         f"{c.get('accumulated_draw_auroc', '')} | {c.get('spearman_accumulated_draw_vs_derivative', '')} | "
-                         f"{c.get('fused_fresh_draw_auroc', '')} | {c.get('spearman_fused_fresh_draw_vs_derivative', '')} | "
-                         f"{c.get('fused_stale_draw_auroc', '')} | {c.get('spearman_fused_stale_draw_vs_derivative', '')} | "
-                         f"{c.get('fused_averaged_draw_auroc', '')} | {c.get('spearman_fused_averaged_draw_vs_derivative', '')} |")
+                         f"{c.get('accumulated_draw_auroc', '')} | {c.get('spearman_accumulated_draw_vs_derivative', '')} |")
+        variants = {"fresh": "fused (the run's forward difference), fresh v",
+                    "stale": "fused, the run's own v (last meta-step's)",
+                    "averaged": "fused, v averaged over 16 validation batches",
+                    "averaged_eval": "the same without dropout",
+                    "probe_v": "fused, v = the probe's clean gradient",
+                    "probe_v_eval": "the same without dropout"}
+        lines += ["", "Draws at the same state and batches: AUROC on the corrupted flag (above 0.5: corrupted molecules' "
+                  "weights pushed down) and Spearman ρ with the exact derivative (one validation batch).", "",
+                  "| seed | step | draw | AUROC | ρ with the derivative |", "|---|---|---|---|---|"]
+        for seed, step, c in sorted(checks, key=lambda t: (t[0], t[1])):
+            for key, label in variants.items():
+                if f"fused_{key}_draw_auroc" in c:
+                    lines.append(f"| {seed} | {step} | {label} | {c[f'fused_{key}_draw_auroc']} | "
+                                 f"{c[f'spearman_fused_{key}_draw_vs_derivative']} |")
+            if "probe_centred_auroc" in c:
+                lines.append(f"| {seed} | {step} | the probe (no dropout) centred within each PT batch | "
+                             f"{c['probe_centred_auroc']} | |")
     premises = [r for r in result["runs"] if "alignment_premise" in r]
     if premises:
         lines += ["", "## Premise: alignment ⟨∇θ ℓ_i, ∇θ L_clean⟩ by PT-loss quintile (uniform run's end)", "",
