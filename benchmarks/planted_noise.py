@@ -231,7 +231,7 @@ def sign_check(problem, trainer, chembl, flags, batches):
     # the run's own draw: the forward difference fused with the PT step's backward, against the
     # fresh direction and against the one the run holds (the last meta-step's, up to an interval old)
     fused = {name: torch.zeros(n, dtype=torch.float64)
-             for name in ("fresh", "stale", "averaged", "averaged_eval", "probe_v", "probe_v_eval")}
+             for name in ("fresh", "stale", "averaged", "averaged_eval", "probe_v", "probe_v_eval", *lookahead_parts)}
     params = {k: v.detach() for k, v in trainer.params.items()}
     probe_v = {}
     _, adam = alignment_probe(problem, params, chembl, adam_preconditioner(trainer.pt_opt, trainer.params),
@@ -239,8 +239,25 @@ def sign_check(problem, trainer, chembl, flags, batches):
     centred, batches_of = np.zeros(n), np.zeros(n)
     alpha, precond = draw_scale(accumulated, trainer.pt_opt, trainer.params)
     # and against v averaged over 16 validation batches at this θ: how much of a draw is v's batch noise
-    directions = [state.estimate(accumulated, sample=s)[1].direction for s in range(16)]
-    averaged = {k: sum(v[k] for v in directions) / len(directions) for k in directions[0]}
+    def averaged_direction(head=None, unroll=None):
+        kept = state.head, state.schedule
+        if head is not None:
+            state.head = head
+        if unroll is not None:
+            state.schedule = dataclasses.replace(state.schedule, unroll_steps=unroll)
+        try:
+            directions = [state.estimate(accumulated, sample=s)[1].direction for s in range(16)]
+        finally:
+            state.head, state.schedule = kept
+        return {k: sum(v[k] for v in directions) / len(directions) for k in directions[0]}
+
+    averaged = averaged_direction()
+    # the parts of the fine-tuning lookahead: the head correction ψ the run carries (fitted to the
+    # clean molecules over the run), and the unrolled step
+    zero_head = {k: torch.zeros_like(v) for k, v in state.head.items()}
+    lookahead_parts = {"carried_no_unroll": averaged_direction(unroll=0),
+                       "zero_head": averaged_direction(head=zero_head),
+                       "zero_head_no_unroll": averaged_direction(head=zero_head, unroll=0)}
     start = state.step
     for b in range(batches):
         state.step = start + b  # the b-th upcoming PT batch is the one its one step reads
@@ -252,7 +269,8 @@ def sign_check(problem, trainer, chembl, flags, batches):
         drawn[rows] += hyper["example_logits"].double()[rows]
         for name, v, train in (("fresh", info.direction, True), ("stale", trainer._direction, True),
                                ("averaged", averaged, True), ("averaged_eval", averaged, False),
-                               ("probe_v", probe_v, True), ("probe_v_eval", probe_v, False)):
+                               ("probe_v", probe_v, True), ("probe_v_eval", probe_v, False),
+                               *((name, v, True) for name, v in lookahead_parts.items())):
             u = v if precond is None else {k: x * precond[k] for k, x in v.items()}
             state._crn()
             embed = problem.embed
@@ -509,7 +527,10 @@ def markdown(result):
                     "averaged": "fused, v averaged over 16 validation batches",
                     "averaged_eval": "the same without dropout",
                     "probe_v": "fused, v = the probe's clean gradient",
-                    "probe_v_eval": "the same without dropout"}
+                    "probe_v_eval": "the same without dropout",
+                    "carried_no_unroll": "fused, v averaged (16 batches) at the carried head, no unrolled step",
+                    "zero_head": "fused, v averaged (16 batches), the head correction ψ at zero",
+                    "zero_head_no_unroll": "fused, v averaged (16 batches), ψ at zero, no unrolled step"}
         lines += ["", "Draws at the same state and batches: AUROC on the corrupted flag (above 0.5: corrupted molecules' "
                   "weights pushed down) and Spearman ρ with the exact derivative (one validation batch).", "",
                   "| seed | step | draw | AUROC | ρ with the derivative |", "|---|---|---|---|---|"]
