@@ -230,14 +230,13 @@ def sign_check(problem, trainer, chembl, flags, batches):
     accumulated = Estimator(accumulate=1, adam_preconditioner=True)
     # the run's own draw: the forward difference fused with the PT step's backward, against the
     # fresh direction and against the one the run holds (the last meta-step's, up to an interval old)
-    fused = {name: torch.zeros(n, dtype=torch.float64)
-             for name in ("fresh", "stale", "averaged", "averaged_eval", "probe_v", "probe_v_eval", *lookahead_parts)}
     params = {k: v.detach() for k, v in trainer.params.items()}
     probe_v = {}
     _, adam = alignment_probe(problem, params, chembl, adam_preconditioner(trainer.pt_opt, trainer.params),
                               clean_gradient=probe_v)
     centred, batches_of = np.zeros(n), np.zeros(n)
     alpha, precond = draw_scale(accumulated, trainer.pt_opt, trainer.params)
+
     # and against v averaged over 16 validation batches at this θ: how much of a draw is v's batch noise
     def averaged_direction(head=None, unroll=None):
         kept = state.head, state.schedule
@@ -258,6 +257,8 @@ def sign_check(problem, trainer, chembl, flags, batches):
     lookahead_parts = {"carried_no_unroll": averaged_direction(unroll=0),
                        "zero_head": averaged_direction(head=zero_head),
                        "zero_head_no_unroll": averaged_direction(head=zero_head, unroll=0)}
+    fused = {name: torch.zeros(n, dtype=torch.float64)
+             for name in ("fresh", "stale", "averaged", "averaged_eval", "probe_v", "probe_v_eval", *lookahead_parts)}
     start = state.step
     for b in range(batches):
         state.step = start + b  # the b-th upcoming PT batch is the one its one step reads
