@@ -449,3 +449,65 @@ def test_report_puts_the_signal_beside_the_verdict():
     assert lines[0].startswith("Verdict, b3db") and "indistinguishable" in lines[0]
     assert lines[1] == ("Signal, b3db: meta task weights: hypergradient draws agree at cosine 0.06 (about 14 draws "
                         "for 0.5), seeds' task_logits agree at ρ -0.18.")
+
+
+def test_direction_decay_averages_the_meta_steps_validation_directions_exactly():
+    # φ frozen (lr 0): θ, and so every meta-step's validation direction, is the same with any
+    # decay; the decayed trainer must hold exactly d·v₁ + (1 − d)·v₂ after two meta-steps
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
+    sched = MetaSchedule(interval=5, warmup_steps=10)
+    frozen = lambda ps: torch.optim.SGD(ps, lr=0.0)  # noqa: E731
+    plain = _trainer(problem, sched, Estimator(accumulate=1), meta_opt=frozen)
+    decayed = _trainer(problem, sched, Estimator(accumulate=1, direction_decay=0.75), meta_opt=frozen)
+    plain.run_until(15)
+    v1 = {k: v.clone() for k, v in plain._direction.items()}
+    plain.run_until(20)
+    v2 = plain._direction
+    decayed.run_until(20)
+    assert any(float((v1[k] - v2[k]).abs().max()) > 1e-6 for k in v1)  # two different directions
+    for k in v1:
+        torch.testing.assert_close(decayed._direction[k], 0.75 * v1[k] + 0.25 * v2[k], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="direction_decay"):
+        Estimator(accumulate=1, direction_decay=1.0)
+    with pytest.raises(ValueError, match="direction_decay"):
+        Estimator(horizon=1, direction_decay=0.5)
+
+
+def test_direction_decay_config_is_read_by_the_accumulated_kind_only():
+    from metapt.config import ConfigError, load_config
+
+    config = load_config("synthetic", ["meta.estimator={kind: accumulated, direction_decay: 0.9}"])
+    assert config.meta.estimator.estimator(0.01).direction_decay == 0.9
+    with pytest.raises(ConfigError, match="direction_decay"):
+        load_config("synthetic", ["meta.estimator={kind: neumann, direction_decay: 0.9}"])
+    with pytest.raises(ConfigError, match="direction_decay"):
+        load_config("synthetic", ["meta.estimator={kind: accumulated, direction_decay: 1.5}"])
+
+
+def test_head_start_initial_fine_tunes_from_the_initial_head_every_meta_step():
+    # the same state with the head at ψ₀ and carried must take the same meta-step as
+    # head_start=initial; the carried head a run has trained takes another (the test can fail)
+    import copy
+
+    problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
+    initial = _trainer(problem, MetaSchedule(interval=5, warmup_steps=10, head_start="initial"), Estimator(horizon=1))
+    carried = _trainer(problem, MetaSchedule(interval=5, warmup_steps=10), Estimator(horizon=1))
+    initial.run_until(10)
+    carried.run_until(10)
+    psi0 = problem.initial_head()
+    assert all(torch.equal(initial.head[k], psi0[k]) for k in psi0)  # no warm-up head steps
+    assert any(not torch.equal(carried.head[k], psi0[k]) for k in psi0)
+    initial.run_until(24)  # past two meta-steps: self.head holds the last fine-tuned one
+    assert all(torch.equal(initial.start_head[k], psi0[k]) for k in psi0)
+    twin = copy.deepcopy(initial)
+    twin.schedule = MetaSchedule(interval=5, warmup_steps=10)
+    twin.head = {k: v.clone() for k, v in psi0.items()}
+    stale = copy.deepcopy(twin)
+    stale.head = {k: v.clone() for k, v in initial.head.items()}  # the last meta-step's head, carried
+    for t in (initial, twin, stale):
+        t.run_until(25)
+    for k in initial.metaparams:
+        torch.testing.assert_close(initial.metaparams[k], twin.metaparams[k])
+    assert any(not torch.allclose(initial.metaparams[k], stale.metaparams[k]) for k in initial.metaparams)
+    with pytest.raises(ValueError, match="head_start"):
+        MetaSchedule(head_start="last")

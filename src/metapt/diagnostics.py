@@ -108,7 +108,7 @@ class StateProbe:
         self.problem: MetaProblem = trainer.problem
         self.theta = {k: v.detach().clone() for k, v in trainer.params.items()}
         self.phi = {k: v.detach().clone() for k, v in trainer.metaparams.items()}
-        self.head = {k: v.detach().clone() for k, v in trainer.head.items()}
+        self.head = {k: v.detach().clone() for k, v in getattr(trainer, "start_head", trainer.head).items()}
         self.pt_opt = trainer.pt_opt
         self.trainer_params = trainer.params  # the keys of pt_opt's state
         self.inner = trainer.meta_step_inner()[0]  # the rate the next meta-step unrolls with (capped or not)

@@ -42,6 +42,14 @@ class MetaSchedule:
             meta-step's unroll, so the persisted head keeps up with the moving
             encoder (paper: 0; a stale head makes L_V, and its gradient, about
             the head rather than the representation).
+        head_start: where each meta-step's fine-tuning starts: ``carried`` from the head the
+            last meta-step fine-tuned (the paper's; warm-up steps train it), ``initial`` from ψ₀
+            every time, as a fresh fine-tuning would (no warm-up head steps). A carried head
+            that has fitted the validation task absorbs what φ did to the parts it can correct,
+            so L_V's gradient stops seeing it: with the PT model's own head plus a correction
+            as the FT model, planted label noise harms the PT head, the carried correction
+            undoes it, and the validation direction ranks the corrupted molecules the wrong
+            way (benchmarks/results/planted_noise_sign_check_4000_rate0.4.md).
         learn_phi: False runs plain pre-training with φ held at its initial value: no
             warm-up head steps, no meta-steps (the frozen-φ baselines).
         average: which φ the trainer reports as its result (``averaged_metaparams``):
@@ -59,6 +67,7 @@ class MetaSchedule:
     batches: int = 1
     warmup_steps: int = 0
     head_steps: int = 0
+    head_start: str = "carried"
     learn_phi: bool = True
     average: str = "none"
     average_decay: float = 0.95
@@ -66,6 +75,8 @@ class MetaSchedule:
     def __post_init__(self):
         if self.average not in ("none", "polyak", "ema"):
             raise ValueError(f"MetaSchedule: average must be none, polyak or ema, got {self.average!r}")
+        if self.head_start not in ("carried", "initial"):
+            raise ValueError(f"MetaSchedule: head_start must be carried or initial, got {self.head_start!r}")
         if not 0.0 < self.average_decay < 1.0:
             raise ValueError(f"MetaSchedule: average_decay must be in (0, 1), got {self.average_decay}")
         for name in ("interval", "batches"):

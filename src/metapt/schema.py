@@ -101,7 +101,7 @@ ESTIMATOR_KEYS: dict[str, tuple[str, ...]] = {
     "cg": ("max_iter", "tol", "damping", "spectrum_steps", "pt_batches", "upcoming", "adam_preconditioner",
            "gauss_newton"),
     "unrolled": ("horizon",),
-    "accumulated": ("alpha", "every", "adam_preconditioner"),
+    "accumulated": ("alpha", "every", "adam_preconditioner", "direction_decay"),
 }
 #: Defaults of the kind-specific keys; kind ``unrolled`` with ``horizon`` 1, and ``upcoming`` and
 #: ``adam_preconditioner`` for the implicit kinds, were chosen by measurement
@@ -109,7 +109,8 @@ ESTIMATOR_KEYS: dict[str, tuple[str, ...]] = {
 #: ``{kind: neumann, upcoming: false, adam_preconditioner: false}``.
 _ESTIMATOR_DEFAULTS: dict[str, Any] = {"terms": 1, "max_iter": 20, "tol": 1e-6, "damping": 0.0,
                                        "spectrum_steps": 0, "horizon": 1, "pt_batches": 1, "upcoming": True,
-                                       "adam_preconditioner": True, "gauss_newton": False, "every": 1}
+                                       "adam_preconditioner": True, "gauss_newton": False, "every": 1,
+                                       "direction_decay": 0.0}
 
 
 @schema
@@ -147,6 +148,11 @@ class EstimatorConfig:
         upcoming: neumann, identity, cg: take those batches among the ones pre-training takes
             next instead of the one(s) just taken (the paper's) [true].
         every: accumulated: PT steps between two draws (1: every PT batch) [1].
+        direction_decay: accumulated: the draws' validation direction v is an exponential moving
+            average over meta-steps with this decay (0: the last meta-step's). One validation
+            batch's v decides most of a draw (two batches' draws at one state: Spearman ρ ≈ 0;
+            benchmarks/results/planted_noise_sign_check_4000_rate0.4.md); the average trades
+            that noise for staleness [0].
         adam_preconditioner: neumann, identity, cg, accumulated: solve in Adam's geometry P = 1/(√v̂ + ε) of
             the PT optimiser (the paper's formula assumes SGD) [true].
         gauss_newton: neumann, cg: solve with the Gauss–Newton matrix JᵀH_ℓJ instead of H (the
@@ -166,6 +172,7 @@ class EstimatorConfig:
     adam_preconditioner: bool | None = None
     gauss_newton: bool | None = None
     every: int | None = Field(default=None, ge=1, le=1_000_000)
+    direction_decay: float | None = Field(default=None, ge=0, lt=1)
 
     def __post_init__(self):
         allowed = ESTIMATOR_KEYS[self.kind]
@@ -203,7 +210,8 @@ class EstimatorConfig:
             return Estimator(horizon=self.get("horizon"))
         if self.kind == "accumulated":
             return Estimator(solver=self.build(pt_lr), accumulate=self.get("every"),
-                             adam_preconditioner=self.get("adam_preconditioner"))
+                             adam_preconditioner=self.get("adam_preconditioner"),
+                             direction_decay=self.get("direction_decay"))
         return Estimator(solver=self.build(pt_lr), pt_batches=self.get("pt_batches"), upcoming=self.get("upcoming"),
                          adam_preconditioner=self.get("adam_preconditioner"),
                          gauss_newton=bool(self.get("gauss_newton")) if self.kind in ("neumann", "cg") else False)
@@ -256,6 +264,9 @@ class MetaConfig:
             batches within one sample.
         warmup_steps: PT steps, the head trained alongside, before the first meta-step.
         head_steps: plain head steps before each meta-step's unroll (paper: 0).
+        head_start: ``carried``: each meta-step fine-tunes from the head the last one left (the
+            paper's); ``initial``: from ψ₀ every time (``MetaSchedule.head_start``: a carried head
+            can absorb what φ did, so that L_V stops seeing it).
         lr_groups: Adam learning rates for the φ entries whose key starts with a given prefix
             (e.g. ``{log_magnitude: 0.03}``); the others use ``lr``.
         momentum: β₁ of Adam on φ, the decay of its running mean of hypergradients (0.9:
@@ -285,6 +296,7 @@ class MetaConfig:
     batches: int = Field(default=1, ge=1, le=MAX_PER_STEP)
     warmup_steps: int = Field(default=100, ge=0, le=MAX_STEPS)
     head_steps: int = Field(default=0, ge=0, le=MAX_PER_STEP)
+    head_start: Literal["carried", "initial"] = "carried"
     lr_groups: dict[str, float] = Field(default_factory=dict)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     average: Literal["none", "polyak", "ema"] = "none"
@@ -364,6 +376,7 @@ class MetaConfig:
         values = {"interval": self.interval, "unroll_steps": self.unroll_steps,
                   "unroll_encoder": self.unroll_encoder, "batches": self.batches,
                   "warmup_steps": self.warmup_steps, "head_steps": self.head_steps,
+                  "head_start": self.head_start,
                   "average": self.average, "average_decay": self.average_decay}
         return MetaSchedule(**(values | overrides))
 

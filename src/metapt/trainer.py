@@ -237,7 +237,8 @@ class MetaPretrainer:
             if not self.schedule.learn_phi:
                 pass
             elif self.step <= self.schedule.warmup_steps:
-                metrics.update(self.warmup_head_step())
+                if self.schedule.head_start == "carried":  # a head that no meta-step starts from is not trained
+                    metrics.update(self.warmup_head_step())
             elif self.meta_step_due(self.step):
                 metrics.update(self.meta_step())
             metrics = self.strategy.end_step(self, metrics)
@@ -303,9 +304,16 @@ class MetaPretrainer:
         with _buffers_kept(self.problem):
             return self._meta_step()
 
+    @property
+    def start_head(self) -> Params:
+        """The head the next meta-step fine-tunes from (``schedule.head_start``)."""
+        return self._initial_head if self.schedule.head_start == "initial" else self.head
+
     def _meta_step(self) -> dict[str, float]:
         sched = self.schedule
         catch_up = {}
+        if sched.head_start == "initial":  # a fresh fine-tuning from ψ₀; self.head keeps the last result
+            self.head = {k: v.clone() for k, v in self._initial_head.items()}
         if sched.head_steps:
             theta = {k: v.detach() for k, v in self.params.items()}
             m = self.meta_step_count
@@ -512,6 +520,9 @@ class MetaPretrainer:
         fresh = {k: torch.zeros_like(self.metaparams[k]) if v is None else v for k, v in fresh.items()}
         direction = _mean(directions)
         if all(bool(torch.isfinite(v).all()) for v in direction.values()):
+            decay = self.estimator.direction_decay
+            if decay and self._direction is not None:  # v averaged over meta-steps (estimator.direction_decay)
+                direction = {k: self._direction[k].lerp(v, 1.0 - decay) for k, v in direction.items()}
             self._direction = direction  # a non-finite v would poison every draw until the next meta-step
         self._accumulated, self._accumulated_count = None, 0
         return fresh

@@ -61,6 +61,9 @@ class Estimator:
             when no PT step drew since the last meta-step); the
             solver must be None or :class:`Identity` (its α; None: the PT learning rate), and
             ``adam_preconditioner`` sets P. 0: one draw per meta-step (every other estimator).
+        direction_decay: accumulated: v is the exponential moving average of the meta-steps'
+            validation directions with this decay (0: the last one's); a draw against one
+            validation batch's v is mostly that batch.
     """
 
     solver: Solver | None = None
@@ -70,6 +73,7 @@ class Estimator:
     horizon: int = 0
     gauss_newton: bool = False
     accumulate: int = 0
+    direction_decay: float = 0.0
 
     def __post_init__(self):
         if self.pt_batches < 1:
@@ -80,6 +84,11 @@ class Estimator:
                              or self.upcoming or self.gauss_newton):
             raise ValueError("Estimator: horizon > 0 differentiates through the PT optimiser on the upcoming "
                              "batches; leave solver, pt_batches, upcoming and adam_preconditioner at their defaults")
+        if not 0.0 <= self.direction_decay < 1.0:
+            raise ValueError(f"Estimator: direction_decay must be in [0, 1), got {self.direction_decay}")
+        if self.direction_decay and not self.accumulate:
+            raise ValueError("Estimator: direction_decay averages the accumulated estimator's validation direction; "
+                             "set accumulate > 0 or leave it at 0")
         if self.accumulate < 0:
             raise ValueError(f"Estimator: accumulate must be >= 0, got {self.accumulate}")
         if self.accumulate and (self.horizon or self.pt_batches != 1 or self.upcoming or self.gauss_newton
