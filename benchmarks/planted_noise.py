@@ -131,10 +131,11 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False, probe=None
         meta_optimizer=OPTIMIZERS[opt](lr if lr > 0 else 1e-3),
         inner_optimizer=sgd(args.inner_lr),
         estimator={"paper": Estimator(solver=Neumann(steps=1, alpha=args.pt_lr)),
-                   "accumulated": Estimator(accumulate=1, adam_preconditioner=True)}.get(
+                   "accumulated": Estimator(accumulate=1, adam_preconditioner=True,
+                                            direction_decay=args.direction_decay)}.get(
                        args.estimator, default_estimator(args.pt_lr)),
         schedule=MetaSchedule(interval=args.interval, warmup_steps=args.warmup, learn_phi=meta is not None,
-                              average=args.average),
+                              average=args.average, head_start=args.head_start),
     )
     n = len(data.pretrain_positions)
     loss_sum, loss_count, drawn = torch.zeros(n, dtype=torch.float64), torch.zeros(n), torch.zeros(n, dtype=torch.bool)
@@ -392,6 +393,10 @@ def main():
                          "accumulated: every PT batch's mixed term against the last validation direction")
     ap.add_argument("--average", choices=("none", "polyak", "ema"), default="none",
                     help="the φ read at the end: the last one, or averaged over meta-steps")
+    ap.add_argument("--direction-decay", type=float, default=0.0,
+                    help="accumulated: the draws' validation direction as an EMA over meta-steps with this decay")
+    ap.add_argument("--head-start", choices=("carried", "initial"), default="carried",
+                    help="each meta-step fine-tunes from the last meta-step's head (carried) or from ψ₀ (initial)")
     ap.add_argument("--normalize", action="store_true", help="example weights scaled to mean 1 within each batch")
     ap.add_argument("--family", choices=("example_weights", "weight_net"), default="example_weights",
                     help="the learned weights: one logit per molecule, or one network of each molecule's loss and "
