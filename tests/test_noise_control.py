@@ -115,16 +115,18 @@ def test_averaged_phi_is_the_average_of_the_meta_steps_phi(kind):
     assert torch.equal(trainer.snapshot().averaged_metaparams["task_logits"], avg)
 
 
-def test_accumulated_and_averaged_run_resumes_exactly():
+@pytest.mark.parametrize("head_start, decay", [("carried", 0.0), ("initial", 0.9)])
+def test_accumulated_and_averaged_run_resumes_exactly(head_start, decay):
     problem = SyntheticTaskWeighting(SyntheticConfig(seed=0))
-    sched = MetaSchedule(interval=5, warmup_steps=10, average="ema")
-    straight = _trainer(problem, sched, Estimator(accumulate=1))
+    sched = MetaSchedule(interval=5, warmup_steps=10, average="ema", head_start=head_start)
+    estimator = Estimator(accumulate=1, direction_decay=decay)
+    straight = _trainer(problem, sched, estimator)
     straight.run_until(43)
-    first = _trainer(problem, sched, Estimator(accumulate=1))
+    first = _trainer(problem, sched, estimator)
     first.run_until(27)  # between two meta-steps: draws are waiting in the accumulator
     assert first._accumulated_count > 0
     state = first.state_dict()
-    second = _trainer(problem, sched, Estimator(accumulate=1))
+    second = _trainer(problem, sched, estimator)
     second.load_state_dict(state)
     second.run_until(43)
     for k in straight.metaparams:
