@@ -88,3 +88,31 @@ def test_the_premise_table_groups_alignment_by_loss_quintile(monkeypatch):
     assert got["corrupted_positive_share"] == 0.0 and got["clean_positive_share"] == 1.0
     # ranks of alignment along the loss order 5,6,4,7,3,8,2,9,1,10: Σd² = 140, ρ = 1 − 6·140/(10·99)
     assert got["spearman_with_loss"] == pytest.approx(1 - 6 * 140 / 990, abs=1e-4)
+
+
+def test_planted_noise_runs_end_to_end_at_a_small_size(tmp_path, monkeypatch):
+    # the committed benchmark at CI size, with the options that fixed the sign (fresh head,
+    # averaged v) and the sign check; its known answer: the run's fused forward-difference draw
+    # and the estimator's central-difference draw estimate the same mixed term at the same state
+    import importlib
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    pn = importlib.import_module("planted_noise")
+    out = tmp_path / "planted.json"
+    monkeypatch.setattr(sys, "argv", [
+        "planted_noise.py", "--pretrain", "400", "--clean-val", "200", "--corrupt", "0.4", "--steps", "130",
+        "--warmup", "20", "--targets", "chembl_pt", "--optimizers", "lazy_adam", "--estimator", "accumulated",
+        "--normalize", "--head-start", "initial", "--direction-decay", "0.9", "--no-downstream", "--no-probe",
+        "--seeds", "0", "--probe-steps", "120", "--sign-check", "1", "--out", str(out)])
+    pn.main()
+    result = json.loads(out.read_text())
+    assert result["config"]["head_start"] == "initial" and result["config"]["direction_decay"] == 0.9
+    uniform, learned = result["runs"]
+    assert 0.0 <= uniform["loss_ranking_auroc"] <= 1.0 and 0.0 <= learned["weight_auroc"] <= 1.0
+    check = learned["sign_check_at_step"]["120"]
+    assert check["molecules"] > 0
+    assert check["spearman_accumulated_draw_vs_derivative"] > 0.9
+    assert check["spearman_fused_fresh_draw_vs_derivative"] > 0.9
+    assert "Sign check" in out.with_suffix(".md").read_text()
