@@ -56,11 +56,11 @@ from sklearn.metrics import roc_auc_score
 from metapt import MetaPretrainer, MetaSchedule
 from metapt.domains.molecules.models import GINEncoder, masked_bce
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
-from metapt.hypergrad import (Estimator, Neumann, adam_preconditioner, default_estimator, draw_scale,
+from metapt.hypergrad import (Estimator, Neumann, adam_preconditioner, default_estimator,
                              pretrain_backward_with_mixed_term, sgd)
 from metapt.metaparams import ExampleWeightNet, weights_from_logits
 from metapt.optim import LazyAdam, LazySGD
-from metapt.trainer import _buffers_kept
+from metapt.trainer import _buffers_kept, _mean
 from _results import source_commit  # noqa: E402  (HEAD; refused if metapt comes from another tree)
 
 OPTIMIZERS = {
@@ -236,7 +236,6 @@ def sign_check(problem, trainer, chembl, flags, batches):
     _, adam = alignment_probe(problem, params, chembl, adam_preconditioner(trainer.pt_opt, trainer.params),
                               clean_gradient=probe_v)
     centred, batches_of = np.zeros(n), np.zeros(n)
-    alpha, precond = draw_scale(accumulated, trainer.pt_opt, trainer.params)
 
     # and against v averaged over 16 validation batches at this θ: how much of a draw is v's batch noise
     def averaged_direction(head=None, unroll=None):
@@ -249,7 +248,7 @@ def sign_check(problem, trainer, chembl, flags, batches):
             directions = [state.estimate(accumulated, sample=s)[1].direction for s in range(16)]
         finally:
             state.head, state.schedule = kept
-        return {k: sum(v[k] for v in directions) / len(directions) for k in directions[0]}
+        return _mean(directions)
 
     averaged = averaged_direction()
     # the parts of the fine-tuning lookahead: the head correction ψ the run carries (fitted to the
@@ -273,7 +272,7 @@ def sign_check(problem, trainer, chembl, flags, batches):
                                ("averaged", averaged, True), ("averaged_eval", averaged, False),
                                ("probe_v", probe_v, True), ("probe_v_eval", probe_v, False),
                                *((name, v, True) for name, v in lookahead_parts.items())):
-            u = v if precond is None else {k: x * precond[k] for k, x in v.items()}
+            alpha, u = trainer._draw_scale(v)  # α and P ⊙ v, as the run's PT step takes them
             state._crn()
             embed = problem.embed
             if not train:  # the draw without dropout (the probe's per-molecule gradients are taken so)
