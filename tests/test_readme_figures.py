@@ -30,3 +30,16 @@ def test_every_quoted_ci_is_in_a_results_file():
     assert len(quoted) > 40
     missing = [(name, figure) for name, figure in quoted if _canonical(figure) not in known]
     assert not missing, f"figures with no results file behind them: {missing}"
+
+
+def test_readme_primary_table_is_the_preregistered_table():
+    """The README's one-row-per-cell table carries prereg_table.json's gain, CI and verdict for every cell."""
+    import json
+
+    table = json.loads((ROOT / "benchmarks" / "results" / "prereg_table.json").read_text())
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (P\d+) \|.*\|$", (ROOT / "README.md").read_text(), re.M)}
+    assert sorted(rows) == sorted(c["cell"] for c in table["cells"])
+    for c in table["cells"]:
+        cells = [x.strip() for x in rows[c["cell"]].strip("|").split("|")]
+        lo, hi = 100 * (c["mean"] - c["half_width"]), 100 * (c["mean"] + c["half_width"])
+        assert cells[-3:] == [f"{100 * c['mean']:+.1f}", f"[{lo:+.1f}, {hi:+.1f}]", c["verdict"]], c["cell"]
