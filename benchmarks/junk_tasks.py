@@ -58,6 +58,13 @@ OPTIONS: dict[str, list[str]] = {
     "accumulated every 2nd + normalized + polyak + interval 20": [
         "meta.estimator=accumulated", "meta.estimator.every=2", "meta.normalize_weights=true", "meta.average=polyak",
         "meta.interval=20"],
+    # the planted-noise sign check: one validation batch's v decides most of a draw (plan amendment 2)
+    "accumulated every 2nd + normalized + polyak + v decay 0.9": [
+        "meta.estimator=accumulated", "meta.estimator.every=2", "meta.normalize_weights=true", "meta.average=polyak",
+        "meta.estimator.direction_decay=0.9"],
+    "accumulated every 2nd + normalized + polyak + v decay 0.9 + fresh head": [
+        "meta.estimator=accumulated", "meta.estimator.every=2", "meta.normalize_weights=true", "meta.average=polyak",
+        "meta.estimator.direction_decay=0.9", "meta.head_start=initial"],
 }
 
 
