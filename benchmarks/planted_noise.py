@@ -16,6 +16,9 @@ flipped (y → 1 − y). Then:
   each pre-training molecule at the end of the run, from a no-dropout forward over all of them, the
   features standardised over all of them), beside the AUROC of that forward's loss itself (the
   net's input: what a net monotone in the loss would reach);
+* **out-of-fold loss ranking** (``--detectability FOLDS``, a premise of the AUROC bar): each
+  molecule's loss under a uniform model pre-trained on the other folds only, so no model scores a
+  molecule it memorised; how detectable the planted noise is from these data by loss at all;
 * **alignment probe** (a diagnostic of the signal the hypergradient works with): at the end of the
   corrupted uniform run, each molecule's PT-loss gradient ∇θℓ_i dotted with the gradient of the
   clean held-out ChEMBL loss (all of it, no dropout); the one-step hypergradient of an example
@@ -173,6 +176,27 @@ def pretrain(args, data, seed, *, meta=None, pt_head_objective=False, probe=None
         out["weights"] = weights_from_logits(trainer.averaged_metaparams["example_logits"]).numpy()
         out["drawn"] = drawn.numpy()
     return out
+
+
+def out_of_fold_loss(args, data, seed, folds):
+    """Every PT molecule's loss (its observed, possibly flipped labels; no dropout) under a uniform
+    model pre-trained, with the same steps, on the other folds only: a detector that cannot have
+    memorised the molecule it scores (confident learning's out-of-sample loss). What a loss-based
+    rule reaches without memorisation, so a premise of the AUROC bar: is the planted noise this
+    detectable in these data at all?"""
+    n = len(data.pretrain_positions)
+    fold = torch.randperm(n, generator=torch.Generator().manual_seed(2000 + seed)) % folds
+    scorer = MoleculesProblem(data, _encoder(args, seed), WeightingConfig(task_weights=False, example_weights=True),
+                              pt_batch_size=args.batch, ft_batch_size=args.batch, seed=seed)
+    loss = np.full(n, np.nan)
+    for f in range(folds):
+        keep = (fold != f).nonzero().squeeze(1)
+        part = dataclasses.replace(data, pretrain_positions=data.pretrain_positions[keep],
+                                   pretrain_labels=data.pretrain_labels[keep])
+        params = pretrain(args, part, seed)["params"]
+        held = (fold == f).numpy()
+        loss[held] = current_losses(scorer, params)[held]
+    return loss
 
 
 def net_weights(problem, params, phi, chunk=512):
@@ -408,6 +432,8 @@ def main():
                          "upcoming PT batches, against the alignment probe (exploratory)")
     ap.add_argument("--probe-steps", type=lambda v: sorted({int(x) for x in v.split(",") if x}), default=[],
                     help="also measure the premise (alignment by loss quintile) at these PT steps of the uniform run")
+    ap.add_argument("--detectability", type=int, default=0, metavar="FOLDS",
+                    help="also rank by out-of-fold PT loss (uniform models on the other FOLDS-1 folds)")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -441,6 +467,11 @@ def main():
             row["alignment_premise"] = alignment_by_loss(align, base["mean_loss"], flags)
         if base["probes"]:
             row["alignment_premise_at_step"] = base["probes"]
+        if args.detectability:
+            t1 = time.perf_counter()
+            oof = out_of_fold_loss(args, datas["b3db"], seed, args.detectability)
+            row["out_of_fold_loss_auroc"] = round(roc_auc_score(flags, oof), 4)
+            row["out_of_fold_folds"], row["out_of_fold_seconds"] = args.detectability, round(time.perf_counter() - t1, 1)
         record(row)
         if not args.no_clean and not args.no_downstream:
             t0 = time.perf_counter()
@@ -505,6 +536,9 @@ def markdown(result):
         auroc = r.get("weight_auroc", r.get("loss_ranking_auroc", ""))
         if "final_loss_auroc" in r:  # the weight net: beside the ranking by its input, the final loss
             auroc = f"{auroc} (final loss: {r['final_loss_auroc']})"
+        if "out_of_fold_loss_auroc" in r:
+            lines.append(f"| {r['seed']} | out-of-fold loss ranking ({r['out_of_fold_folds']} folds; premise) | | | "
+                         f"{r['out_of_fold_loss_auroc']} | | | |")
         if "alignment_probe_auroc" in r:
             lines.append(f"| {r['seed']} | alignment probe (diagnostic) | chembl (all held-out) | | "
                          f"{r['alignment_probe_auroc']} | | | |")

@@ -90,6 +90,30 @@ def test_the_premise_table_groups_alignment_by_loss_quintile(monkeypatch):
     assert got["spearman_with_loss"] == pytest.approx(1 - 6 * 140 / 990, abs=1e-4)
 
 
+def test_out_of_fold_loss_scores_each_molecule_with_a_model_that_never_saw_it(monkeypatch):
+    import types
+
+    import numpy as np
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    pn = importlib.import_module("planted_noise")
+    positions = torch.arange(100, 130)
+    data = types.SimpleNamespace(pretrain_positions=positions, pretrain_labels=torch.zeros(30, 2))
+    # a "model" is the set of positions it was pre-trained on; its "loss" of a molecule is 1 if it saw it
+    monkeypatch.setattr(pn.dataclasses, "replace", lambda d, **kw: types.SimpleNamespace(**kw))
+    monkeypatch.setattr(pn, "MoleculesProblem", lambda d, *a, **kw: d)
+    monkeypatch.setattr(pn, "_encoder", lambda args, seed: None)
+    monkeypatch.setattr(pn, "pretrain", lambda args, part, seed: {"params": set(part.pretrain_positions.tolist())})
+    monkeypatch.setattr(pn, "current_losses", lambda scorer, seen: np.array(
+        [float(p in seen) for p in scorer.pretrain_positions.tolist()]))
+    args = types.SimpleNamespace(batch=8)
+    for folds in (2, 3):
+        loss = pn.out_of_fold_loss(args, data, seed=0, folds=folds)
+        assert loss.shape == (30,) and not np.isnan(loss).any()  # every molecule scored once
+        assert (loss == 0).all()  # and never by a model that pre-trained on it
+
+
 def test_planted_noise_runs_end_to_end_at_a_small_size(tmp_path, monkeypatch):
     # the committed benchmark at CI size, with the options that fixed the sign (fresh head,
     # averaged v) and the sign check; its known answer: the run's fused forward-difference draw
@@ -105,12 +129,13 @@ def test_planted_noise_runs_end_to_end_at_a_small_size(tmp_path, monkeypatch):
         "planted_noise.py", "--pretrain", "400", "--clean-val", "200", "--corrupt", "0.4", "--steps", "130",
         "--warmup", "20", "--targets", "chembl_pt", "--optimizers", "lazy_adam", "--estimator", "accumulated",
         "--normalize", "--head-start", "initial", "--direction-decay", "0.9", "--no-downstream", "--no-probe",
-        "--seeds", "0", "--probe-steps", "120", "--sign-check", "1", "--out", str(out)])
+        "--seeds", "0", "--probe-steps", "120", "--sign-check", "1", "--detectability", "2", "--out", str(out)])
     pn.main()
     result = json.loads(out.read_text())
     assert result["config"]["head_start"] == "initial" and result["config"]["direction_decay"] == 0.9
     uniform, learned = result["runs"]
     assert 0.0 <= uniform["loss_ranking_auroc"] <= 1.0 and 0.0 <= learned["weight_auroc"] <= 1.0
+    assert 0.0 <= uniform["out_of_fold_loss_auroc"] <= 1.0 and uniform["out_of_fold_folds"] == 2
     check = learned["sign_check_at_step"]["120"]
     assert check["molecules"] > 0
     assert check["spearman_accumulated_draw_vs_derivative"] > 0.9
