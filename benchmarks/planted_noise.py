@@ -1,7 +1,9 @@
 """Planted label noise: do meta-learned example weights find the corrupted pre-training molecules?
 
 A known share (default 20 %) of the ChEMBL pre-training molecules get every observed label
-flipped (y → 1 − y). Then:
+flipped (y → 1 − y); ``--min-labels K`` draws the molecules from those with at least K observed
+labels (most have one), so that a corrupted molecule contradicts the model on several targets: a
+stronger, more detectable harm. Then:
 
 * **loss ranking** (the baseline): pre-train with uniform weights and rank each molecule by its
   training loss averaged over the PT steps that drew it (a forward without dropout right after
@@ -75,10 +77,18 @@ OPTIMIZERS = {
 
 def planted_data(args, seed):
     """(b3db data with corrupted PT labels, the same with the clean-ChEMBL meta-objective, flags, clean data)."""
-    data = load_molecule_data("b3db", seed=seed, max_pretrain=args.pretrain + args.clean_val,
+    wanted = args.pretrain + args.clean_val
+    data = load_molecule_data("b3db", seed=seed, max_pretrain=None if args.min_labels > 1 else wanted,
                               max_downstream=args.downstream, cache_dir=args.cache)
     g = torch.Generator().manual_seed(1000 + seed)
-    order = torch.randperm(len(data.pretrain_positions), generator=g)
+    if args.min_labels > 1:  # the pool: molecules with at least that many observed labels (a stronger harm)
+        pool = ((~torch.isnan(data.pretrain_labels)).sum(1) >= args.min_labels).nonzero().squeeze(1)
+        if len(pool) < wanted:
+            raise SystemExit(f"--min-labels {args.min_labels}: {len(pool)} molecules, fewer than "
+                             f"--pretrain + --clean-val = {wanted}")
+        order = pool[torch.randperm(len(pool), generator=g)[:wanted]]
+    else:
+        order = torch.randperm(len(data.pretrain_positions), generator=g)
     # the held-out molecules stay in random order: the store is ordered by target, so a cut of sorted
     # positions would give MetaFT-validation the last few targets only
     pt_idx, val_idx = order[: args.pretrain].sort().values, order[args.pretrain:]
@@ -432,6 +442,8 @@ def main():
                          "upcoming PT batches, against the alignment probe (exploratory)")
     ap.add_argument("--probe-steps", type=lambda v: sorted({int(x) for x in v.split(",") if x}), default=[],
                     help="also measure the premise (alignment by loss quintile) at these PT steps of the uniform run")
+    ap.add_argument("--min-labels", type=int, default=1,
+                    help="pre-train (and hold out) only molecules with at least this many observed labels")
     ap.add_argument("--detectability", type=int, default=0, metavar="FOLDS",
                     help="also rank by out-of-fold PT loss (uniform models on the other FOLDS-1 folds)")
     ap.add_argument("--cache", default=None)

@@ -114,6 +114,28 @@ def test_out_of_fold_loss_scores_each_molecule_with_a_model_that_never_saw_it(mo
         assert (loss == 0).all()  # and never by a model that pre-trained on it
 
 
+def test_min_labels_plants_the_noise_among_molecules_with_that_many_labels(monkeypatch):
+    import types
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    pn = importlib.import_module("planted_noise")
+    args = types.SimpleNamespace(pretrain=300, clean_val=100, downstream=200, cache=None, min_labels=4, corrupt=0.4)
+    datas, flagged, clean = pn.planted_data(args, 0)
+    observed = ~torch.isnan(clean.pretrain_labels)
+    assert len(flagged) == 300 and int(flagged.sum()) == 120 and int(observed.sum(1).min()) >= 4
+    # every observed label of a flagged molecule is flipped, and no other label
+    y, noisy = clean.pretrain_labels, datas["b3db"].pretrain_labels
+    assert torch.equal(torch.isnan(noisy), ~observed)
+    assert bool((noisy[observed] != y[observed]).eq(flagged[:, None].expand_as(y)[observed]).all())
+    val = datas["chembl"].downstream_labels[datas["chembl"].split["ft_train"]]
+    assert int((~torch.isnan(val)).sum(1).min()) >= 4  # the clean held-out molecules come from the same pool
+    args.min_labels = 99
+    with pytest.raises(SystemExit, match="--min-labels 99"):
+        pn.planted_data(args, 0)
+
+
 def test_planted_noise_runs_end_to_end_at_a_small_size(tmp_path, monkeypatch):
     # the committed benchmark at CI size, with the options that fixed the sign (fresh head,
     # averaged v) and the sign check; its known answer: the run's fused forward-difference draw
