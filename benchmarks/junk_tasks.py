@@ -41,6 +41,9 @@ from metapt.evaluation import mean_ci95, seed_agreement
 from metapt.runner import build_trainer
 from rich.console import Console
 
+#: The accumulated estimator with a draw every 2nd PT step, normalised weights and Polyak-averaged φ:
+#: the base of the last rows of the grid.
+_EVERY2 = ["meta.estimator=accumulated", "meta.estimator.every=2", "meta.normalize_weights=true", "meta.average=polyak"]
 #: The noise-control options compared (``--set`` overrides on top of the base configuration).
 OPTIONS: dict[str, list[str]] = {
     "default": [],
@@ -53,18 +56,12 @@ OPTIONS: dict[str, list[str]] = {
                                           "meta.average=polyak"],
     "accumulated every 3rd + normalized + polyak": ["meta.estimator=accumulated", "meta.estimator.every=3",
                                                     "meta.normalize_weights=true", "meta.average=polyak"],
-    "accumulated every 2nd + normalized + polyak": ["meta.estimator=accumulated", "meta.estimator.every=2",
-                                                    "meta.normalize_weights=true", "meta.average=polyak"],
-    "accumulated every 2nd + normalized + polyak + interval 20": [
-        "meta.estimator=accumulated", "meta.estimator.every=2", "meta.normalize_weights=true", "meta.average=polyak",
-        "meta.interval=20"],
+    "accumulated every 2nd + normalized + polyak": _EVERY2,
+    "accumulated every 2nd + normalized + polyak + interval 20": [*_EVERY2, "meta.interval=20"],
     # the planted-noise sign check: one validation batch's v decides most of a draw (plan amendment 2)
-    "accumulated every 2nd + normalized + polyak + v decay 0.9": [
-        "meta.estimator=accumulated", "meta.estimator.every=2", "meta.normalize_weights=true", "meta.average=polyak",
-        "meta.estimator.direction_decay=0.9"],
+    "accumulated every 2nd + normalized + polyak + v decay 0.9": [*_EVERY2, "meta.estimator.direction_decay=0.9"],
     "accumulated every 2nd + normalized + polyak + v decay 0.9 + fresh head": [
-        "meta.estimator=accumulated", "meta.estimator.every=2", "meta.normalize_weights=true", "meta.average=polyak",
-        "meta.estimator.direction_decay=0.9", "meta.head_start=initial"],
+        *_EVERY2, "meta.estimator.direction_decay=0.9", "meta.head_start=initial"],
 }
 
 

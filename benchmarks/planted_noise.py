@@ -196,16 +196,19 @@ def out_of_fold_loss(args, data, seed, folds):
     detectable in these data at all?"""
     n = len(data.pretrain_positions)
     fold = torch.randperm(n, generator=torch.Generator().manual_seed(2000 + seed)) % folds
-    scorer = MoleculesProblem(data, _encoder(args, seed), WeightingConfig(task_weights=False, example_weights=True),
-                              pt_batch_size=args.batch, ft_batch_size=args.batch, seed=seed)
+
+    def rows(mask):
+        idx = mask.nonzero().squeeze(1)
+        return dataclasses.replace(data, pretrain_positions=data.pretrain_positions[idx],
+                                   pretrain_labels=data.pretrain_labels[idx])
+
     loss = np.full(n, np.nan)
     for f in range(folds):
-        keep = (fold != f).nonzero().squeeze(1)
-        part = dataclasses.replace(data, pretrain_positions=data.pretrain_positions[keep],
-                                   pretrain_labels=data.pretrain_labels[keep])
-        params = pretrain(args, part, seed)["params"]
-        held = (fold == f).numpy()
-        loss[held] = current_losses(scorer, params)[held]
+        params = pretrain(args, rows(fold != f), seed)["params"]
+        scorer = MoleculesProblem(rows(fold == f), _encoder(args, seed),  # only the held-out fold is scored
+                                  WeightingConfig(task_weights=False, example_weights=True),
+                                  pt_batch_size=args.batch, ft_batch_size=args.batch, seed=seed)
+        loss[(fold == f).numpy()] = current_losses(scorer, params)
     return loss
 
 
