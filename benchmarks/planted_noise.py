@@ -452,6 +452,10 @@ def main():
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.detectability == 1 or args.detectability < 0:
+        ap.error("--detectability: 0 (off) or at least 2 folds (one fold leaves no molecules to pre-train on)")
+    if args.min_labels < 1:
+        ap.error("--min-labels: at least 1")
     lrs = {k: float(v) for k, v in (kv.split("=") for kv in args.meta_lr.split(","))}
     started = time.perf_counter()
     runs = []

@@ -136,6 +136,18 @@ def test_min_labels_plants_the_noise_among_molecules_with_that_many_labels(monke
         pn.planted_data(args, 0)
 
 
+@pytest.mark.parametrize("flag", [["--detectability", "1"], ["--detectability", "-2"], ["--min-labels", "0"]])
+def test_planted_noise_refuses_bad_premise_flags(monkeypatch, capsys, flag):
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    pn = importlib.import_module("planted_noise")
+    monkeypatch.setattr(sys, "argv", ["planted_noise.py", *flag])
+    with pytest.raises(SystemExit) as exit_:
+        pn.main()
+    assert exit_.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
 def test_planted_noise_runs_end_to_end_at_a_small_size(tmp_path, monkeypatch):
     # the committed benchmark at CI size, with the options that fixed the sign (fresh head,
     # averaged v) and the sign check; its known answer: the run's fused forward-difference draw
