@@ -62,6 +62,9 @@ OPTIONS: dict[str, list[str]] = {
     "accumulated every 2nd + normalized + polyak + v decay 0.9": [*_EVERY2, "meta.estimator.direction_decay=0.9"],
     "accumulated every 2nd + normalized + polyak + v decay 0.9 + fresh head": [
         *_EVERY2, "meta.estimator.direction_decay=0.9", "meta.head_start=initial"],
+    # more meta-steps, or v from more validation batches per meta-step (plan amendment 3)
+    "accumulated every 2nd + normalized + polyak + interval 5": [*_EVERY2, "meta.interval=5"],
+    "accumulated every 2nd + normalized + polyak + 4 val batches": [*_EVERY2, "meta.batches=4"],
 }
 
 
