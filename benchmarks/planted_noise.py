@@ -381,6 +381,25 @@ def alignment_by_loss(align, loss, flags):
             "spearman_with_loss": round(float(spearmanr(align, loss)[0]), 4)}
 
 
+def auroc_within_loss_quintiles(flags, score, loss):
+    """Does a score rank the corrupted molecules beyond what their loss says? AUROC of ``score``
+    for the corrupted flag within each quintile of ``loss`` (the uniform run's loss ranking), and
+    their mean weighted by the molecules of each quintile with both classes present: 0.5 where the
+    score adds nothing to the loss, so a rule on the loss alone cannot beat loss ranking there."""
+    edges = np.quantile(loss, [0.2, 0.4, 0.6, 0.8])
+    quintile = np.digitize(loss, edges)
+    per, sizes = [], []
+    for q in range(5):
+        m = quintile == q
+        if flags[m].any() and not flags[m].all():
+            per.append(round(float(roc_auc_score(flags[m], score[m])), 4))
+            sizes.append(int(m.sum()))
+        else:
+            per.append(None)
+    mean = round(float(np.average([a for a in per if a is not None], weights=sizes)), 4) if sizes else None
+    return {"mean": mean, "by_loss_quintile": per}
+
+
 def linear_probe_auroc(problem, params, clean):
     """B3DB test AUROC of logistic regression on the frozen embedding (C picked on valid)."""
     enc = problem.encoder_with(params).eval()
@@ -484,6 +503,8 @@ def main():
             align = alignment_probe(base["encoder"], base["params"], datas["chembl"])
             row["alignment_probe_auroc"] = round(roc_auc_score(flags, -align), 4)
             row["alignment_premise"] = alignment_by_loss(align, base["mean_loss"], flags)
+            row["alignment_probe_auroc_within_loss_quintiles"] = auroc_within_loss_quintiles(flags, -align,
+                                                                                             base["mean_loss"])
         if base["probes"]:
             row["alignment_premise_at_step"] = base["probes"]
         if args.detectability:
@@ -515,6 +536,8 @@ def main():
                     # the net's weights move for every molecule: the drawn ones are not special
                     **({} if net else {"weight_auroc_drawn": round(roc_auc_score(flags[drawn], -w[drawn]), 4)}),
                     "drawn_share": round(float(drawn.mean()), 4),
+                    # beyond the loss: within quintiles of this seed's uniform loss ranking
+                    "weight_auroc_within_loss_quintiles": auroc_within_loss_quintiles(flags, -w, base["mean_loss"]),
                     "mean_weight_corrupted": round(float(w[flags].mean()), 4),
                     "mean_weight_clean": round(float(w[~flags].mean()), 4),
                     "skipped_meta_steps": res["skipped"],
@@ -550,22 +573,25 @@ def markdown(result):
     lines = ["# Planted label noise: learned example weights vs loss ranking", "",
              f"`{result['command']}` (commit {result['commit'][:10]}, {result['wall_seconds']} s)", "",
              "| seed | method | meta-objective | φ optimiser | AUROC (corrupted vs clean) | over drawn molecules | "
-             "mean weight corrupted / clean | B3DB linear-probe test AUROC |", "|---|---|---|---|---|---|---|---|"]
+             "mean weight corrupted / clean | B3DB linear-probe test AUROC | AUROC within quintiles of the uniform "
+             "run's loss (0.5: nothing beyond the loss) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         auroc = r.get("weight_auroc", r.get("loss_ranking_auroc", ""))
         if "final_loss_auroc" in r:  # the weight net: beside the ranking by its input, the final loss
             auroc = f"{auroc} (final loss: {r['final_loss_auroc']})"
         if "out_of_fold_loss_auroc" in r:
             lines.append(f"| {r['seed']} | out-of-fold loss ranking ({r['out_of_fold_folds']} folds; premise) | | | "
-                         f"{r['out_of_fold_loss_auroc']} | | | |")
+                         f"{r['out_of_fold_loss_auroc']} | | | | |")
         if "alignment_probe_auroc" in r:
+            within = r.get("alignment_probe_auroc_within_loss_quintiles", {}).get("mean", "")
             lines.append(f"| {r['seed']} | alignment probe (diagnostic) | chembl (all held-out) | | "
-                         f"{r['alignment_probe_auroc']} | | | |")
+                         f"{r['alignment_probe_auroc']} | | | | {within} |")
         ds = r.get("downstream", {}).get("test_auroc", "")
         means = f"{r['mean_weight_corrupted']} / {r['mean_weight_clean']}" if "mean_weight_clean" in r else ""
         kind = "uniform (corrupted): loss ranking" if "loss_ranking_auroc" in r else r["method"]
         lines.append(f"| {r['seed']} | {kind} | {r.get('target', '')} | {r.get('optimizer', '')} | {auroc} | "
-                     f"{r.get('weight_auroc_drawn', '')} | {means} | {ds} |")
+                     f"{r.get('weight_auroc_drawn', '')} | {means} | {ds} | "
+                     f"{r.get('weight_auroc_within_loss_quintiles', {}).get('mean', '')} |")
     checks = [(r["seed"], int(step), c) for r in result["runs"] for step, c in r.get("sign_check_at_step", {}).items()]
     if checks:
         lines += ["", "## Sign check: the run's own meta-objective against the alignment probe", "",

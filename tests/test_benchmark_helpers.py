@@ -175,3 +175,23 @@ def test_planted_noise_runs_end_to_end_at_a_small_size(tmp_path, monkeypatch):
     assert check["spearman_accumulated_draw_vs_derivative"] > 0.9
     assert check["spearman_fused_fresh_draw_vs_derivative"] > 0.9
     assert "Sign check" in out.with_suffix(".md").read_text()
+
+
+def test_auroc_within_loss_quintiles_is_half_for_a_score_that_only_repeats_the_loss(monkeypatch):
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    pn = importlib.import_module("planted_noise")
+    loss = np.arange(20, dtype=float)  # quintiles of 4: {0..3}, {4..7}, …
+    flags = np.array([False, True, False, True] * 5)
+    # the loss itself: within each quintile the corrupted are 1 and 3, the clean 0 and 2 → AUROC 0.75
+    got = pn.auroc_within_loss_quintiles(flags, loss, loss)
+    assert got["by_loss_quintile"] == [0.75] * 5 and got["mean"] == 0.75
+    # a score separating the flag perfectly inside every quintile: 1.0; its negation 0.0
+    assert pn.auroc_within_loss_quintiles(flags, flags + 0.01 * loss, loss)["mean"] == 1.0
+    assert pn.auroc_within_loss_quintiles(flags, -(flags + 0.01 * loss), loss)["mean"] == 0.0
+    # a quintile with one class only is left out of the mean (weighted by the molecules of the rest)
+    flags2 = flags.copy()
+    flags2[:4] = False
+    got = pn.auroc_within_loss_quintiles(flags2, flags2 + 0.01 * loss, loss)
+    assert got["by_loss_quintile"][0] is None and got["mean"] == 1.0
