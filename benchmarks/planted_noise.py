@@ -61,8 +61,8 @@ from sklearn.metrics import roc_auc_score
 from metapt import MetaPretrainer, MetaSchedule
 from metapt.domains.molecules.models import GINEncoder, masked_bce
 from metapt.domains.molecules.problem import MoleculesProblem, WeightingConfig, load_molecule_data
-from metapt.hypergrad import (Estimator, Neumann, adam_preconditioner, default_estimator,
-                             pretrain_backward_with_mixed_term, sgd)
+from metapt.hypergrad import (ConjugateGradient, Estimator, Neumann, adam_preconditioner, default_estimator,
+                             hessian_vector_product, lanczos, pretrain_backward_with_mixed_term, sgd)
 from metapt.metaparams import ExampleWeightNet, weights_from_logits
 from metapt.optim import LazyAdam, LazySGD
 from metapt.trainer import _buffers_kept, _mean
@@ -247,6 +247,48 @@ def alignment_probe(problem, params, chembl, precond=None, *, clean_gradient=Non
         if precond is not None:
             adam[i] = sum(float((a * b).sum()) for a, b in zip(gi, pg) if a is not None and b is not None)
     return align if precond is None else (align, adam)
+
+
+def influence_probe(problem, params, chembl, dampings, *, cg_steps=50, lanczos_steps=20):
+    """What implicit differentiation knows per molecule: −⟨∇θ ℓ_i, (H + λI)⁻¹ ∇θ L_clean⟩ at the end of
+    the uniform run, H the Hessian of the PT loss over all PT molecules (the model's own head, no
+    dropout), L_clean as in :func:`alignment_probe`. Upweighting molecule i changes the clean loss
+    at the pre-training optimum by −∇L_cleanᵀ H⁻¹ ∇ℓ_i (the implicit-function theorem; Koh & Liang's
+    influence), so these are the IFT hypergradient's per-molecule scores where the alignment probe
+    is its one-step (H⁻¹ ≈ αI) version. λ = fraction × λmax (Lanczos) plus 2·max(0, −λmin), per
+    entry of ``dampings``; CG with ``cg_steps`` products. Returns {fraction: scores} and the solves."""
+    theta = {k: v.detach().clone() for k, v in params.items()}
+    keys = list(theta)
+
+    def pt_head_loss(t, graphs):
+        z = problem.embed(t, graphs, train=False)
+        return masked_bce(z @ t["pt.weight"].T + t["pt.bias"], graphs.y)
+
+    n = len(problem.data.pretrain_positions)
+    everything = problem.data.pretrain_batch(torch.arange(n))
+    hessian_loss = lambda t: pt_head_loss(t, everything)  # noqa: E731
+    hvp = hessian_vector_product(hessian_loss, theta)
+    spectrum = lanczos(hvp, theta, lanczos_steps)
+    point = {k: v.requires_grad_(True) for k, v in theta.items()}
+    val = chembl.downstream_batch(torch.cat([chembl.split["ft_train"], chembl.split["metaval"]]))
+    g = torch.autograd.grad(pt_head_loss(point, val), [point[k] for k in keys], allow_unused=True)
+    g = {k: torch.zeros_like(point[k]) if b is None else b.detach() for k, b in zip(keys, g)}
+    directions, solves = {}, {}
+    for frac in dampings:
+        damping = frac * spectrum.lambda_max + 2.0 * max(0.0, -spectrum.lambda_min)
+        v, info = ConjugateGradient(max_iter=cg_steps, tol=1e-8, damping=damping)(hvp, g)
+        directions[frac] = v
+        solves[str(frac)] = {"damping": round(damping, 6), "iterations": info.iterations,
+                             "relative_residual": round(info.relative_residual, 6),
+                             "negative_curvature": info.negative_curvature, "diverged": info.diverged}
+    spectrum_info = {"lambda_max": round(spectrum.lambda_max, 6), "lambda_min": round(spectrum.lambda_min, 6)}
+    scores = {frac: np.zeros(n) for frac in dampings}
+    for i in range(n):
+        gi = torch.autograd.grad(pt_head_loss(point, problem.data.pretrain_batch(torch.tensor([i]))),
+                                 [point[k] for k in keys], allow_unused=True)
+        for frac, v in directions.items():
+            scores[frac][i] = -sum(float((a * v[k]).sum()) for a, k in zip(gi, keys) if a is not None)
+    return scores, {"spectrum": spectrum_info, "solves": solves}
 
 
 def sign_check(problem, trainer, chembl, flags, batches):
@@ -464,6 +506,10 @@ def main():
                          "upcoming PT batches, against the alignment probe (exploratory)")
     ap.add_argument("--probe-steps", type=lambda v: sorted({int(x) for x in v.split(",") if x}), default=[],
                     help="also measure the premise (alignment by loss quintile) at these PT steps of the uniform run")
+    ap.add_argument("--influence", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                    metavar="FRACTIONS",
+                    help="also rank by the IFT influence on the clean loss at the uniform run's end, the Hessian "
+                         "damped by each FRACTION of its largest eigenvalue (e.g. 0.1,0.01)")
     ap.add_argument("--min-labels", type=int, default=1,
                     help="pre-train (and hold out) only molecules with at least this many observed labels")
     ap.add_argument("--detectability", type=int, default=0, metavar="FOLDS",
@@ -475,6 +521,8 @@ def main():
         ap.error("--detectability: 0 (off) or at least 2 folds (one fold leaves no molecules to pre-train on)")
     if args.min_labels < 1:
         ap.error("--min-labels: at least 1")
+    if not all(0 < f < float("inf") for f in args.influence):
+        ap.error("--influence: damping fractions must be positive and finite")
     lrs = {k: float(v) for k, v in (kv.split("=") for kv in args.meta_lr.split(","))}
     started = time.perf_counter()
     runs = []
@@ -507,6 +555,13 @@ def main():
                                                                                              base["mean_loss"])
         if base["probes"]:
             row["alignment_premise_at_step"] = base["probes"]
+        if args.influence:
+            t1 = time.perf_counter()
+            scores, info = influence_probe(base["encoder"], base["params"], datas["chembl"], args.influence)
+            row["influence_probe"] = {str(f): {"auroc": round(roc_auc_score(flags, sc), 4),
+                                               "within_loss_quintiles": auroc_within_loss_quintiles(
+                                                   flags, sc, base["mean_loss"])} for f, sc in scores.items()}
+            row["influence_probe_solve"] = {**info, "seconds": round(time.perf_counter() - t1, 1)}
         if args.detectability:
             t1 = time.perf_counter()
             oof = out_of_fold_loss(args, datas["b3db"], seed, args.detectability)
@@ -582,6 +637,9 @@ def markdown(result):
         if "out_of_fold_loss_auroc" in r:
             lines.append(f"| {r['seed']} | out-of-fold loss ranking ({r['out_of_fold_folds']} folds; premise) | | | "
                          f"{r['out_of_fold_loss_auroc']} | | | | |")
+        for frac, probe in r.get("influence_probe", {}).items():
+            lines.append(f"| {r['seed']} | influence probe, (H + {frac}·λmax I)⁻¹ (diagnostic) | chembl (all held-out) | | "
+                         f"{probe['auroc']} | | | | {probe['within_loss_quintiles']['mean']} |")
         if "alignment_probe_auroc" in r:
             within = r.get("alignment_probe_auroc_within_loss_quintiles", {}).get("mean", "")
             lines.append(f"| {r['seed']} | alignment probe (diagnostic) | chembl (all held-out) | | "

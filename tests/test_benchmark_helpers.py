@@ -136,7 +136,8 @@ def test_min_labels_plants_the_noise_among_molecules_with_that_many_labels(monke
         pn.planted_data(args, 0)
 
 
-@pytest.mark.parametrize("flag", [["--detectability", "1"], ["--detectability", "-2"], ["--min-labels", "0"]])
+@pytest.mark.parametrize("flag", [["--detectability", "1"], ["--detectability", "-2"], ["--min-labels", "0"],
+                                  ["--influence", "0.1,0"], ["--influence", "inf"]])
 def test_planted_noise_refuses_bad_premise_flags(monkeypatch, capsys, flag):
     import sys
 
@@ -162,14 +163,21 @@ def test_planted_noise_runs_end_to_end_at_a_small_size(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [
         "planted_noise.py", "--pretrain", "400", "--clean-val", "200", "--corrupt", "0.4", "--steps", "130",
         "--warmup", "20", "--targets", "chembl_pt", "--optimizers", "lazy_adam", "--estimator", "accumulated",
-        "--normalize", "--head-start", "initial", "--direction-decay", "0.9", "--no-downstream", "--no-probe",
-        "--seeds", "0", "--probe-steps", "120", "--sign-check", "1", "--detectability", "2", "--out", str(out)])
+        "--normalize", "--head-start", "initial", "--direction-decay", "0.9", "--no-downstream",
+        "--seeds", "0", "--probe-steps", "120", "--sign-check", "1", "--detectability", "2",
+        "--influence", "1e6,0.1", "--out", str(out)])
     pn.main()
     result = json.loads(out.read_text())
     assert result["config"]["head_start"] == "initial" and result["config"]["direction_decay"] == 0.9
     uniform, learned = result["runs"]
     assert 0.0 <= uniform["loss_ranking_auroc"] <= 1.0 and 0.0 <= learned["weight_auroc"] <= 1.0
     assert 0.0 <= uniform["out_of_fold_loss_auroc"] <= 1.0 and uniform["out_of_fold_folds"] == 2
+    # the influence probe's known answer: damped by 10⁶·λmax, (H + λI)⁻¹ is I/λ to 10⁻⁶, so it ranks
+    # the molecules as the one-step alignment probe does; less damped, it is a different ranking
+    influence = uniform["influence_probe"]
+    assert influence["1000000.0"]["auroc"] == pytest.approx(uniform["alignment_probe_auroc"], abs=2e-3)
+    assert uniform["influence_probe_solve"]["spectrum"]["lambda_max"] > 0
+    assert 0.0 <= influence["0.1"]["auroc"] <= 1.0 and influence["0.1"]["within_loss_quintiles"]["mean"] is not None
     check = learned["sign_check_at_step"]["120"]
     assert check["molecules"] > 0
     assert check["spearman_accumulated_draw_vs_derivative"] > 0.9

@@ -163,3 +163,27 @@ def test_identity_is_alpha_b_and_uses_no_hvp():
 def test_bad_options_name_the_field(make, field):
     with pytest.raises(ValueError, match=field):
         make()
+
+
+def test_hessian_vector_product_of_a_non_quadratic_loss_is_the_dense_hessian_times_v():
+    from metapt.hypergrad import hessian_vector_product
+
+    # loss = Σ exp(a)·b² + (aᵀa)² over the two leaves: the Hessian from torch.autograd.functional
+    # on the flat vector is the exact answer; a leaf the loss never reads has zero curvature
+    def flat_loss(z):
+        a, b = z[:3], z[3:]
+        return (torch.exp(a).sum() * (b**2).sum()) + (a @ a) ** 2
+
+    z = torch.tensor([0.3, -0.2, 0.5, 1.0, -0.7, 0.4], dtype=torch.float64)
+    dense = torch.autograd.functional.hessian(flat_loss, z)
+    point = {**_split(z), "unused": torch.ones(2, dtype=torch.float64)}
+    hvp = hessian_vector_product(lambda p: flat_loss(_join(p)), point)
+    v = torch.tensor([1.0, 2.0, -1.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    out = hvp({**_split(v), "unused": torch.ones(2, dtype=torch.float64)})
+    torch.testing.assert_close(_join(out), dense @ v, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out["unused"], torch.zeros(2, dtype=torch.float64))
+    # and CG on it (plus damping, which keeps it positive definite here) solves the dense system
+    x, info = ConjugateGradient(max_iter=40, tol=1e-12, damping=50.0)(
+        hvp, {**_split(v), "unused": torch.zeros(2, dtype=torch.float64)})
+    torch.testing.assert_close(_join(x), torch.linalg.solve(dense + 50.0 * torch.eye(6, dtype=torch.float64), v),
+                               rtol=1e-8, atol=1e-10)

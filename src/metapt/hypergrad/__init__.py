@@ -8,7 +8,7 @@ from .core import (
     pretrain_graph,
     pretraining_hypergradient,
 )
-from .curvature import Spectrum, gauss_newton_product, hessian_spectrum, lanczos
+from .curvature import Spectrum, gauss_newton_product, hessian_spectrum, hessian_vector_product, lanczos
 from .estimators import (
     Estimator,
     GaussNewtonProblem,
@@ -49,6 +49,7 @@ __all__ = [
     "estimate_hypergradient",
     "gauss_newton_product",
     "hessian_spectrum",
+    "hessian_vector_product",
     "lanczos",
     "pretrain_lookahead",
     "pretrain_graph",

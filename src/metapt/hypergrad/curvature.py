@@ -94,11 +94,9 @@ def hessian_spectrum(loss_fn: Callable[[Params], Tensor], params: Mapping[str, T
                      seed: int = 0) -> Spectrum:
     """Extreme eigenvalues of ∂²loss/∂params² at ``params``: :func:`lanczos` on Hessian-vector products.
 
-    One forward and one gradient with ``create_graph=True``; each product is then a backward
-    through that gradient's graph only (for a fine-tuning head on a frozen encoder: the head's
-    ops, not the encoder's). Lanczos, not plain power iteration: for the same products its top
-    Ritz value is closer to λmax (exact once ``steps`` reaches the dimension), and it too is a
-    lower bound. The start vector comes from its own seeded generator, so the global RNG is untouched.
+    Lanczos, not plain power iteration: for the same products its top Ritz value is closer to
+    λmax (exact once ``steps`` reaches the dimension), and it too is a lower bound. The start
+    vector comes from its own seeded generator, so the global RNG is untouched.
 
     Args:
         loss_fn: ``params ↦ scalar`` (the batch and anything frozen captured by the closure).
@@ -108,6 +106,16 @@ def hessian_spectrum(loss_fn: Callable[[Params], Tensor], params: Mapping[str, T
 
     Returns:
         :class:`Spectrum`.
+    """
+    return lanczos(hessian_vector_product(loss_fn, params), params, steps, seed=seed)
+
+
+def hessian_vector_product(loss_fn: Callable[[Params], Tensor], params: Mapping[str, Tensor]) -> Callable[[Params], Params]:
+    """v ↦ (∂²loss/∂params²) v at ``params``, for solvers and spectra.
+
+    One forward and one gradient with ``create_graph=True`` here; each product is then a backward
+    through that gradient's graph only (for a fine-tuning head on a frozen encoder: the head's
+    ops, not the encoder's). Entries the loss does not reach have zero curvature.
     """
     point = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     keys = list(point)
@@ -125,7 +133,7 @@ def hessian_spectrum(loss_fn: Callable[[Params], Tensor], params: Mapping[str, T
             out.update({k: p.detach() for k, p in zip(keys, products) if p is not None})
         return out
 
-    return lanczos(hvp, point, steps, seed=seed)
+    return hvp
 
 
 def gauss_newton_product(
