@@ -638,7 +638,8 @@ def markdown(result):
             lines.append(f"| {r['seed']} | out-of-fold loss ranking ({r['out_of_fold_folds']} folds; premise) | | | "
                          f"{r['out_of_fold_loss_auroc']} | | | | |")
         for frac, probe in r.get("influence_probe", {}).items():
-            lines.append(f"| {r['seed']} | influence probe, (H + {frac}·λmax I)⁻¹ (diagnostic) | chembl (all held-out) | | "
+            lines.append(f"| {r['seed']} | influence probe, (H + λI)⁻¹, λ = {frac}·λmax + 2·max(0, −λmin) (diagnostic) | "
+                         f"chembl (all held-out) | | "
                          f"{probe['auroc']} | | | | {probe['within_loss_quintiles']['mean']} |")
         if "alignment_probe_auroc" in r:
             within = r.get("alignment_probe_auroc_within_loss_quintiles", {}).get("mean", "")
