@@ -222,31 +222,46 @@ def net_weights(problem, params, phi, chunk=512):
     return w.numpy(), features[:, 0].numpy()
 
 
+def _pt_head_loss(problem, theta, graphs):
+    """The PT model's own multitask loss on ``graphs`` (no dropout), differentiable in ``theta``."""
+    z = problem.embed(theta, graphs, train=False)
+    return masked_bce(z @ theta["pt.weight"].T + theta["pt.bias"], graphs.y)
+
+
+def _clean_gradient(problem, theta, chembl):
+    """∇θ L_clean: the PT-head loss on all clean held-out molecules (zeros where it does not reach)."""
+    val = chembl.downstream_batch(torch.cat([chembl.split["ft_train"], chembl.split["metaval"]]))
+    keys = list(theta)
+    g = torch.autograd.grad(_pt_head_loss(problem, theta, val), [theta[k] for k in keys], allow_unused=True)
+    return {k: torch.zeros_like(theta[k]) if b is None else b.detach() for k, b in zip(keys, g)}
+
+
+def _per_molecule_dots(problem, theta, directions):
+    """{name: [n] ⟨∇θ ℓ_i, d⟩} for each direction d, one backward per PT molecule."""
+    keys = list(theta)
+    n = len(problem.data.pretrain_positions)
+    out = {name: np.zeros(n) for name in directions}
+    for i in range(n):
+        gi = torch.autograd.grad(_pt_head_loss(problem, theta, problem.data.pretrain_batch(torch.tensor([i]))),
+                                 [theta[k] for k in keys], allow_unused=True)
+        for name, d in directions.items():
+            out[name][i] = sum(float((a * d[k]).sum()) for a, k in zip(gi, keys) if a is not None)
+    return out
+
+
 def alignment_probe(problem, params, chembl, precond=None, *, clean_gradient=None):
     """Per PT molecule ⟨∇θ ℓ_i, ∇θ L_clean⟩, L_clean the PT model's loss on the clean held-out molecules;
     with ``precond`` (Adam's P = 1/(√v̂ + ε) per entry of θ) also ⟨P ⊙ ∇θ ℓ_i, ∇θ L_clean⟩, the
     one-step derivative when the step on ℓ_i is Adam's, as the accumulated estimator models it."""
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    keys = list(theta)
-
-    def pt_head_loss(graphs):
-        z = problem.embed(theta, graphs, train=False)
-        return masked_bce(z @ theta["pt.weight"].T + theta["pt.bias"], graphs.y)
-
-    val = chembl.downstream_batch(torch.cat([chembl.split["ft_train"], chembl.split["metaval"]]))
-    g = torch.autograd.grad(pt_head_loss(val), [theta[k] for k in keys], allow_unused=True)
+    g = _clean_gradient(problem, theta, chembl)
     if clean_gradient is not None:  # the probe's v, for a draw against it
-        clean_gradient.update({k: torch.zeros_like(theta[k]) if b is None else b for k, b in zip(keys, g)})
-    n = len(problem.data.pretrain_positions)
-    align, adam = np.zeros(n), np.zeros(n)
-    pg = [None if b is None or precond is None else precond[k] * b for k, b in zip(keys, g)]
-    for i in range(n):
-        gi = torch.autograd.grad(pt_head_loss(problem.data.pretrain_batch(torch.tensor([i]))), [theta[k] for k in keys],
-                                 allow_unused=True)
-        align[i] = sum(float((a * b).sum()) for a, b in zip(gi, g) if a is not None and b is not None)
-        if precond is not None:
-            adam[i] = sum(float((a * b).sum()) for a, b in zip(gi, pg) if a is not None and b is not None)
-    return align if precond is None else (align, adam)
+        clean_gradient.update(g)
+    directions = {"plain": g}
+    if precond is not None:
+        directions["adam"] = {k: precond[k] * b for k, b in g.items()}
+    dots = _per_molecule_dots(problem, theta, directions)
+    return dots["plain"] if precond is None else (dots["plain"], dots["adam"])
 
 
 def influence_probe(problem, params, chembl, dampings, *, cg_steps=50, lanczos_steps=20):
@@ -257,37 +272,20 @@ def influence_probe(problem, params, chembl, dampings, *, cg_steps=50, lanczos_s
     influence), so these are the IFT hypergradient's per-molecule scores where the alignment probe
     is its one-step (H⁻¹ ≈ αI) version. λ = fraction × λmax (Lanczos) plus 2·max(0, −λmin), per
     entry of ``dampings``; CG with ``cg_steps`` products. Returns {fraction: scores} and the solves."""
-    theta = {k: v.detach().clone() for k, v in params.items()}
-    keys = list(theta)
-
-    def pt_head_loss(t, graphs):
-        z = problem.embed(t, graphs, train=False)
-        return masked_bce(z @ t["pt.weight"].T + t["pt.bias"], graphs.y)
-
-    n = len(problem.data.pretrain_positions)
-    everything = problem.data.pretrain_batch(torch.arange(n))
-    hessian_loss = lambda t: pt_head_loss(t, everything)  # noqa: E731
-    hvp = hessian_vector_product(hessian_loss, theta)
+    theta = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    everything = problem.data.pretrain_batch(torch.arange(len(problem.data.pretrain_positions)))
+    hvp = hessian_vector_product(lambda t: _pt_head_loss(problem, t, everything), theta)
     spectrum = lanczos(hvp, theta, lanczos_steps)
-    point = {k: v.requires_grad_(True) for k, v in theta.items()}
-    val = chembl.downstream_batch(torch.cat([chembl.split["ft_train"], chembl.split["metaval"]]))
-    g = torch.autograd.grad(pt_head_loss(point, val), [point[k] for k in keys], allow_unused=True)
-    g = {k: torch.zeros_like(point[k]) if b is None else b.detach() for k, b in zip(keys, g)}
+    g = _clean_gradient(problem, theta, chembl)
     directions, solves = {}, {}
     for frac in dampings:
         damping = frac * spectrum.lambda_max + 2.0 * max(0.0, -spectrum.lambda_min)
-        v, info = ConjugateGradient(max_iter=cg_steps, tol=1e-8, damping=damping)(hvp, g)
-        directions[frac] = v
+        directions[frac], info = ConjugateGradient(max_iter=cg_steps, tol=1e-8, damping=damping)(hvp, g)
         solves[str(frac)] = {"damping": round(damping, 6), "iterations": info.iterations,
                              "relative_residual": round(info.relative_residual, 6),
                              "negative_curvature": info.negative_curvature, "diverged": info.diverged}
+    scores = {frac: -dots for frac, dots in _per_molecule_dots(problem, theta, directions).items()}
     spectrum_info = {"lambda_max": round(spectrum.lambda_max, 6), "lambda_min": round(spectrum.lambda_min, 6)}
-    scores = {frac: np.zeros(n) for frac in dampings}
-    for i in range(n):
-        gi = torch.autograd.grad(pt_head_loss(point, problem.data.pretrain_batch(torch.tensor([i]))),
-                                 [point[k] for k in keys], allow_unused=True)
-        for frac, v in directions.items():
-            scores[frac][i] = -sum(float((a * v[k]).sum()) for a, k in zip(gi, keys) if a is not None)
     return scores, {"spectrum": spectrum_info, "solves": solves}
 
 
